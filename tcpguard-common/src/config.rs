@@ -1,0 +1,54 @@
+//! Records the daemon writes into maps to configure the XDP program.
+
+/// [`ProtectedPort::families`] bit: the port is protected for IPv4 destinations.
+pub const FAMILY_IPV4: u8 = 1 << 0;
+/// [`ProtectedPort::families`] bit: the port is protected for IPv6 destinations.
+pub const FAMILY_IPV6: u8 = 1 << 1;
+
+/// One entry of the protected-ports map; the entry's index is the TCP destination port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProtectedPort {
+    /// Bitmask of [`FAMILY_IPV4`] and [`FAMILY_IPV6`]; zero means unprotected.
+    pub families: u8,
+}
+
+/// [`SynCookieConfig::window_scale`] value meaning "the kernel does not scale windows"
+/// (`net.ipv4.tcp_window_scaling = 0`).
+pub const NO_WINDOW_SCALE: u8 = 0xff;
+
+/// How SYN-ACKs must look for the kernel to accept the cookie ACK and build a socket that
+/// matches what the client was told. The daemon derives it from the protected namespace's
+/// sysctls.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SynCookieConfig {
+    /// The window scale the kernel will compute for a socket built from a cookie
+    /// (`tcp_select_initial_window`), or [`NO_WINDOW_SCALE`].
+    pub window_scale: u8,
+    /// Whether `net.ipv4.tcp_sack` is on; SACK-permitted is only offered when it is, since the
+    /// kernel rejects a cookie whose timestamp claims SACK when SACK is off.
+    pub sack: u8,
+    /// TTL / hop limit of the SYN-ACK.
+    pub ttl: u8,
+    pub _pad: u8,
+}
+
+impl Default for SynCookieConfig {
+    fn default() -> Self {
+        // Linux defaults: tcp_rmem[2] = 6 MiB gives window scale 7; SACK on; TTL 64.
+        Self {
+            window_scale: 7,
+            sack: 1,
+            ttl: 64,
+            _pad: 0,
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both are #[repr(C)], made of integers only, with no padding bytes.
+    unsafe impl aya::Pod for super::ProtectedPort {}
+    unsafe impl aya::Pod for super::SynCookieConfig {}
+}

@@ -1,0 +1,158 @@
+//! tcpguard's XDP program: dissect → protected? → validate → SYN, ACK, or FIN/RST.
+//! Every path ends in exactly one [`Counter`], and the counter's kind is the verdict.
+#![no_std]
+#![no_main]
+
+mod checksum;
+mod frame;
+mod parse;
+mod socket;
+mod syn;
+mod validate;
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, PerCpuArray},
+    programs::XdpContext,
+};
+use tcpguard_common::{
+    Counter, CounterKind, FAMILY_IPV4, FAMILY_IPV6, PORT_COUNT, ProtectedPort, SynCookieConfig,
+};
+
+use crate::{
+    parse::{Family, Segment},
+    socket::Socket,
+    validate::{ACK, FIN, RST, SYN},
+};
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map(name = "PROTECTED_PORTS")]
+static PROTECTED_PORTS: Array<ProtectedPort> = Array::with_max_entries(PORT_COUNT, 0);
+
+#[map(name = "SYN_COOKIE_CONFIG")]
+static SYN_COOKIE_CONFIG: Array<SynCookieConfig> = Array::with_max_entries(1, 0);
+
+/// The segment a SYN handler works on, passed through memory the verifier cannot see into; see
+/// [`handle_syn`].
+#[map(name = "SYN_SCRATCH")]
+static SYN_SCRATCH: PerCpuArray<Segment> = PerCpuArray::with_max_entries(1, 0);
+
+#[xdp]
+pub fn tcpguard(ctx: XdpContext) -> u32 {
+    let counter = judge(&ctx);
+    count(counter);
+    match counter.kind() {
+        CounterKind::Pass => xdp_action::XDP_PASS,
+        CounterKind::Answer => xdp_action::XDP_TX,
+        CounterKind::Drop => xdp_action::XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn judge(ctx: &XdpContext) -> Counter {
+    let segment = match parse::segment(ctx) {
+        Ok(segment) => segment,
+        Err(counter) => return counter,
+    };
+    if !is_protected(&segment) {
+        return Counter::Unprotected;
+    }
+    if let Err(counter) = validate::segment(&segment) {
+        return counter;
+    }
+    let flags = segment.flags;
+    if flags & (SYN | ACK) == SYN {
+        handle_syn(ctx, &segment)
+    } else if flags & (FIN | RST) != 0 {
+        handle_fin_or_rst(ctx, &segment)
+    } else {
+        handle_ack(ctx, &segment)
+    }
+}
+
+#[inline(always)]
+fn is_protected(segment: &Segment) -> bool {
+    let family = match segment.family {
+        Family::V4 => FAMILY_IPV4,
+        Family::V6 => FAMILY_IPV6,
+    };
+    PROTECTED_PORTS
+        .get(u32::from(segment.dport))
+        .is_some_and(|port| port.families & family != 0)
+}
+
+/// A SYN: answered with a cookie when a listener is there, else left to the kernel.
+///
+/// The segment goes through a per-CPU scratch slot first. Read back, its offsets are bounded
+/// unknowns to the verifier instead of one exact value per header layout (VLAN tags, IPv4
+/// options, IPv6 extension headers), so it checks the SYN path, the longest one, once rather
+/// than once per layout; without this the program exceeds the verifier's 1M-instruction budget.
+#[inline(always)]
+fn handle_syn(ctx: &XdpContext, segment: &Segment) -> Counter {
+    let Some(slot) = SYN_SCRATCH.get_ptr_mut(0) else {
+        return Counter::CookieUnavailable;
+    };
+    // SAFETY: a per-CPU slot, used only within this invocation; volatile so that LLVM does not
+    // forward the stored values past the load.
+    let segment = unsafe {
+        slot.write_volatile(*segment);
+        slot.read_volatile()
+    };
+    let Some(segment) = segment.bounded() else {
+        return Counter::Truncated;
+    };
+    let segment = &segment;
+    let Some(socket) = Socket::lookup(ctx, segment) else {
+        return Counter::NoListener;
+    };
+    if !socket.is_listener() {
+        // A SYN for an existing 4-tuple (TIME-WAIT reuse, a retransmission): the kernel's.
+        return Counter::KnownSocket;
+    }
+    let Some(config) = SYN_COOKIE_CONFIG.get(0) else {
+        return Counter::CookieUnavailable;
+    };
+    syn::answer(ctx, segment, &socket, config)
+}
+
+/// An ACK (or SYN-ACK) with no connection behind it must carry a valid cookie.
+#[inline(always)]
+fn handle_ack(ctx: &XdpContext, segment: &Segment) -> Counter {
+    match Socket::lookup(ctx, segment) {
+        None => Counter::NoConnection,
+        Some(socket) if !socket.is_listener() => Counter::KnownSocket,
+        Some(listener) if listener.cookie_is_valid(ctx, segment) => Counter::CookieAccepted,
+        Some(_) => Counter::CookieRejected,
+    }
+}
+
+/// A FIN or RST means something only to a connection that exists.
+#[inline(always)]
+fn handle_fin_or_rst(ctx: &XdpContext, segment: &Segment) -> Counter {
+    match Socket::lookup(ctx, segment) {
+        Some(socket) if !socket.is_listener() => Counter::KnownSocket,
+        _ => Counter::NoConnection,
+    }
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter.index()) {
+        // SAFETY: a per-CPU slot, written only by this CPU.
+        unsafe { *value += 1 };
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// The SYN-cookie helpers are GPL-only.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

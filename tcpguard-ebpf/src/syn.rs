@@ -1,0 +1,313 @@
+//! A SYN to a protected port with a listener is answered here, with a SYN cookie SYN-ACK built in
+//! place and sent back with XDP_TX; the kernel keeps no state for it.
+
+use aya_ebpf::{
+    EbpfContext as _,
+    helpers::generated::{bpf_ktime_get_ns, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    programs::XdpContext,
+};
+use tcpguard_common::{Counter, NO_WINDOW_SCALE, SynCookieConfig};
+
+use crate::{
+    checksum,
+    frame::{at, len},
+    parse::{Family, Segment},
+    socket::Socket,
+};
+
+const TCPOPT_EOL: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_MSS: u8 = 2;
+const TCPOPT_WINDOW: u8 = 3;
+const TCPOPT_SACK_PERM: u8 = 4;
+const TCPOPT_TIMESTAMP: u8 = 8;
+
+/// The kernel never uses a window scale above 14 (RFC 7323 §2.3) and clamps larger offers.
+const MAX_WINDOW_SCALE: u8 = 14;
+/// The low bits of a cookie timestamp carry the options (`cookie_init_timestamp`): 4 bits of
+/// the client's window scale (0xF = none), then SACK-permitted. ECN (bit 5) is never offered.
+const TS_OPTION_BITS: u32 = 6;
+const TS_NO_WINDOW_SCALE: u32 = 0xf;
+const TS_SACK: u32 = 1 << 4;
+
+/// A TCP header (at most 60 bytes), with room for an option that claims to run past its end:
+/// the option walk reads up to 6 bytes from any position below 60 without a check.
+type Header = [u8; 66];
+
+/// Every SYN-ACK is written with room for all options (MSS 4, SACK-permitted + timestamps 12,
+/// window scale 4) and then trimmed to the options it carries.
+const SYNACK_MAX_HLEN: usize = 40;
+const SYNACK_TTL_DEFAULT: u8 = 64;
+
+/// The options of a client's SYN that survive a cookie. Plain fields, not `Option`s: the
+/// payload of a `None` is undefined, and LLVM may fill it with whatever a register holds,
+/// a pointer included, which the verifier rejects.
+struct SynOptions {
+    /// The client's window scale, or [`NO_WINDOW_SCALE`].
+    window_scale: u8,
+    sack_permitted: bool,
+    has_timestamp: bool,
+    /// The client's TSval, echoed as TSecr.
+    timestamp: u32,
+}
+
+/// Answers the SYN in `segment` sent to `listener`.
+#[inline(always)]
+pub fn answer(
+    ctx: &XdpContext,
+    segment: &Segment,
+    listener: &Socket,
+    config: &SynCookieConfig,
+) -> Counter {
+    // The helper must see the whole TCP header: it reads the MSS option from it. A stack copy
+    // gives it memory of a length the verifier can bound. The same buffer then becomes the
+    // SYN-ACK's TCP header, which keeps the program within the 512-byte BPF stack.
+    let mut header: Header = [0u8; 66];
+    let header_len = (u32::from(segment.data_offset) & 0xf) * 4;
+    if header_len < 20 {
+        return Counter::BadDataOffset;
+    }
+    // SAFETY: header has room for the 60 bytes a 4-bit data offset allows.
+    if unsafe {
+        bpf_xdp_load_bytes(
+            ctx.as_ptr().cast(),
+            segment.l4 as u32,
+            header.as_mut_ptr().cast(),
+            header_len,
+        )
+    } != 0
+    {
+        return Counter::Truncated;
+    }
+    let Some((cookie, mss)) = listener.syn_cookie(ctx, segment, &mut header, header_len) else {
+        return Counter::CookieUnavailable;
+    };
+    let options = syn_options(&header, header_len as usize);
+    let tcp_len = write_synack_header(&mut header, cookie, mss, &options, config);
+    if rewrite(ctx, segment, &header, tcp_len, config).is_none() {
+        return Counter::SynAckFailed;
+    }
+    Counter::SynCookieSent
+}
+
+/// Walks the options of a SYN's TCP header, copied into `header`. The walk is unrolled over
+/// every byte position of the option space and reads only at that position, so each read is at
+/// a constant offset; where the next option starts is data, never an address. (A loop indexed
+/// by the option start makes the verifier follow each option layout separately, past its
+/// limit.)
+#[inline(always)]
+fn syn_options(header: &Header, header_len: usize) -> SynOptions {
+    let mut walk = OptionWalk {
+        next: 20,
+        end: header_len,
+        options: SynOptions {
+            window_scale: NO_WINDOW_SCALE,
+            sack_permitted: false,
+            has_timestamp: false,
+            timestamp: 0,
+        },
+    };
+    macro_rules! at_positions {
+        ($($position:literal)+) => { $(walk.step(header, $position);)+ };
+    }
+    at_positions!(20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39
+                  40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59);
+    walk.options
+}
+
+struct OptionWalk {
+    /// Where the next option starts; past `end` once the walk is over.
+    next: usize,
+    end: usize,
+    options: SynOptions,
+}
+
+impl OptionWalk {
+    #[inline(always)]
+    fn step(&mut self, header: &Header, position: usize) {
+        if position != self.next || position >= self.end {
+            return;
+        }
+        let kind = header[position];
+        let length = match kind {
+            TCPOPT_EOL => 0,
+            TCPOPT_NOP => 1,
+            _ => usize::from(header[position + 1]),
+        };
+        if length == 0 || (kind != TCPOPT_NOP && length < 2) || position + length > self.end {
+            self.next = usize::MAX;
+            return;
+        }
+        match (kind, length) {
+            (TCPOPT_WINDOW, 3) => {
+                self.options.window_scale = header[position + 2].min(MAX_WINDOW_SCALE);
+            }
+            (TCPOPT_SACK_PERM, 2) => self.options.sack_permitted = true,
+            (TCPOPT_TIMESTAMP, 10) => {
+                self.options.has_timestamp = true;
+                self.options.timestamp = u32::from_be_bytes([
+                    header[position + 2],
+                    header[position + 3],
+                    header[position + 4],
+                    header[position + 5],
+                ]);
+            }
+            _ => {}
+        }
+        self.next = position + length;
+    }
+}
+
+/// Turns the SYN's TCP header in `header` into the SYN-ACK's (checksum left zero) and returns
+/// its length. Bytes past that length are zeroed.
+#[inline(always)]
+fn write_synack_header(
+    header: &mut Header,
+    cookie: u32,
+    mss: u16,
+    options: &SynOptions,
+    config: &SynCookieConfig,
+) -> usize {
+    let client_ports = [header[0], header[1], header[2], header[3]];
+    let client_seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    *header = [0u8; 66];
+    let b = header;
+    b[0..2].copy_from_slice(&client_ports[2..4]);
+    b[2..4].copy_from_slice(&client_ports[0..2]);
+    b[4..8].copy_from_slice(&cookie.to_be_bytes());
+    b[8..12].copy_from_slice(&client_seq.wrapping_add(1).to_be_bytes());
+    b[13] = 0x12; // SYN | ACK
+    b[20..24].copy_from_slice(&[TCPOPT_MSS, 4, (mss >> 8) as u8, mss as u8]);
+    let mut len = 24;
+    // Without a timestamp to carry them, window scaling and SACK cannot survive the cookie.
+    if options.has_timestamp {
+        // The client's scale, when both ends scale windows.
+        let window_scale = if config.window_scale == NO_WINDOW_SCALE {
+            NO_WINDOW_SCALE
+        } else {
+            options.window_scale
+        };
+        let sack = options.sack_permitted && config.sack != 0;
+        b[24..26].copy_from_slice(&if sack {
+            [TCPOPT_SACK_PERM, 2]
+        } else {
+            [TCPOPT_NOP, TCPOPT_NOP]
+        });
+        b[26..28].copy_from_slice(&[TCPOPT_TIMESTAMP, 10]);
+        b[28..32].copy_from_slice(&cookie_timestamp(window_scale, sack).to_be_bytes());
+        b[32..36].copy_from_slice(&options.timestamp.to_be_bytes());
+        len = 36;
+        if window_scale != NO_WINDOW_SCALE {
+            b[36..40].copy_from_slice(&[TCPOPT_NOP, TCPOPT_WINDOW, 3, config.window_scale]);
+            len = 40;
+        }
+    }
+    b[12] = ((len / 4) as u8) << 4;
+    // As the kernel's SYN-ACK: the space a socket starts with, a whole number of segments,
+    // unscaled (RFC 7323: a SYN's window is never scaled).
+    let segment_size = u32::from(mss).saturating_sub(if len > 24 { 12 } else { 0 });
+    let window = 65535 - 65535 % segment_size.max(1);
+    b[14..16].copy_from_slice(&(window as u16).to_be_bytes());
+    len
+}
+
+/// TSval of a cookie SYN-ACK, as the kernel's `cookie_init_timestamp` makes it: the kernel's
+/// millisecond clock with the options in the low bits, never ahead of that clock.
+#[inline(always)]
+fn cookie_timestamp(client_window_scale: u8, sack: bool) -> u32 {
+    let window_bits = if client_window_scale == NO_WINDOW_SCALE {
+        TS_NO_WINDOW_SCALE
+    } else {
+        u32::from(client_window_scale)
+    };
+    let option_bits = window_bits | if sack { TS_SACK } else { 0 };
+    // SAFETY: no arguments; reads the monotonic clock.
+    let now = unsafe { bpf_ktime_get_ns() } / 1_000_000;
+    let mut timestamp = (now >> TS_OPTION_BITS << TS_OPTION_BITS) | u64::from(option_bits);
+    if timestamp > now {
+        timestamp -= 1 << TS_OPTION_BITS;
+    }
+    timestamp as u32
+}
+
+/// Turns the SYN in the frame into the SYN-ACK: Ethernet addresses swapped (VLAN tags kept), the
+/// IP header rewritten without options or extension headers, then the TCP header from `tcp`.
+/// The addresses are swapped where they lie: a new IPv4 or IPv6 header puts them at the same
+/// offsets as the old one, whatever options or extension headers the old one had.
+#[inline(always)]
+fn rewrite(
+    ctx: &XdpContext,
+    segment: &Segment,
+    tcp: &Header,
+    tcp_len: usize,
+    config: &SynCookieConfig,
+) -> Option<()> {
+    let ttl = if config.ttl == 0 {
+        SYNACK_TTL_DEFAULT
+    } else {
+        config.ttl
+    };
+    // Grow or shrink the frame to hold the longest SYN-ACK, write it, then trim the options
+    // it does not carry: fixed-size writes are what the verifier can follow.
+    let full_len = segment.l3 + segment.answer_l3_len() + SYNACK_MAX_HLEN;
+    resize(ctx, full_len as i32 - len(ctx) as i32)?;
+    // SAFETY: every pointer comes from `at`, which checked it against the resized frame.
+    unsafe {
+        let eth = at::<[[u8; 6]; 2]>(ctx, 0)?;
+        let [destination, source] = eth.read_unaligned();
+        eth.write_unaligned([source, destination]);
+        let pseudo_sum = match segment.family {
+            Family::V4 => {
+                let ip = at::<[u8; 20]>(ctx, segment.l3)?;
+                let mut h = ip.read_unaligned();
+                let (source, destination) =
+                    ([h[12], h[13], h[14], h[15]], [h[16], h[17], h[18], h[19]]);
+                h = [0; 20];
+                h[0] = 0x45;
+                h[2..4].copy_from_slice(&((20 + tcp_len) as u16).to_be_bytes());
+                h[6] = 0x40; // DF
+                h[8] = ttl;
+                h[9] = 6;
+                h[12..16].copy_from_slice(&destination);
+                h[16..20].copy_from_slice(&source);
+                let ip_checksum = checksum::finish(checksum::add(0, &h));
+                h[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+                ip.write_unaligned(h);
+                checksum::add(6 + tcp_len as u32, &h[12..20])
+            }
+            Family::V6 => {
+                let ip = at::<[[u8; 8]; 5]>(ctx, segment.l3)?;
+                let [_, s0, s1, d0, d1] = ip.read_unaligned();
+                let mut first = [0u8; 8];
+                first[0] = 0x60;
+                first[4..6].copy_from_slice(&(tcp_len as u16).to_be_bytes());
+                first[6] = 6;
+                first[7] = ttl;
+                let h = [first, d0, d1, s0, s1];
+                ip.write_unaligned(h);
+                let mut sum = 6 + tcp_len as u32;
+                for word in &h[1..] {
+                    sum = checksum::add(sum, word);
+                }
+                sum
+            }
+        };
+        let mut synack = [0u8; SYNACK_MAX_HLEN];
+        synack.copy_from_slice(&tcp[..SYNACK_MAX_HLEN]);
+        // Bytes past `tcp_len` are zero and add nothing to the sum.
+        let tcp_checksum = checksum::finish(checksum::add(pseudo_sum, &synack));
+        synack[16..18].copy_from_slice(&tcp_checksum.to_be_bytes());
+        at::<[u8; SYNACK_MAX_HLEN]>(ctx, segment.l3 + segment.answer_l3_len())?
+            .write_unaligned(synack);
+    }
+    resize(ctx, tcp_len as i32 - SYNACK_MAX_HLEN as i32)
+}
+
+#[inline(always)]
+fn resize(ctx: &XdpContext, delta: i32) -> Option<()> {
+    if delta == 0 {
+        return Some(());
+    }
+    // SAFETY: adjusting the tail invalidates earlier packet pointers; callers re-derive them.
+    (unsafe { bpf_xdp_adjust_tail(ctx.as_ptr().cast(), delta) } == 0).then_some(())
+}

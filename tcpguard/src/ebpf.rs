@@ -1,0 +1,10 @@
+//! The eBPF objects built by build.rs.
+
+/// tcpguard's XDP program (`tcpguard-ebpf/src/main.rs`).
+pub static TCPGUARD_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpguard"));
+
+/// A program that returns XDP_PASS: the benchmarks' baseline, and what test rigs attach to the
+/// far end of a veth pair so that XDP_TX frames reach it.
+pub static XDP_PASS_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));

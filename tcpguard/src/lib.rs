@@ -1,0 +1,8 @@
+//! tcpguard's daemon as a library: loading and attaching the XDP program, the sysctls it needs,
+//! and reading its counters. The `tcpguard` binary is a thin CLI over it.
+
+pub mod ebpf;
+pub mod guard;
+pub mod sysctl;
+
+pub use guard::{AttachMode, Attachment, Counters, Guard, GuardError};
