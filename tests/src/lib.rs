@@ -1,1 +1,6 @@
+//! Rigs for tcpguard's tests: network namespaces that clean up after themselves, frames built
+//! byte by byte (malformed ones included), and running the XDP program through the kernel.
 
+pub mod frame;
+pub mod netns;
+pub mod xdp;

@@ -1,0 +1,53 @@
+//! Running tcpguard's XDP program on a frame with BPF_PROG_TEST_RUN.
+
+use std::collections::BTreeSet;
+
+use aya::programs::{TestRun, TestRunOptions};
+use tcpguard::{Counters, Guard};
+
+/// What the program did with one frame.
+#[derive(Debug)]
+pub struct Outcome {
+    /// XDP_DROP = 1, XDP_PASS = 2, XDP_TX = 3.
+    pub action: u32,
+    /// The frame after the program ran.
+    pub frame: Vec<u8>,
+}
+
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// tcpguard loaded with `ports` protected and this namespace's SYN-cookie settings.
+pub fn load(ports: &[u16]) -> Guard {
+    let ports: BTreeSet<u16> = ports.iter().copied().collect();
+    let config = tcpguard::sysctl::syn_cookie_config().expect("reading sysctls");
+    Guard::load(&ports, config).expect("loading tcpguard's XDP program")
+}
+
+/// Runs the program once on `frame`, in the calling thread's network namespace.
+pub fn run(guard: &Guard, frame: &[u8]) -> Outcome {
+    let mut out = vec![0u8; 4096];
+    let result = guard
+        .program()
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat: 1,
+            ..Default::default()
+        })
+        .expect("BPF_PROG_TEST_RUN");
+    out.truncate(result.data_size_out as usize);
+    Outcome {
+        action: result.return_value,
+        frame: out,
+    }
+}
+
+/// Runs `frame` and returns the outcome with the counters that moved.
+pub fn run_counted(guard: &Guard, frame: &[u8]) -> (Outcome, Counters) {
+    let before = guard.counters().expect("reading counters");
+    let outcome = run(guard, frame);
+    let after = guard.counters().expect("reading counters");
+    (outcome, after.since(&before))
+}

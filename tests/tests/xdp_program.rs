@@ -1,0 +1,472 @@
+//! tcpguard's XDP program run by the kernel (BPF_PROG_TEST_RUN), inside a network namespace
+//! each test makes, with a real listener there for the socket lookups and cookie helpers.
+//! SYN-ACKs are judged by etherparse, not by tcpguard's own parser.
+
+use std::net::TcpListener;
+
+use etherparse::{LinkExtHeader, NetHeaders, PacketHeaders, TcpOptionElement, TransportHeader};
+use tcpguard::Guard;
+use tcpguard_common::{Counter, SynCookieConfig};
+use tcpguard_tests::{
+    frame::*,
+    netns::in_fresh_netns,
+    xdp::{self, XDP_DROP, XDP_PASS, XDP_TX},
+};
+
+const PORT: u16 = 8080;
+const UNPROTECTED_PORT: u16 = 9090;
+
+/// Listens on PORT (IPv4 and IPv6) in the current namespace and loads tcpguard protecting it.
+fn listener_and_guard() -> (TcpListener, Guard) {
+    let listener = TcpListener::bind(("::", PORT)).expect("listening on [::]:8080");
+    (listener, xdp::load(&[PORT]))
+}
+
+/// Runs `frame` and asserts the verdict and the one counter that moved.
+fn assert_verdict(guard: &Guard, frame: &[u8], action: u32, counter: Counter) -> Vec<u8> {
+    let (outcome, moved) = xdp::run_counted(guard, frame);
+    assert_eq!(
+        outcome.action, action,
+        "action for {counter:?}; counters moved: {:?}",
+        moved.nonzero().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        moved.nonzero().collect::<Vec<_>>(),
+        vec![(counter, 1)],
+        "exactly one counter moves"
+    );
+    outcome.frame
+}
+
+fn monotonic_ms() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: now is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
+}
+
+/// What a SYN-ACK said, for building the client's ACK.
+struct SynAck {
+    cookie: u32,
+    tsval: Option<u32>,
+}
+
+/// Checks every field and checksum of the SYN-ACK answering `syn`.
+fn assert_synack(syn: &TcpFrame, answer: &[u8], config: &SynCookieConfig) -> SynAck {
+    let headers = PacketHeaders::from_ethernet_slice(answer).expect("etherparse parses it");
+    let ethernet = headers.link.clone().and_then(|l| l.ethernet2()).expect("Ethernet II");
+    assert_eq!(ethernet.source, syn.destination_mac);
+    assert_eq!(ethernet.destination, syn.source_mac);
+    let vlans: Vec<(u16, u16)> = headers
+        .link_exts
+        .iter()
+        .map(|ext| match ext {
+            LinkExtHeader::Vlan(vlan) => {
+                let tci = vlan.to_bytes();
+                (0, u16::from_be_bytes([tci[0], tci[1]]))
+            }
+            other => panic!("unexpected link extension {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        vlans.iter().map(|v| v.1).collect::<Vec<_>>(),
+        syn.vlans.iter().map(|v| v.1).collect::<Vec<_>>(),
+        "VLAN tags kept"
+    );
+    let Some(TransportHeader::Tcp(tcp)) = &headers.transport else {
+        panic!("a TCP segment");
+    };
+    assert!(headers.payload.slice().is_empty(), "no payload");
+    match (&headers.net, &syn.ip) {
+        (Some(NetHeaders::Ipv4(ip, extensions)), Ip::V4 { source, destination, .. }) => {
+            assert!(extensions.is_empty());
+            assert_eq!(ip.source, destination.octets());
+            assert_eq!(ip.destination, source.octets());
+            assert!(ip.options.is_empty(), "IPv4 options are not echoed");
+            assert_eq!(usize::from(ip.total_len), 20 + tcp.header_len());
+            assert_eq!(ip.time_to_live, config.ttl);
+            assert!(ip.dont_fragment && !ip.more_fragments);
+            assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 checksum");
+            assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(ip, &[]).unwrap(), "TCP checksum");
+        }
+        (Some(NetHeaders::Ipv6(ip, extensions)), Ip::V6 { source, destination, .. }) => {
+            assert!(extensions.is_empty(), "IPv6 extension headers are not echoed");
+            assert_eq!(ip.source, destination.octets());
+            assert_eq!(ip.destination, source.octets());
+            assert_eq!(usize::from(ip.payload_length), tcp.header_len());
+            assert_eq!(ip.hop_limit, config.ttl);
+            assert_eq!(tcp.checksum, tcp.calc_checksum_ipv6(ip, &[]).unwrap(), "TCP checksum");
+        }
+        (net, _) => panic!("IP family changed: {net:?}"),
+    }
+    assert_eq!(tcp.source_port, syn.destination_port);
+    assert_eq!(tcp.destination_port, syn.source_port);
+    assert!(tcp.syn && tcp.ack && !tcp.fin && !tcp.rst && !tcp.psh && !tcp.urg);
+    assert_eq!(tcp.acknowledgment_number, syn.seq.wrapping_add(1));
+    assert_ne!(tcp.window_size, 0, "non-zero window");
+
+    let offered = client_options(&syn.options);
+    let mut mss = None;
+    let mut sack = false;
+    let mut window_scale = None;
+    let mut timestamp = None;
+    for option in tcp.options_iterator() {
+        match option.expect("well-formed options") {
+            TcpOptionElement::MaximumSegmentSize(value) => mss = Some(value),
+            TcpOptionElement::SelectiveAcknowledgementPermitted => sack = true,
+            TcpOptionElement::WindowScale(value) => window_scale = Some(value),
+            TcpOptionElement::Timestamp(value, echo) => timestamp = Some((value, echo)),
+            TcpOptionElement::Noop => {}
+            other => panic!("unexpected option {other:?}"),
+        }
+    }
+    // The helper encodes the client's MSS rounded down to the kernel's table for the family
+    // (net/ipv4/syncookies.c, net/ipv6/syncookies.c); no MSS option means the minimum.
+    let table: [u16; 4] = match syn.ip {
+        Ip::V4 { .. } => [1460, 1440, 1300, 536],
+        Ip::V6 { .. } => [8940, 1440, 1420, 1220],
+    };
+    let expected_mss = table
+        .into_iter()
+        .find(|&m| m <= offered.mss.unwrap_or(table[3]))
+        .unwrap_or(table[3]);
+    assert_eq!(mss, Some(expected_mss), "MSS from the cookie helper");
+    match offered.tsval {
+        None => {
+            assert_eq!(timestamp, None, "no timestamps unless offered");
+            assert!(!sack && window_scale.is_none(), "without timestamps only MSS survives");
+        }
+        Some(client_tsval) => {
+            let (tsval, echo) = timestamp.expect("timestamps answered");
+            assert_eq!(echo, client_tsval, "TSecr echoes the client's TSval");
+            let expected_bits = u32::from(offered.window_scale.map_or(0xf, |w| w.min(14)))
+                | if offered.sack { 1 << 4 } else { 0 };
+            assert_eq!(tsval & 0x3f, expected_bits, "options encoded in TSval");
+            let now = monotonic_ms() as u32;
+            assert!(
+                tsval <= now && now - tsval < 5_000,
+                "TSval {tsval} is the kernel's ms clock ({now}), never ahead of it"
+            );
+            assert_eq!(sack, offered.sack, "SACK-permitted answered iff offered");
+            assert_eq!(
+                window_scale,
+                offered.window_scale.map(|_| config.window_scale),
+                "the kernel's window scale for this socket"
+            );
+        }
+    }
+    SynAck {
+        cookie: tcp.sequence_number,
+        tsval: timestamp.map(|(value, _)| value),
+    }
+}
+
+#[derive(Default)]
+struct Offered {
+    mss: Option<u16>,
+    sack: bool,
+    window_scale: Option<u8>,
+    tsval: Option<u32>,
+}
+
+fn client_options(raw: &[u8]) -> Offered {
+    let mut padded = raw.to_vec();
+    while padded.len() % 4 != 0 {
+        padded.push(0);
+    }
+    let mut header = etherparse::TcpHeader::default();
+    header.options = etherparse::TcpOptions::try_from_slice(&padded).expect("test options");
+    let mut offered = Offered::default();
+    for option in header.options_iterator() {
+        match option.expect("test options") {
+            TcpOptionElement::MaximumSegmentSize(value) => offered.mss = Some(value),
+            TcpOptionElement::SelectiveAcknowledgementPermitted => offered.sack = true,
+            TcpOptionElement::WindowScale(value) => offered.window_scale = Some(value),
+            TcpOptionElement::Timestamp(value, _) => offered.tsval = Some(value),
+            _ => {}
+        }
+    }
+    offered
+}
+
+/// The client's ACK completing the handshake the SYN-ACK answered.
+fn ack_for(syn: &TcpFrame, synack: &SynAck) -> TcpFrame {
+    let mut ack = syn.clone().with_flags(ACK);
+    ack.seq = syn.seq.wrapping_add(1);
+    ack.ack = synack.cookie.wrapping_add(1);
+    ack.options = match synack.tsval {
+        Some(tsval) => {
+            let mut options = vec![1, 1, 8, 10];
+            options.extend_from_slice(&(monotonic_ms() as u32).to_be_bytes());
+            options.extend_from_slice(&tsval.to_be_bytes());
+            options
+        }
+        None => Vec::new(),
+    };
+    ack
+}
+
+/// SYN → SYN-ACK checked field by field → the ACK built from it passes, and the same ACK with
+/// a wrong cookie is dropped.
+fn handshake(syn: TcpFrame) {
+    in_fresh_netns(move || {
+        let (_listener, guard) = listener_and_guard();
+        let config = tcpguard::sysctl::syn_cookie_config().unwrap();
+        let answer = assert_verdict(&guard, &syn.bytes(), XDP_TX, Counter::SynCookieSent);
+        let synack = assert_synack(&syn, &answer, &config);
+
+        let ack = ack_for(&syn, &synack);
+        assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::CookieAccepted);
+        // A cookie off by one can still decode to a valid MSS index (the kernel's cookies keep
+        // two bits of data under a 24-bit hash); one with altered hash bits cannot.
+        let mut forged = ack;
+        forged.ack ^= 0x0055_5500;
+        assert_verdict(&guard, &forged.bytes(), XDP_DROP, Counter::CookieRejected);
+    });
+}
+
+#[test]
+fn ipv4_syn_with_linux_options() {
+    handshake(TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 0xdead_beef, 7)));
+}
+
+#[test]
+fn ipv4_syn_without_options() {
+    handshake(TcpFrame::syn_v4(PORT));
+}
+
+#[test]
+fn ipv4_syn_with_macos_options_and_large_window_scale() {
+    handshake(TcpFrame::syn_v4(PORT).with_options(macos_syn_options(1440, 77, 15)));
+}
+
+#[test]
+fn ipv4_syn_with_timestamps_only() {
+    let mut options = vec![2, 4, 0x05, 0x14, 1, 1, 8, 10];
+    options.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 0]);
+    handshake(TcpFrame::syn_v4(PORT).with_options(options));
+}
+
+#[test]
+fn ipv4_syn_with_ip_options() {
+    let mut syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 5, 9));
+    // Record Route (7) with room for two addresses, padded with NOP and EOL.
+    syn.ip = Ip::V4 {
+        source: CLIENT_V4,
+        destination: SERVER_V4,
+        options: vec![7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+    };
+    handshake(syn);
+}
+
+#[test]
+fn ipv4_syn_behind_one_vlan_tag() {
+    let mut syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 1, 7));
+    syn.vlans = vec![(TPID_8021Q, 100)];
+    handshake(syn);
+}
+
+#[test]
+fn ipv4_syn_behind_two_vlan_tags() {
+    let mut syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 1, 7));
+    syn.vlans = vec![(TPID_8021AD, 200), (TPID_8021Q, 100)];
+    handshake(syn);
+}
+
+#[test]
+fn ipv6_syn_with_linux_options() {
+    handshake(TcpFrame::syn_v6(PORT).with_options(linux_syn_options(1440, 42, 7)));
+}
+
+#[test]
+fn ipv6_syn_without_options() {
+    handshake(TcpFrame::syn_v6(PORT));
+}
+
+#[test]
+fn ipv6_syn_behind_extension_headers() {
+    let mut syn = TcpFrame::syn_v6(PORT).with_options(linux_syn_options(1440, 42, 7));
+    syn.ip = Ip::V6 {
+        source: CLIENT_V6,
+        destination: SERVER_V6,
+        extensions: vec![(IPV6_HOP_BY_HOP, 0), (IPV6_ROUTING, 1), (IPV6_DESTINATION, 2)],
+    };
+    syn.vlans = vec![(TPID_8021Q, 7)];
+    handshake(syn);
+}
+
+#[test]
+fn syn_to_a_protected_port_without_listener_goes_to_the_kernel() {
+    in_fresh_netns(|| {
+        let guard = xdp::load(&[PORT]);
+        let syn = TcpFrame::syn_v4(PORT).bytes();
+        let out = assert_verdict(&guard, &syn, XDP_PASS, Counter::NoListener);
+        assert_eq!(out, syn);
+    });
+}
+
+#[test]
+fn fin_rst_and_ack_without_a_connection_are_dropped() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        for flags in [FIN | ACK, RST, RST | ACK] {
+            let frame = TcpFrame::syn_v4(PORT).with_flags(flags).bytes();
+            assert_verdict(&guard, &frame, XDP_DROP, Counter::NoConnection);
+        }
+        let mut ack = TcpFrame::syn_v6(PORT).with_flags(ACK);
+        ack.ack = 12345;
+        assert_verdict(&guard, &ack.bytes(), XDP_DROP, Counter::CookieRejected);
+        let guard_without_listener = xdp::load(&[PORT + 1]);
+        let ack = TcpFrame::syn_v4(PORT + 1).with_flags(ACK).bytes();
+        assert_verdict(&guard_without_listener, &ack, XDP_DROP, Counter::NoConnection);
+    });
+}
+
+#[test]
+fn unprotected_traffic_passes_unchanged() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        let mut udp = TcpFrame::syn_v4(PORT).bytes();
+        udp[14 + 9] = 17;
+        let mut arp = TcpFrame::syn_v4(PORT).bytes();
+        arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+        let cases = [
+            (TcpFrame::syn_v4(UNPROTECTED_PORT).bytes(), Counter::Unprotected),
+            (TcpFrame::syn_v6(UNPROTECTED_PORT).bytes(), Counter::Unprotected),
+            (
+                TcpFrame::syn_v4(UNPROTECTED_PORT).with_flags(0).bytes(),
+                Counter::Unprotected,
+            ),
+            (udp, Counter::NotTcp),
+            (arp, Counter::NotIp),
+        ];
+        for (frame, counter) in cases {
+            let out = assert_verdict(&guard, &frame, XDP_PASS, counter);
+            assert_eq!(out, frame, "{counter:?} passes byte for byte");
+        }
+    });
+}
+
+#[test]
+fn invalid_flag_combinations_are_dropped_with_their_reason() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        let cases = [
+            (0, Counter::NullFlags),
+            (PSH, Counter::NullFlags),
+            (FIN | PSH | URG, Counter::XmasFlags),
+            (SYN | FIN, Counter::SynFin),
+            (SYN | FIN | ACK, Counter::SynFin),
+            (SYN | RST, Counter::SynRst),
+            (FIN, Counter::FinWithoutAck),
+            (FIN | PSH, Counter::FinWithoutAck),
+            (URG, Counter::BadFlags),
+            (RST | FIN | ACK, Counter::BadFlags),
+            (FIN | SYN | RST | PSH | ACK | URG, Counter::SynFin),
+        ];
+        for family in [TcpFrame::syn_v4(PORT), TcpFrame::syn_v6(PORT)] {
+            for (flags, counter) in cases {
+                let frame = family.clone().with_flags(flags).bytes();
+                assert_verdict(&guard, &frame, XDP_DROP, counter);
+            }
+        }
+    });
+}
+
+#[test]
+fn malformed_headers_are_dropped_with_their_reason() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        let syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 1, 7));
+        let good = syn.bytes();
+        let mut cases: Vec<(&str, Vec<u8>, Counter)> = vec![
+            // BPF_PROG_TEST_RUN takes no frame shorter than an Ethernet header.
+            ("VLAN tag cut short", {
+                let mut tagged = good[..12].to_vec();
+                tagged.extend_from_slice(&[0x81, 0x00, 0x00]);
+                tagged
+            }, Counter::Truncated),
+            ("IPv4 header cut short", good[..14 + 19].to_vec(), Counter::Truncated),
+            ("frame cut inside the TCP header", good[..14 + 20 + 19].to_vec(), Counter::BadIpTotalLength),
+        ];
+        let mut ihl = good.clone();
+        ihl[14] = 0x44;
+        cases.push(("IHL 4", ihl, Counter::BadIpHeaderLength));
+        let mut version = good.clone();
+        version[14] = 0x65;
+        cases.push(("version 6 in an IPv4 EtherType", version, Counter::BadIpVersion));
+        let mut total = good.clone();
+        total[16..18].copy_from_slice(&((good.len() - 14 + 1) as u16).to_be_bytes());
+        cases.push(("total length past the frame", total, Counter::BadIpTotalLength));
+        let mut short_total = good.clone();
+        short_total[16..18].copy_from_slice(&19u16.to_be_bytes());
+        cases.push(("total length below IHL", short_total, Counter::BadIpTotalLength));
+        let mut tcp_in_ip = good.clone();
+        tcp_in_ip[16..18].copy_from_slice(&(20u16 + 12).to_be_bytes());
+        cases.push(("TCP header beyond IP length", tcp_in_ip, Counter::Truncated));
+        let mut low_offset = syn.clone();
+        low_offset.data_offset = Some(4);
+        cases.push(("data offset 4", low_offset.bytes(), Counter::BadDataOffset));
+        let mut high_offset = syn.clone();
+        high_offset.data_offset = Some(15);
+        cases.push(("data offset past the segment", high_offset.bytes(), Counter::BadDataOffset));
+        let mut first_fragment = syn.clone();
+        first_fragment.more_fragments = true;
+        cases.push(("first fragment", first_fragment.bytes(), Counter::Fragment));
+        let mut v6_fragment = TcpFrame::syn_v6(PORT);
+        v6_fragment.more_fragments = true;
+        v6_fragment.ip = Ip::V6 {
+            source: CLIENT_V6,
+            destination: SERVER_V6,
+            extensions: vec![(IPV6_FRAGMENT, 0)],
+        };
+        cases.push(("IPv6 first fragment", v6_fragment.bytes(), Counter::Fragment));
+        let mut long_chain = TcpFrame::syn_v6(PORT);
+        long_chain.ip = Ip::V6 {
+            source: CLIENT_V6,
+            destination: SERVER_V6,
+            extensions: vec![(IPV6_DESTINATION, 0); 7],
+        };
+        cases.push((
+            "seven IPv6 extension headers",
+            long_chain.bytes(),
+            Counter::ExtensionHeaderChain,
+        ));
+        let mut v6_length = TcpFrame::syn_v6(PORT).bytes();
+        v6_length[18..20].copy_from_slice(&1000u16.to_be_bytes());
+        cases.push(("IPv6 payload length past the frame", v6_length, Counter::BadIpTotalLength));
+        for (what, frame, counter) in cases {
+            let (outcome, moved) = xdp::run_counted(&guard, &frame);
+            assert_eq!(outcome.action, XDP_DROP, "{what}");
+            assert_eq!(moved.nonzero().collect::<Vec<_>>(), vec![(counter, 1)], "{what}");
+        }
+    });
+}
+
+#[test]
+fn later_fragments_pass_because_they_carry_no_tcp_header() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        let mut later = TcpFrame::syn_v4(PORT);
+        later.fragment_offset = 3;
+        let frame = later.bytes();
+        let out = assert_verdict(&guard, &frame, XDP_PASS, Counter::LaterFragment);
+        assert_eq!(out, frame);
+    });
+}
+
+#[test]
+fn an_unfragmented_ipv4_packet_without_df_is_legitimate() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        let syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 3, 7));
+        let mut frame = syn.bytes();
+        frame[14 + 6] = 0; // clear DF
+        let answer = assert_verdict(&guard, &frame, XDP_TX, Counter::SynCookieSent);
+        let config = tcpguard::sysctl::syn_cookie_config().unwrap();
+        assert_synack(&syn, &answer, &config);
+    });
+}
