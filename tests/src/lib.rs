@@ -3,4 +3,5 @@
 
 pub mod frame;
 pub mod netns;
+pub mod rig;
 pub mod xdp;

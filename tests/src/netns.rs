@@ -107,3 +107,43 @@ pub fn run(program: &str, args: &[&str]) -> Output {
     );
     output
 }
+
+impl Namespace {
+    /// Runs `body` on a thread that has entered this namespace: sockets it opens and interfaces
+    /// it names are this namespace's.
+    pub fn within<T: Send + 'static>(&self, body: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        let handle = thread::spawn(move || {
+            enter(&path);
+            body()
+        });
+        match handle.join() {
+            Ok(value) => value,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// Like [`Namespace::within`], without waiting for `body` to finish.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        body: impl FnOnce() -> T + Send + 'static,
+    ) -> thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        thread::spawn(move || {
+            enter(&path);
+            body()
+        })
+    }
+}
+
+fn enter(path: &str) {
+    let file = std::fs::File::open(path).unwrap_or_else(|err| panic!("cannot open {path}: {err}"));
+    // SAFETY: setns on a namespace file affects only the calling thread.
+    let status = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+    assert_eq!(
+        status,
+        0,
+        "setns({path}) failed: {}",
+        std::io::Error::last_os_error()
+    );
+}

@@ -26,7 +26,8 @@ fn listener_and_guard() -> (TcpListener, Guard) {
 fn assert_verdict(guard: &Guard, frame: &[u8], action: u32, counter: Counter) -> Vec<u8> {
     let (outcome, moved) = xdp::run_counted(guard, frame);
     assert_eq!(
-        outcome.action, action,
+        outcome.action,
+        action,
         "action for {counter:?}; counters moved: {:?}",
         moved.nonzero().collect::<Vec<_>>()
     );
@@ -57,7 +58,11 @@ struct SynAck {
 /// Checks every field and checksum of the SYN-ACK answering `syn`.
 fn assert_synack(syn: &TcpFrame, answer: &[u8], config: &SynCookieConfig) -> SynAck {
     let headers = PacketHeaders::from_ethernet_slice(answer).expect("etherparse parses it");
-    let ethernet = headers.link.clone().and_then(|l| l.ethernet2()).expect("Ethernet II");
+    let ethernet = headers
+        .link
+        .clone()
+        .and_then(|l| l.ethernet2())
+        .expect("Ethernet II");
     assert_eq!(ethernet.source, syn.destination_mac);
     assert_eq!(ethernet.destination, syn.source_mac);
     let vlans: Vec<(u16, u16)> = headers
@@ -81,7 +86,14 @@ fn assert_synack(syn: &TcpFrame, answer: &[u8], config: &SynCookieConfig) -> Syn
     };
     assert!(headers.payload.slice().is_empty(), "no payload");
     match (&headers.net, &syn.ip) {
-        (Some(NetHeaders::Ipv4(ip, extensions)), Ip::V4 { source, destination, .. }) => {
+        (
+            Some(NetHeaders::Ipv4(ip, extensions)),
+            Ip::V4 {
+                source,
+                destination,
+                ..
+            },
+        ) => {
             assert!(extensions.is_empty());
             assert_eq!(ip.source, destination.octets());
             assert_eq!(ip.destination, source.octets());
@@ -89,16 +101,38 @@ fn assert_synack(syn: &TcpFrame, answer: &[u8], config: &SynCookieConfig) -> Syn
             assert_eq!(usize::from(ip.total_len), 20 + tcp.header_len());
             assert_eq!(ip.time_to_live, config.ttl);
             assert!(ip.dont_fragment && !ip.more_fragments);
-            assert_eq!(ip.header_checksum, ip.calc_header_checksum(), "IPv4 checksum");
-            assert_eq!(tcp.checksum, tcp.calc_checksum_ipv4(ip, &[]).unwrap(), "TCP checksum");
+            assert_eq!(
+                ip.header_checksum,
+                ip.calc_header_checksum(),
+                "IPv4 checksum"
+            );
+            assert_eq!(
+                tcp.checksum,
+                tcp.calc_checksum_ipv4(ip, &[]).unwrap(),
+                "TCP checksum"
+            );
         }
-        (Some(NetHeaders::Ipv6(ip, extensions)), Ip::V6 { source, destination, .. }) => {
-            assert!(extensions.is_empty(), "IPv6 extension headers are not echoed");
+        (
+            Some(NetHeaders::Ipv6(ip, extensions)),
+            Ip::V6 {
+                source,
+                destination,
+                ..
+            },
+        ) => {
+            assert!(
+                extensions.is_empty(),
+                "IPv6 extension headers are not echoed"
+            );
             assert_eq!(ip.source, destination.octets());
             assert_eq!(ip.destination, source.octets());
             assert_eq!(usize::from(ip.payload_length), tcp.header_len());
             assert_eq!(ip.hop_limit, config.ttl);
-            assert_eq!(tcp.checksum, tcp.calc_checksum_ipv6(ip, &[]).unwrap(), "TCP checksum");
+            assert_eq!(
+                tcp.checksum,
+                tcp.calc_checksum_ipv6(ip, &[]).unwrap(),
+                "TCP checksum"
+            );
         }
         (net, _) => panic!("IP family changed: {net:?}"),
     }
@@ -137,7 +171,10 @@ fn assert_synack(syn: &TcpFrame, answer: &[u8], config: &SynCookieConfig) -> Syn
     match offered.tsval {
         None => {
             assert_eq!(timestamp, None, "no timestamps unless offered");
-            assert!(!sack && window_scale.is_none(), "without timestamps only MSS survives");
+            assert!(
+                !sack && window_scale.is_none(),
+                "without timestamps only MSS survives"
+            );
         }
         Some(client_tsval) => {
             let (tsval, echo) = timestamp.expect("timestamps answered");
@@ -292,7 +329,11 @@ fn ipv6_syn_behind_extension_headers() {
     syn.ip = Ip::V6 {
         source: CLIENT_V6,
         destination: SERVER_V6,
-        extensions: vec![(IPV6_HOP_BY_HOP, 0), (IPV6_ROUTING, 1), (IPV6_DESTINATION, 2)],
+        extensions: vec![
+            (IPV6_HOP_BY_HOP, 0),
+            (IPV6_ROUTING, 1),
+            (IPV6_DESTINATION, 2),
+        ],
     };
     syn.vlans = vec![(TPID_8021Q, 7)];
     handshake(syn);
@@ -321,7 +362,12 @@ fn fin_rst_and_ack_without_a_connection_are_dropped() {
         assert_verdict(&guard, &ack.bytes(), XDP_DROP, Counter::CookieRejected);
         let guard_without_listener = xdp::load(&[PORT + 1]);
         let ack = TcpFrame::syn_v4(PORT + 1).with_flags(ACK).bytes();
-        assert_verdict(&guard_without_listener, &ack, XDP_DROP, Counter::NoConnection);
+        assert_verdict(
+            &guard_without_listener,
+            &ack,
+            XDP_DROP,
+            Counter::NoConnection,
+        );
     });
 }
 
@@ -334,8 +380,14 @@ fn unprotected_traffic_passes_unchanged() {
         let mut arp = TcpFrame::syn_v4(PORT).bytes();
         arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
         let cases = [
-            (TcpFrame::syn_v4(UNPROTECTED_PORT).bytes(), Counter::Unprotected),
-            (TcpFrame::syn_v6(UNPROTECTED_PORT).bytes(), Counter::Unprotected),
+            (
+                TcpFrame::syn_v4(UNPROTECTED_PORT).bytes(),
+                Counter::Unprotected,
+            ),
+            (
+                TcpFrame::syn_v6(UNPROTECTED_PORT).bytes(),
+                Counter::Unprotected,
+            ),
             (
                 TcpFrame::syn_v4(UNPROTECTED_PORT).with_flags(0).bytes(),
                 Counter::Unprotected,
@@ -384,26 +436,50 @@ fn malformed_headers_are_dropped_with_their_reason() {
         let good = syn.bytes();
         let mut cases: Vec<(&str, Vec<u8>, Counter)> = vec![
             // BPF_PROG_TEST_RUN takes no frame shorter than an Ethernet header.
-            ("VLAN tag cut short", {
-                let mut tagged = good[..12].to_vec();
-                tagged.extend_from_slice(&[0x81, 0x00, 0x00]);
-                tagged
-            }, Counter::Truncated),
-            ("IPv4 header cut short", good[..14 + 19].to_vec(), Counter::Truncated),
-            ("frame cut inside the TCP header", good[..14 + 20 + 19].to_vec(), Counter::BadIpTotalLength),
+            (
+                "VLAN tag cut short",
+                {
+                    let mut tagged = good[..12].to_vec();
+                    tagged.extend_from_slice(&[0x81, 0x00, 0x00]);
+                    tagged
+                },
+                Counter::Truncated,
+            ),
+            (
+                "IPv4 header cut short",
+                good[..14 + 19].to_vec(),
+                Counter::Truncated,
+            ),
+            (
+                "frame cut inside the TCP header",
+                good[..14 + 20 + 19].to_vec(),
+                Counter::BadIpTotalLength,
+            ),
         ];
         let mut ihl = good.clone();
         ihl[14] = 0x44;
         cases.push(("IHL 4", ihl, Counter::BadIpHeaderLength));
         let mut version = good.clone();
         version[14] = 0x65;
-        cases.push(("version 6 in an IPv4 EtherType", version, Counter::BadIpVersion));
+        cases.push((
+            "version 6 in an IPv4 EtherType",
+            version,
+            Counter::BadIpVersion,
+        ));
         let mut total = good.clone();
         total[16..18].copy_from_slice(&((good.len() - 14 + 1) as u16).to_be_bytes());
-        cases.push(("total length past the frame", total, Counter::BadIpTotalLength));
+        cases.push((
+            "total length past the frame",
+            total,
+            Counter::BadIpTotalLength,
+        ));
         let mut short_total = good.clone();
         short_total[16..18].copy_from_slice(&19u16.to_be_bytes());
-        cases.push(("total length below IHL", short_total, Counter::BadIpTotalLength));
+        cases.push((
+            "total length below IHL",
+            short_total,
+            Counter::BadIpTotalLength,
+        ));
         let mut tcp_in_ip = good.clone();
         tcp_in_ip[16..18].copy_from_slice(&(20u16 + 12).to_be_bytes());
         cases.push(("TCP header beyond IP length", tcp_in_ip, Counter::Truncated));
@@ -412,7 +488,11 @@ fn malformed_headers_are_dropped_with_their_reason() {
         cases.push(("data offset 4", low_offset.bytes(), Counter::BadDataOffset));
         let mut high_offset = syn.clone();
         high_offset.data_offset = Some(15);
-        cases.push(("data offset past the segment", high_offset.bytes(), Counter::BadDataOffset));
+        cases.push((
+            "data offset past the segment",
+            high_offset.bytes(),
+            Counter::BadDataOffset,
+        ));
         let mut first_fragment = syn.clone();
         first_fragment.more_fragments = true;
         cases.push(("first fragment", first_fragment.bytes(), Counter::Fragment));
@@ -423,7 +503,11 @@ fn malformed_headers_are_dropped_with_their_reason() {
             destination: SERVER_V6,
             extensions: vec![(IPV6_FRAGMENT, 0)],
         };
-        cases.push(("IPv6 first fragment", v6_fragment.bytes(), Counter::Fragment));
+        cases.push((
+            "IPv6 first fragment",
+            v6_fragment.bytes(),
+            Counter::Fragment,
+        ));
         let mut long_chain = TcpFrame::syn_v6(PORT);
         long_chain.ip = Ip::V6 {
             source: CLIENT_V6,
@@ -437,11 +521,19 @@ fn malformed_headers_are_dropped_with_their_reason() {
         ));
         let mut v6_length = TcpFrame::syn_v6(PORT).bytes();
         v6_length[18..20].copy_from_slice(&1000u16.to_be_bytes());
-        cases.push(("IPv6 payload length past the frame", v6_length, Counter::BadIpTotalLength));
+        cases.push((
+            "IPv6 payload length past the frame",
+            v6_length,
+            Counter::BadIpTotalLength,
+        ));
         for (what, frame, counter) in cases {
             let (outcome, moved) = xdp::run_counted(&guard, &frame);
             assert_eq!(outcome.action, XDP_DROP, "{what}");
-            assert_eq!(moved.nonzero().collect::<Vec<_>>(), vec![(counter, 1)], "{what}");
+            assert_eq!(
+                moved.nonzero().collect::<Vec<_>>(),
+                vec![(counter, 1)],
+                "{what}"
+            );
         }
     });
 }

@@ -1,0 +1,255 @@
+//! A server namespace and a client namespace joined by a veth pair, set up the way
+//! ARCHITECTURE.md says XDP_TX over veth needs: TX checksum offload off on both ends, and an
+//! XDP program on the client's end so that frames sent back with XDP_TX reach it.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use aya::{
+    Ebpf,
+    programs::{Xdp, XdpMode},
+};
+
+use crate::netns::Namespace;
+
+pub const SERVER_IF: &str = "srv0";
+pub const CLIENT_IF: &str = "cli0";
+pub const SERVER: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+pub const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 2);
+
+pub struct Rig {
+    /// Keeps the client end's XDP_PASS program attached.
+    _client_xdp: Ebpf,
+    pub client: Namespace,
+    pub server: Namespace,
+}
+
+impl Rig {
+    pub fn new() -> Self {
+        let server = Namespace::new("srv");
+        let client = Namespace::new("cli");
+        server.run(
+            "ip",
+            &[
+                "link",
+                "add",
+                SERVER_IF,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                CLIENT_IF,
+                "netns",
+                &client.name,
+            ],
+        );
+        for (namespace, interface, address) in
+            [(&server, SERVER_IF, SERVER), (&client, CLIENT_IF, CLIENT)]
+        {
+            namespace.run(
+                "ip",
+                &["addr", "add", &format!("{address}/24"), "dev", interface],
+            );
+            namespace.run("ip", &["link", "set", interface, "up"]);
+            namespace.run("ethtool", &["-K", interface, "tx", "off"]);
+        }
+        let client_xdp = client.within(|| {
+            let mut ebpf = Ebpf::load(tcpguard::ebpf::XDP_PASS_OBJECT).expect("xdp-pass object");
+            let program: &mut Xdp = ebpf
+                .program_mut("xdp_pass")
+                .expect("xdp_pass program")
+                .try_into()
+                .expect("an XDP program");
+            program.load().expect("loading xdp_pass");
+            program
+                .attach(CLIENT_IF, XdpMode::Driver)
+                .expect("attaching xdp_pass to the client's veth end");
+            ebpf
+        });
+        Self {
+            _client_xdp: client_xdp,
+            client,
+            server,
+        }
+    }
+}
+
+impl Default for Rig {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The tcpguard binary next to the test executable (target/<profile>/tcpguard), or
+/// $TCPGUARD_BIN.
+pub fn tcpguard_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TCPGUARD_BIN") {
+        return path.into();
+    }
+    let test = std::env::current_exe().expect("the test's path");
+    let path = test
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("tcpguard"))
+        .expect("target/<profile>/");
+    assert!(
+        path.exists(),
+        "{} is missing: build it first (`cargo build --bins`, which `cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A running `tcpguard run` in a namespace, stopped with SIGINT when dropped.
+pub struct Daemon {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub log: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts tcpguard in `namespace` with `args` after `run`, and waits until it has attached.
+    pub fn start(namespace: &Namespace, args: &[&str]) -> Self {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &namespace.name])
+            .arg(tcpguard_binary())
+            .arg("run")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tcpguard");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (sender, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Self {
+            child,
+            lines,
+            log: Vec::new(),
+        };
+        daemon.wait_for("protecting TCP ports", Duration::from_secs(30));
+        daemon
+    }
+
+    /// Waits for a log line containing `text` and returns it.
+    pub fn wait_for(&mut self, text: &str, timeout: Duration) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "tcpguard did not log {text:?} within {timeout:?}; its log:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Sends SIGINT, waits for exit, asserts it was clean, and returns the final totals as
+    /// (counter name, value) pairs.
+    pub fn stop(mut self) -> Vec<(String, u64)> {
+        self.interrupt();
+        let totals = self.wait_for("totals:", Duration::from_secs(20));
+        let status = self.child.wait().expect("waiting for tcpguard");
+        assert!(status.success(), "tcpguard exited with {status}");
+        totals
+            .split("totals:")
+            .nth(1)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|pair| {
+                let (name, value) = pair.split_once('=')?;
+                Some((name.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn interrupt(&mut self) {
+        // SAFETY: signalling the ip-netns-exec process we started; it execs tcpguard in place,
+        // so this pid is tcpguard's.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.interrupt();
+            std::thread::sleep(Duration::from_millis(500));
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The kernel's TCP counters in a namespace (`nstat -az`), by name.
+pub fn kernel_counters(namespace: &Namespace) -> std::collections::HashMap<String, u64> {
+    let output = namespace.run("nstat", &["-az", "--json"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    // {"kernel":{"IpInReceives":1,...}}: flat enough to read without a JSON parser.
+    text.split(['{', '}', ','])
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once(':')?;
+            Some((
+                name.trim().trim_matches('"').to_owned(),
+                value.trim().parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// A bounded hping3 flood from a namespace, stopped by its own packet count or by `seconds`,
+/// whichever comes first, and killed when dropped.
+pub struct Flood {
+    child: Child,
+}
+
+impl Flood {
+    pub fn start(from: &Namespace, flags: &[&str], port: u16, seconds: u32, packets: u32) -> Self {
+        let child = from
+            .command("timeout")
+            .args(["-s", "INT", &seconds.to_string(), "hping3", "--flood", "-q"])
+            .args(flags)
+            .args(["-c", &packets.to_string(), "-p", &port.to_string()])
+            .arg(SERVER.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting hping3 (installed by `cargo xtask setup`)");
+        Self { child }
+    }
+
+    pub fn wait(mut self) {
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
