@@ -34,8 +34,7 @@ const TS_SACK: u32 = 1 << 4;
 /// the option walk reads up to 6 bytes from any position below 60 without a check.
 type Header = [u8; 66];
 
-/// Every SYN-ACK is written with room for all options (MSS 4, SACK-permitted + timestamps 12,
-/// window scale 4) and then trimmed to the options it carries.
+/// The longest SYN-ACK TCP header: MSS 4, SACK-permitted + timestamps 12, window scale 4.
 const SYNACK_MAX_HLEN: usize = 40;
 const SYNACK_TTL_DEFAULT: u8 = 64;
 
@@ -43,6 +42,8 @@ const SYNACK_TTL_DEFAULT: u8 = 64;
 /// payload of a `None` is undefined, and LLVM may fill it with whatever a register holds,
 /// a pointer included, which the verifier rejects.
 struct SynOptions {
+    /// The SYN carried options at all.
+    any: bool,
     /// The client's window scale, or [`NO_WINDOW_SCALE`].
     window_scale: u8,
     sack_permitted: bool,
@@ -101,6 +102,7 @@ fn syn_options(header: &Header, header_len: usize) -> SynOptions {
         next: 20,
         end: header_len,
         options: SynOptions {
+            any: header_len > 20,
             window_scale: NO_WINDOW_SCALE,
             sack_permitted: false,
             has_timestamp: false,
@@ -177,8 +179,17 @@ fn write_synack_header(
     b[4..8].copy_from_slice(&cookie.to_be_bytes());
     b[8..12].copy_from_slice(&client_seq.wrapping_add(1).to_be_bytes());
     b[13] = 0x12; // SYN | ACK
+    let mut len = 20;
+    // A SYN without options is answered without options, in a frame of the same size: the MSS
+    // the helper gives it is the family's minimum, which the client assumes without the
+    // option anyway, and growing the frame fails where it has no tailroom (veth, for one).
+    if !options.any {
+        b[12] = 5 << 4;
+        b[14..16].copy_from_slice(&(65535 - 65535 % u32::from(mss).max(1)).to_be_bytes()[2..4]);
+        return len;
+    }
     b[20..24].copy_from_slice(&[TCPOPT_MSS, 4, (mss >> 8) as u8, mss as u8]);
-    let mut len = 24;
+    len = 24;
     // Without a timestamp to carry them, window scaling and SACK cannot survive the cookie.
     if options.has_timestamp {
         // The client's scale, when both ends scale windows.
@@ -247,9 +258,9 @@ fn rewrite(
     } else {
         config.ttl
     };
-    // Grow or shrink the frame to hold the longest SYN-ACK, write it, then trim the options
-    // it does not carry: fixed-size writes are what the verifier can follow.
-    let full_len = segment.l3 + segment.answer_l3_len() + SYNACK_MAX_HLEN;
+    // Resize once, to the SYN-ACK's exact length: a frame that already has the room (every
+    // SYN without options, most with) needs no tailroom.
+    let full_len = segment.l3 + segment.answer_l3_len() + tcp_len;
     resize(ctx, full_len as i32 - len(ctx) as i32)?;
     // SAFETY: every pointer comes from `at`, which checked it against the resized frame.
     unsafe {
@@ -297,10 +308,27 @@ fn rewrite(
         // Bytes past `tcp_len` are zero and add nothing to the sum.
         let tcp_checksum = checksum::finish(checksum::add(pseudo_sum, &synack));
         synack[16..18].copy_from_slice(&tcp_checksum.to_be_bytes());
-        at::<[u8; SYNACK_MAX_HLEN]>(ctx, segment.l3 + segment.answer_l3_len())?
-            .write_unaligned(synack);
+        // The fixed header, then each 4-byte word of options the SYN-ACK carries: fixed-size
+        // writes, each checked against the frame, are what the verifier can follow.
+        let l4 = segment.l3 + segment.answer_l3_len();
+        let mut fixed = [0u8; 20];
+        fixed.copy_from_slice(&synack[..20]);
+        at::<[u8; 20]>(ctx, l4)?.write_unaligned(fixed);
+        for word in 0..(SYNACK_MAX_HLEN - 20) / 4 {
+            let offset = 20 + 4 * word;
+            if offset >= tcp_len {
+                break;
+            }
+            let bytes = [
+                synack[offset],
+                synack[offset + 1],
+                synack[offset + 2],
+                synack[offset + 3],
+            ];
+            at::<[u8; 4]>(ctx, l4 + offset)?.write_unaligned(bytes);
+        }
     }
-    resize(ctx, tcp_len as i32 - SYNACK_MAX_HLEN as i32)
+    Some(())
 }
 
 #[inline(always)]

@@ -197,7 +197,7 @@ impl TcpFrame {
 
     fn tcp_bytes(&self) -> Vec<u8> {
         let mut options = self.options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0);
         }
         let mut tcp = vec![0u8; 20];

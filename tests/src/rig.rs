@@ -92,12 +92,17 @@ pub fn tcpguard_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("TCPGUARD_BIN") {
         return path.into();
     }
-    let test = std::env::current_exe().expect("the test's path");
-    let path = test
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("tcpguard"))
-        .expect("target/<profile>/");
+    // A test runs from target/<profile>/deps/, a binary from target/<profile>/.
+    let exe = std::env::current_exe().expect("the executable's path");
+    let profile = exe.parent().expect("target/<profile>/");
+    let path = if profile.ends_with("deps") {
+        profile
+            .parent()
+            .expect("target/<profile>/")
+            .join("tcpguard")
+    } else {
+        profile.join("tcpguard")
+    };
     assert!(
         path.exists(),
         "{} is missing: build it first (`cargo build --bins`, which `cargo xtask test` does)",
@@ -162,6 +167,13 @@ impl Daemon {
                 ),
             }
         }
+    }
+
+    /// Log lines that arrived since the last call, without waiting.
+    pub fn drain(&mut self) -> Vec<String> {
+        let fresh: Vec<String> = self.lines.try_iter().collect();
+        self.log.extend(fresh.iter().cloned());
+        fresh
     }
 
     /// Sends SIGINT, waits for exit, asserts it was clean, and returns the final totals as

@@ -1,0 +1,155 @@
+//! `cargo xtask bench xdp`: what each path of tcpguard's XDP program costs, timed by the kernel
+//! (BPF_PROG_TEST_RUN) against a program that only returns XDP_PASS, timed the same way in the
+//! same run. Prints ns per packet and the ratio to that baseline.
+
+use std::{
+    net::{Ipv4Addr, TcpListener, TcpStream},
+    process::Command,
+};
+
+use aya::{
+    Ebpf,
+    programs::{TestRun, TestRunOptions, Xdp},
+};
+use tcpguard_common::Counter;
+use tcpguard_tests::{frame::*, netns::in_fresh_netns, xdp};
+
+const PORT: u16 = 8080;
+/// Runs per measurement for paths that leave the frame as it was.
+const REPEAT: u32 = 200_000;
+/// Calls for paths that rewrite the frame: with repeat > 1 the kernel does not restore the
+/// frame between runs, so each is timed with repeat = 1 and the results averaged.
+const SINGLE_CALLS: u32 = 20_000;
+
+fn main() {
+    in_fresh_netns(|| {
+        let lo = Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        assert!(lo.is_ok_and(|s| s.success()), "bringing loopback up");
+        let listener = TcpListener::bind(("0.0.0.0", PORT)).expect("listener");
+        let guard = xdp::load(&[PORT]);
+        let mut baseline_object = Ebpf::load(tcpguard::ebpf::XDP_PASS_OBJECT).expect("xdp-pass");
+        let baseline: &mut Xdp = baseline_object
+            .program_mut("xdp_pass")
+            .expect("xdp_pass")
+            .try_into()
+            .expect("XDP");
+        baseline.load().expect("loading xdp_pass");
+
+        // An established connection over loopback, for the "established" path.
+        let client = TcpStream::connect((Ipv4Addr::LOCALHOST, PORT)).expect("connect");
+        let (_server_side, _) = listener.accept().expect("accept");
+        let mut established = TcpFrame::syn_v4(PORT).with_flags(ACK);
+        established.ip = Ip::V4 {
+            source: Ipv4Addr::LOCALHOST,
+            destination: Ipv4Addr::LOCALHOST,
+            options: Vec::new(),
+        };
+        established.source_port = client.local_addr().unwrap().port();
+        established.payload = vec![0x42; 64];
+
+        let syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 1, 7));
+        let answer = xdp::run(&guard, &syn.bytes());
+        let cookie = u32::from_be_bytes(answer.frame[38..42].try_into().unwrap());
+        let mut valid_ack = syn.clone().with_flags(ACK);
+        valid_ack.seq = syn.seq.wrapping_add(1);
+        valid_ack.ack = cookie.wrapping_add(1);
+        let mut bad_ack = valid_ack.clone();
+        bad_ack.ack ^= 0x0055_5500;
+
+        let paths: [(&str, Vec<u8>, Counter); 5] = [
+            (
+                "valid cookie ACK",
+                valid_ack.bytes(),
+                Counter::CookieAccepted,
+            ),
+            ("bad cookie ACK", bad_ack.bytes(), Counter::CookieRejected),
+            (
+                "established flow",
+                established.bytes(),
+                Counter::KnownSocket,
+            ),
+            (
+                "unprotected",
+                TcpFrame::syn_v4(PORT + 1).bytes(),
+                Counter::Unprotected,
+            ),
+            (
+                "invalid (NULL flags)",
+                TcpFrame::syn_v4(PORT).with_flags(0).bytes(),
+                Counter::NullFlags,
+            ),
+        ];
+
+        let repeated_baseline = repeated(baseline, &syn.bytes());
+        let single_baseline = single(baseline, &syn.bytes());
+        println!("tcpguard XDP path costs, BPF_PROG_TEST_RUN on this machine");
+        println!(
+            "baseline XDP_PASS: {repeated_baseline:.1} ns/packet (repeat {REPEAT}), \
+             {single_baseline:.1} ns/packet (repeat 1, mean of {SINGLE_CALLS})"
+        );
+        println!("| path | verdict | ns/packet | × baseline |");
+        println!("| --- | --- | --- | --- |");
+        let syn_cost = single(guard.program(), &syn.bytes());
+        let (check, _) = xdp::run_counted(&guard, &syn.bytes());
+        assert_eq!(check.action, xdp::XDP_TX, "the SYN is answered");
+        println!(
+            "| SYN → SYN-ACK (repeat 1) | {} | {syn_cost:.1} | {:.2} |",
+            Counter::SynCookieSent.name(),
+            syn_cost / single_baseline
+        );
+        for (name, frame, counter) in paths {
+            let (outcome, moved) = xdp::run_counted(&guard, &frame);
+            assert_eq!(
+                moved.nonzero().map(|(c, _)| c).collect::<Vec<_>>(),
+                vec![counter],
+                "{name} takes the {counter:?} path (action {})",
+                outcome.action
+            );
+            let cost = repeated(guard.program(), &frame);
+            println!(
+                "| {name} | {} | {cost:.1} | {:.2} |",
+                counter.name(),
+                cost / repeated_baseline
+            );
+        }
+    });
+}
+
+/// Mean ns per run over REPEAT runs of one BPF_PROG_TEST_RUN call (the kernel averages).
+fn repeated(program: &Xdp, frame: &[u8]) -> f64 {
+    // Best of five calls: the lowest mean is the least disturbed by the rest of the machine.
+    (0..5)
+        .map(|_| {
+            let result = program
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    repeat: REPEAT,
+                    ..Default::default()
+                })
+                .expect("BPF_PROG_TEST_RUN");
+            result.duration.as_nanos() as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+/// Mean ns per run over SINGLE_CALLS calls with repeat = 1.
+fn single(program: &Xdp, frame: &[u8]) -> f64 {
+    let mut out = vec![0u8; 256];
+    let total: u128 = (0..SINGLE_CALLS)
+        .map(|_| {
+            program
+                .test_run(TestRunOptions {
+                    data_in: Some(frame),
+                    data_out: Some(&mut out),
+                    repeat: 1,
+                    ..Default::default()
+                })
+                .expect("BPF_PROG_TEST_RUN")
+                .duration
+                .as_nanos()
+        })
+        .sum();
+    total as f64 / f64::from(SINGLE_CALLS)
+}

@@ -1,0 +1,143 @@
+//! Installs what building and testing tcpguard needs, when it is missing. Quick when all is
+//! there: each step first checks, and only installs what the check did not find.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::{capture, succeeds};
+
+/// Debian packages: LLVM 22 for bpf-linker (nightly rustc uses LLVM 22 here, and a bpf-linker
+/// on an older LLVM fails with "Invalid record"), what linking against it needs, and the tools
+/// the tests and the demo drive.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "libxml2-dev",
+    "hping3",
+    "iproute2",
+    "ethtool",
+    "curl",
+    "python3",
+];
+
+/// bpf-linker 0.13 is the release that links for aya 0.14 with LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13";
+const NIGHTLY: &str = "nightly";
+
+pub fn run() -> anyhow::Result<()> {
+    nightly_rust_src()?;
+    debian_packages()?;
+    bpf_linker()?;
+    println!("setup: all prerequisites are present");
+    Ok(())
+}
+
+fn nightly_rust_src() -> anyhow::Result<()> {
+    let installed = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))
+    .context(
+        "rustup cannot list the nightly toolchain's components; install it with \
+         `rustup toolchain install nightly`",
+    )?;
+    if installed.lines().any(|line| line.starts_with("rust-src")) {
+        return Ok(());
+    }
+    println!("setup: adding rust-src to the nightly toolchain (the eBPF build needs -Z build-std)");
+    if !succeeds(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        NIGHTLY,
+    ])) {
+        bail!("could not add rust-src; run `rustup component add rust-src --toolchain nightly`");
+    }
+    Ok(())
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| {
+            capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+                .map(|status| !status.contains("install ok installed"))
+                .unwrap_or(true)
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing Debian packages {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        succeeds(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if !apt(&["update", "-q"]) {
+        bail!(
+            "`apt-get update` failed; run it as root, then `apt-get install {}`",
+            missing.join(" ")
+        );
+    }
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    if !apt(&install) {
+        bail!(
+            "could not install {}; install them as root with `apt-get install {}`",
+            missing.join(" "),
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    if let Ok(version) = capture(Command::new("bpf-linker").arg("--version")) {
+        if version.contains(&format!(" {BPF_LINKER_VERSION}.")) {
+            return Ok(());
+        }
+        println!(
+            "setup: replacing {} with bpf-linker {BPF_LINKER_VERSION}",
+            version.trim()
+        );
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"
+    );
+    let built = succeeds(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--force",
+                "--version",
+                &format!("~{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            // Debian installs LLVM 22 under its own prefix; without this, bpf-linker's build
+            // finds the llvm-config of whatever LLVM /usr/bin points at.
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    );
+    if !built {
+        bail!(
+            "could not build bpf-linker; run `LLVM_PREFIX=/usr/lib/llvm-22 cargo install \
+             bpf-linker --locked --version ~{BPF_LINKER_VERSION} --no-default-features \
+             --features llvm-22` after `apt-get install llvm-22-dev libpolly-22-dev libzstd-dev`"
+        );
+    }
+    Ok(())
+}
