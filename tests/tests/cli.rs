@@ -1,0 +1,64 @@
+//! `tcpguard run` with bad arguments: one clear sentence, a non-zero exit, nothing attached.
+
+use tcpguard_tests::{netns::Namespace, rig::tcpguard_binary};
+
+fn run_in(namespace: &Namespace, args: &[&str]) -> (bool, String) {
+    let output = namespace
+        .command(tcpguard_binary().to_str().unwrap())
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("running tcpguard");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_arguments_are_refused_with_a_sentence_and_nothing_attached() {
+    let namespace = Namespace::new("cli");
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--iface", "nosuch0", "--port", "80"],
+            "interface \"nosuch0\" does not exist",
+        ),
+        (&["--iface", "lo", "--port", "0"], "0 is not in 1..=65535"),
+        (&["--iface", "lo"], "--port <PORT>"),
+        (
+            &["--iface", "lo", "--port", "80", "--xdp-mode", "fast"],
+            "is not one of auto, native, skb",
+        ),
+    ];
+    for (args, expected) in cases {
+        let (succeeded, stderr) = run_in(&namespace, args);
+        assert!(!succeeded, "{args:?} must fail");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        let link = namespace.run("ip", &["link", "show", "lo"]);
+        assert!(
+            !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+            "nothing attached after {args:?}"
+        );
+    }
+}
+
+#[test]
+fn keep_sysctls_refuses_to_change_them() {
+    let namespace = Namespace::new("cli");
+    namespace.sysctl("net.ipv4.tcp_syncookies", "1");
+    let (succeeded, stderr) = run_in(
+        &namespace,
+        &["--iface", "lo", "--port", "80", "--keep-sysctls"],
+    );
+    assert!(!succeeded);
+    assert!(
+        stderr.contains("net.ipv4.tcp_syncookies is 1 but tcpguard needs 2"),
+        "{stderr}"
+    );
+    let value = namespace.run("sysctl", &["-n", "net.ipv4.tcp_syncookies"]);
+    assert_eq!(
+        String::from_utf8_lossy(&value.stdout).trim(),
+        "1",
+        "left as it was"
+    );
+}
