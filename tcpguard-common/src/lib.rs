@@ -17,6 +17,16 @@ pub mod maps {
     pub const SYN_COOKIE_CONFIG: &str = "SYN_COOKIE_CONFIG";
 }
 
+/// TCP header flag bits (RFC 9293 §3.1), as they sit in byte 13 of the header.
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+}
+
 /// Name of the XDP program in the eBPF object.
 pub const XDP_PROGRAM: &str = "tcpguard";
 

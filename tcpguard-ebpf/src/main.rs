@@ -18,12 +18,12 @@ use aya_ebpf::{
 };
 use tcpguard_common::{
     Counter, CounterKind, FAMILY_IPV4, FAMILY_IPV6, PORT_COUNT, ProtectedPort, SynCookieConfig,
+    tcp_flags::{ACK, FIN, RST, SYN},
 };
 
 use crate::{
     parse::{Family, Segment},
     socket::Socket,
-    validate::{ACK, FIN, RST, SYN},
 };
 
 #[map(name = "COUNTERS")]

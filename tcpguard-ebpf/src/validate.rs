@@ -1,15 +1,11 @@
 //! Checks a segment to a protected port must pass before it is judged by its flags.
 
-use tcpguard_common::Counter;
+use tcpguard_common::{
+    Counter,
+    tcp_flags::{ACK, FIN, PSH, RST, SYN, URG},
+};
 
 use crate::parse::Segment;
-
-pub const FIN: u8 = 0x01;
-pub const SYN: u8 = 0x02;
-pub const RST: u8 = 0x04;
-pub const PSH: u8 = 0x08;
-pub const ACK: u8 = 0x10;
-pub const URG: u8 = 0x20;
 
 /// The flags that decide validity; PSH, ECE and CWR may accompany any valid combination.
 const JUDGED_FLAGS: u8 = FIN | SYN | RST | ACK | URG;
