@@ -112,12 +112,7 @@ impl Namespace {
     /// Runs `body` on a thread that has entered this namespace: sockets it opens and interfaces
     /// it names are this namespace's.
     pub fn within<T: Send + 'static>(&self, body: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/var/run/netns/{}", self.name);
-        let handle = thread::spawn(move || {
-            enter(&path);
-            body()
-        });
-        match handle.join() {
+        match self.spawn(body).join() {
             Ok(value) => value,
             Err(panic) => std::panic::resume_unwind(panic),
         }

@@ -60,13 +60,8 @@ impl Rig {
             namespace.run("ethtool", &["-K", interface, "tx", "off"]);
         }
         let client_xdp = client.within(|| {
-            let mut ebpf = Ebpf::load(tcpguard::ebpf::XDP_PASS_OBJECT).expect("xdp-pass object");
-            let program: &mut Xdp = ebpf
-                .program_mut("xdp_pass")
-                .expect("xdp_pass program")
-                .try_into()
-                .expect("an XDP program");
-            program.load().expect("loading xdp_pass");
+            let mut ebpf = crate::xdp::load_pass();
+            let program: &mut Xdp = ebpf.program_mut("xdp_pass").unwrap().try_into().unwrap();
             program
                 .attach(CLIENT_IF, XdpMode::Driver)
                 .expect("attaching xdp_pass to the client's veth end");

@@ -25,6 +25,19 @@ pub fn load(ports: &[u16]) -> Guard {
     Guard::load(&ports, config).expect("loading tcpguard's XDP program")
 }
 
+/// The XDP_PASS program, loaded: the benchmarks' baseline, and what the rig attaches to the
+/// client's veth end. Keep the returned object alive as long as the program is needed.
+pub fn load_pass() -> aya::Ebpf {
+    let mut ebpf = aya::Ebpf::load(tcpguard::ebpf::XDP_PASS_OBJECT).expect("xdp-pass object");
+    let program: &mut aya::programs::Xdp = ebpf
+        .program_mut("xdp_pass")
+        .expect("xdp_pass program")
+        .try_into()
+        .expect("an XDP program");
+    program.load().expect("loading xdp_pass");
+    ebpf
+}
+
 /// Runs the program once on `frame`, in the calling thread's network namespace.
 pub fn run(guard: &Guard, frame: &[u8]) -> Outcome {
     let mut out = vec![0u8; 4096];

@@ -7,10 +7,7 @@ use std::{
     process::Command,
 };
 
-use aya::{
-    Ebpf,
-    programs::{TestRun, TestRunOptions, Xdp},
-};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
 use tcpguard_common::Counter;
 use tcpguard_tests::{frame::*, netns::in_fresh_netns, xdp};
 
@@ -29,13 +26,12 @@ fn main() {
         assert!(lo.is_ok_and(|s| s.success()), "bringing loopback up");
         let listener = TcpListener::bind(("0.0.0.0", PORT)).expect("listener");
         let guard = xdp::load(&[PORT]);
-        let mut baseline_object = Ebpf::load(tcpguard::ebpf::XDP_PASS_OBJECT).expect("xdp-pass");
+        let mut baseline_object = xdp::load_pass();
         let baseline: &mut Xdp = baseline_object
             .program_mut("xdp_pass")
-            .expect("xdp_pass")
+            .unwrap()
             .try_into()
-            .expect("XDP");
-        baseline.load().expect("loading xdp_pass");
+            .unwrap();
 
         // An established connection over loopback, for the "established" path.
         let client = TcpStream::connect((Ipv4Addr::LOCALHOST, PORT)).expect("connect");
