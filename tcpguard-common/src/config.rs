@@ -52,3 +52,23 @@ mod pod {
     unsafe impl aya::Pod for super::ProtectedPort {}
     unsafe impl aya::Pod for super::SynCookieConfig {}
 }
+
+/// [`Policy::lists`] bit: the deny tries hold entries.
+pub const POLICY_DENY: u8 = 1 << 0;
+/// [`Policy::lists`] bit: the allow tries hold entries.
+pub const POLICY_ALLOW: u8 = 1 << 1;
+/// [`Policy::lists`] bit: a per-source connection limit is set.
+pub const POLICY_SOURCE_LIMIT: u8 = 1 << 2;
+
+/// Which source policies are in force, so that the XDP program skips the lookups of empty ones.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// [`POLICY_DENY`], [`POLICY_ALLOW`], [`POLICY_SOURCE_LIMIT`].
+    pub lists: u8,
+    pub _pad: [u8; 7],
+}
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)], integers only, padding spelled out.
+unsafe impl aya::Pod for Policy {}

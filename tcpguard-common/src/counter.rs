@@ -51,6 +51,8 @@ counters! {
     NoListener = "no_listener", Pass, "A SYN to a protected port nobody listens on; the kernel answers it as it would without tcpguard.";
     CookieUnavailable = "cookie_unavailable", Pass, "The kernel would not make a SYN cookie (net.ipv4.tcp_syncookies is not 2); the SYN goes to the kernel.";
     CookieAccepted = "cookie_accepted", Pass, "An ACK carrying a valid SYN cookie; the kernel builds the connection from it.";
+    TrackedFlow = "tracked_flow", Pass, "A segment of a connection tcpguard tracks in its flow map.";
+    AllowedSource = "allowed_source", Pass, "A SYN from an allow-listed source, handed to the kernel without a cookie round trip.";
     SynCookieSent = "syn_cookie_sent", Answer, "A SYN answered with a SYN cookie SYN-ACK from XDP.";
     Truncated = "truncated", Drop, "A header ends past the end of the frame.";
     BadIpVersion = "bad_ip_version", Drop, "The IP version field does not match the EtherType.";
@@ -67,6 +69,8 @@ counters! {
     BadFlags = "bad_flags", Drop, "Another TCP flag combination that TCP never sends.";
     CookieRejected = "cookie_rejected", Drop, "An ACK for no known connection whose SYN cookie is invalid (ACK flood).";
     NoConnection = "no_connection", Drop, "A FIN, RST or ACK to a protected port for which no connection or listener exists.";
+    DeniedSource = "denied_source", Drop, "A segment from a deny-listed source.";
+    SourceLimit = "source_limit", Drop, "A SYN from a source that already has as many tracked connections as it may have.";
     SynAckFailed = "syn_ack_failed", Drop, "A SYN whose SYN-ACK could not be built in place (no room in the frame).";
 }
 

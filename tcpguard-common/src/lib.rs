@@ -3,9 +3,18 @@
 
 mod config;
 mod counter;
+mod flow;
 
-pub use config::{FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, ProtectedPort, SynCookieConfig};
+pub use config::{
+    FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT,
+    Policy, ProtectedPort, SynCookieConfig,
+};
 pub use counter::{Counter, CounterKind};
+pub use flow::{
+    CLIENT_FIN, CLIENT_FIN_ACKED, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_RING_BYTES,
+    EVENT_SEGMENT, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow,
+    FlowKey, LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SourceKey,
+};
 
 /// Names of the maps in the eBPF object, as the daemon looks them up.
 pub mod maps {
@@ -15,7 +24,54 @@ pub mod maps {
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
     /// `Array<SynCookieConfig>` with a single entry.
     pub const SYN_COOKIE_CONFIG: &str = "SYN_COOKIE_CONFIG";
+    /// `LruHashMap<FlowKey, Flow>`: the tracked connections.
+    pub const FLOWS: &str = "FLOWS";
+    /// `LruHashMap<FlowKey, u64>`: when each recent SYN was answered with a cookie.
+    pub const SYN_TIMES: &str = "SYN_TIMES";
+    /// `RingBuf` of [`crate::LifecycleEvent`].
+    pub const EVENTS: &str = "EVENTS";
+    /// `PerCpuArray<u64>` indexed by [`crate::EVENTS_SENT`] and [`crate::EVENTS_LOST`].
+    pub const EVENT_STATS: &str = "EVENT_STATS";
+    /// `Array<Policy>` with a single entry.
+    pub const POLICY: &str = "POLICY";
+    /// `LpmTrie<[u8; 4], u8>`: IPv4 sources that skip the cookie round trip.
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    /// `LpmTrie<[u8; 16], u8>`: IPv6 sources that skip the cookie round trip.
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    /// `LpmTrie<[u8; 4], u8>`: IPv4 sources dropped in XDP.
+    pub const DENY_V4: &str = "DENY_V4";
+    /// `LpmTrie<[u8; 16], u8>`: IPv6 sources dropped in XDP.
+    pub const DENY_V6: &str = "DENY_V6";
+    /// `HashMap<SourceKey, u8>`: sources at their limit of tracked connections.
+    pub const FULL_SOURCES: &str = "FULL_SOURCES";
+
+    /// Every map, for pinning.
+    pub const ALL: &[&str] = &[
+        COUNTERS,
+        PROTECTED_PORTS,
+        SYN_COOKIE_CONFIG,
+        POLICY,
+        FLOWS,
+        SYN_TIMES,
+        EVENTS,
+        EVENT_STATS,
+        ALLOW_V4,
+        ALLOW_V6,
+        DENY_V4,
+        DENY_V6,
+        FULL_SOURCES,
+    ];
 }
+
+/// Capacity of [`maps::FLOWS`] unless the daemon sets another at load time.
+pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
+/// Capacity of [`maps::SYN_TIMES`]. Under a flood it turns over in about a second, far longer
+/// than a real client takes to answer.
+pub const SYN_TIMES_CAPACITY: u32 = 65_536;
+/// Capacity of each allow and deny trie.
+pub const POLICY_CAPACITY: u32 = 16_384;
+/// Capacity of [`maps::FULL_SOURCES`].
+pub const FULL_SOURCES_CAPACITY: u32 = 65_536;
 
 /// TCP header flag bits (RFC 9293 §3.1), as they sit in byte 13 of the header.
 pub mod tcp_flags {
@@ -29,6 +85,8 @@ pub mod tcp_flags {
 
 /// Name of the XDP program in the eBPF object.
 pub const XDP_PROGRAM: &str = "tcpguard";
+/// Name of the TC egress program in the eBPF object.
+pub const EGRESS_PROGRAM: &str = "tcpguard_egress";
 
 /// Entries in [`maps::PROTECTED_PORTS`]: one per possible TCP port.
 pub const PORT_COUNT: u32 = 65536;

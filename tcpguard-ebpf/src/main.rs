@@ -1,27 +1,37 @@
-//! tcpguard's XDP program: dissect → protected? → validate → SYN, ACK, or FIN/RST.
-//! Every path ends in exactly one [`Counter`], and the counter's kind is the verdict.
+//! tcpguard's data plane.
+//!
+//! XDP, on ingress: dissect → protected? → validate → source policy → SYN, tracked flow, ACK,
+//! or FIN/RST. Every path ends in exactly one [`Counter`], and the counter's kind is the
+//! verdict.
+//!
+//! TC, on egress: the server's segments of tracked flows refresh them and report the ones that
+//! change a connection's state. It never changes a verdict.
 #![no_std]
 #![no_main]
 
 mod checksum;
+mod flow;
 mod frame;
 mod parse;
+mod policy;
 mod socket;
 mod syn;
 mod validate;
 
 use aya_ebpf::{
-    bindings::xdp_action,
-    macros::{map, xdp},
+    bindings::{TC_ACT_UNSPEC, xdp_action},
+    macros::{classifier, map, xdp},
     maps::{Array, PerCpuArray},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use tcpguard_common::{
-    Counter, CounterKind, FAMILY_IPV4, FAMILY_IPV6, PORT_COUNT, ProtectedPort, SynCookieConfig,
+    Counter, CounterKind, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, FAMILY_IPV4, FAMILY_IPV6,
+    FlowKey, PORT_COUNT, ProtectedPort, SynCookieConfig,
     tcp_flags::{ACK, FIN, RST, SYN},
 };
 
 use crate::{
+    flow::Direction,
     parse::{Family, Segment},
     socket::Socket,
 };
@@ -63,13 +73,21 @@ fn judge(ctx: &XdpContext) -> Counter {
     if let Err(counter) = validate::segment(&segment) {
         return counter;
     }
+    let Some(key) = flow::key(ctx, &segment, Direction::FromClient) else {
+        return Counter::Truncated;
+    };
+    if policy::denied(key) {
+        return Counter::DeniedSource;
+    }
     let flags = segment.flags;
     if flags & (SYN | ACK) == SYN {
-        handle_syn(ctx, &segment)
+        handle_syn(ctx, &segment, key)
+    } else if flow::track(key, &segment, Direction::FromClient).is_some() {
+        Counter::TrackedFlow
     } else if flags & (FIN | RST) != 0 {
         handle_fin_or_rst(ctx, &segment)
     } else {
-        handle_ack(ctx, &segment)
+        handle_ack(ctx, &segment, key)
     }
 }
 
@@ -84,14 +102,35 @@ fn is_protected(segment: &Segment) -> bool {
         .is_some_and(|port| port.families & family != 0)
 }
 
-/// A SYN: answered with a cookie when a listener is there, else left to the kernel.
+/// A SYN: allow-listed sources go straight to the kernel and are tracked from here; sources at
+/// their connection limit are dropped; the rest are answered with a cookie when a listener is
+/// there, else left to the kernel.
 ///
-/// The segment goes through a per-CPU scratch slot first. Read back, its offsets are bounded
+/// In [`answer_syn`], the segment goes through a per-CPU scratch slot first. Read back, its offsets are bounded
 /// unknowns to the verifier instead of one exact value per header layout (VLAN tags, IPv4
 /// options, IPv6 extension headers), so it checks the SYN path, the longest one, once rather
 /// than once per layout; without this the program exceeds the verifier's 1M-instruction budget.
 #[inline(always)]
-fn handle_syn(ctx: &XdpContext, segment: &Segment) -> Counter {
+fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> Counter {
+    if policy::allowed(key) {
+        if flow::track(key, segment, Direction::FromClient).is_none() {
+            flow::start(key, segment, EVENT_ALLOWED_SYN);
+        }
+        return Counter::AllowedSource;
+    }
+    if policy::source_full(key) {
+        return Counter::SourceLimit;
+    }
+    let counter = answer_syn(ctx, segment);
+    if counter == Counter::SynCookieSent {
+        flow::syn_answered(key);
+    }
+    counter
+}
+
+/// See [`handle_syn`].
+#[inline(always)]
+fn answer_syn(ctx: &XdpContext, segment: &Segment) -> Counter {
     let Some(slot) = SYN_SCRATCH.get_ptr_mut(0) else {
         return Counter::CookieUnavailable;
     };
@@ -118,13 +157,18 @@ fn handle_syn(ctx: &XdpContext, segment: &Segment) -> Counter {
     syn::answer(ctx, segment, &socket, config)
 }
 
-/// An ACK (or SYN-ACK) with no connection behind it must carry a valid cookie.
+/// An ACK (or SYN-ACK) of an untracked flow with no connection behind it must carry a valid
+/// cookie; the connection it opens is tracked from then on. Connections the kernel already has
+/// (opened before tcpguard started, say) pass on the kernel's word.
 #[inline(always)]
-fn handle_ack(ctx: &XdpContext, segment: &Segment) -> Counter {
+fn handle_ack(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> Counter {
     match Socket::lookup(ctx, segment) {
         None => Counter::NoConnection,
         Some(socket) if !socket.is_listener() => Counter::KnownSocket,
-        Some(listener) if listener.cookie_is_valid(ctx, segment) => Counter::CookieAccepted,
+        Some(listener) if listener.cookie_is_valid(ctx, segment) => {
+            flow::start(key, segment, EVENT_COOKIE_HANDSHAKE);
+            Counter::CookieAccepted
+        }
         Some(_) => Counter::CookieRejected,
     }
 }
@@ -135,6 +179,27 @@ fn handle_fin_or_rst(ctx: &XdpContext, segment: &Segment) -> Counter {
     match Socket::lookup(ctx, segment) {
         Some(socket) if !socket.is_listener() => Counter::KnownSocket,
         _ => Counter::NoConnection,
+    }
+}
+
+#[classifier]
+pub fn tcpguard_egress(ctx: TcContext) -> i32 {
+    observe_egress(&ctx);
+    // TCX_NEXT / TC_ACT_UNSPEC: the verdict is left to whatever comes next.
+    TC_ACT_UNSPEC
+}
+
+/// A segment the server sends on a tracked flow refreshes it and may be reported.
+#[inline(always)]
+fn observe_egress(ctx: &TcContext) {
+    let Ok(segment) = parse::segment(ctx) else {
+        return;
+    };
+    if segment.fragment {
+        return;
+    }
+    if let Some(key) = flow::key(ctx, &segment, Direction::FromServer) {
+        let _ = flow::track(key, &segment, Direction::FromServer);
     }
 }
 

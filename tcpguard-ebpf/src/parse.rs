@@ -2,10 +2,9 @@
 //! TCP. Structural faults that the kernel would drop anyway are dropped here, whatever the port;
 //! anything that is not TCP passes.
 
-use aya_ebpf::programs::XdpContext;
 use tcpguard_common::Counter;
 
-use crate::frame::{be16_at, len, read};
+use crate::frame::{Frame, be16_at, len, read};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -49,7 +48,10 @@ pub struct Segment {
     pub l4_len: usize,
     /// The first fragment of a fragmented datagram.
     pub fragment: bool,
+    pub sport: u16,
     pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
     pub flags: u8,
     /// TCP data offset, in 32-bit words.
     pub data_offset: u8,
@@ -69,6 +71,12 @@ impl Segment {
             .then_some(self)
     }
 
+    /// TCP payload bytes: what follows the header, options included.
+    #[inline(always)]
+    pub fn payload_len(&self) -> u16 {
+        (self.l4_len as u16).wrapping_sub(u16::from(self.data_offset) * 4)
+    }
+
     /// Length of the IP header tcpguard writes when it answers (options and extension headers
     /// are not echoed).
     pub fn answer_l3_len(&self) -> usize {
@@ -81,7 +89,7 @@ impl Segment {
 
 /// The TCP segment in the frame, or the counter that says why there is none to judge.
 #[inline(always)]
-pub fn segment(ctx: &XdpContext) -> Result<Segment, Counter> {
+pub fn segment(ctx: &impl Frame) -> Result<Segment, Counter> {
     let (ethertype, l3) = ethernet(ctx)?;
     match ethertype {
         ETH_P_IP => ipv4(ctx, l3),
@@ -92,7 +100,7 @@ pub fn segment(ctx: &XdpContext) -> Result<Segment, Counter> {
 
 /// The innermost EtherType and the offset of the header it announces.
 #[inline(always)]
-fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
+fn ethernet(ctx: &impl Frame) -> Result<(u16, usize), Counter> {
     let mut ethertype = be16_at(ctx, 12).ok_or(Counter::Truncated)?;
     let mut l3 = ETH_HLEN;
     // Two tags at most: 802.1ad outer and 802.1Q inner (QinQ). Each is TPID + TCI, and the
@@ -109,7 +117,7 @@ fn ethernet(ctx: &XdpContext) -> Result<(u16, usize), Counter> {
 }
 
 #[inline(always)]
-fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Segment, Counter> {
+fn ipv4(ctx: &impl Frame, l3: usize) -> Result<Segment, Counter> {
     let header: [u8; IPV4_MIN_HLEN] = read(ctx, l3).ok_or(Counter::Truncated)?;
     if header[0] >> 4 != 4 {
         return Err(Counter::BadIpVersion);
@@ -141,7 +149,7 @@ fn ipv4(ctx: &XdpContext, l3: usize) -> Result<Segment, Counter> {
 }
 
 #[inline(always)]
-fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Segment, Counter> {
+fn ipv6(ctx: &impl Frame, l3: usize) -> Result<Segment, Counter> {
     let header: [u8; 8] = read(ctx, l3).ok_or(Counter::Truncated)?;
     if header[0] >> 4 != 6 {
         return Err(Counter::BadIpVersion);
@@ -192,7 +200,7 @@ fn ipv6(ctx: &XdpContext, l3: usize) -> Result<Segment, Counter> {
 
 #[inline(always)]
 fn tcp(
-    ctx: &XdpContext,
+    ctx: &impl Frame,
     family: Family,
     l3: usize,
     l4: usize,
@@ -208,7 +216,10 @@ fn tcp(
             l4,
             l4_len,
             fragment,
+            sport: u16::from_be_bytes([ports[0], ports[1]]),
             dport: u16::from_be_bytes([ports[2], ports[3]]),
+            seq: 0,
+            ack: 0,
             flags: 0,
             data_offset: 0,
         });
@@ -219,7 +230,10 @@ fn tcp(
     if l4_len < TCP_MIN_HLEN {
         return Err(Counter::Truncated);
     }
+    let sport = u16::from_be_bytes([header[0], header[1]]);
     let dport = u16::from_be_bytes([header[2], header[3]]);
+    let seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let ack = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
     let data_offset = header[12] >> 4;
     let flags = header[13];
     Ok(Segment {
@@ -228,7 +242,10 @@ fn tcp(
         l4,
         l4_len,
         fragment,
+        sport,
         dport,
+        seq,
+        ack,
         flags,
         data_offset,
     })

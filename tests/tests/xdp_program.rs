@@ -270,12 +270,14 @@ fn handshake(syn: TcpFrame) {
         let synack = assert_synack(&syn, &answer, &config);
 
         let ack = ack_for(&syn, &synack);
-        assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::CookieAccepted);
         // A cookie off by one can still decode to a valid MSS index (the kernel's cookies keep
         // two bits of data under a 24-bit hash); one with altered hash bits cannot.
-        let mut forged = ack;
+        let mut forged = ack.clone();
         forged.ack ^= 0x0055_5500;
         assert_verdict(&guard, &forged.bytes(), XDP_DROP, Counter::CookieRejected);
+        assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::CookieAccepted);
+        // From then on the flow is tracked: its segments pass without a cookie check.
+        assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::TrackedFlow);
     });
 }
 

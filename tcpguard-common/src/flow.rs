@@ -1,0 +1,144 @@
+//! The flow map: connections tcpguard tracks, keyed by their 4-tuple, and the lifecycle events
+//! the data plane reports about them.
+
+/// [`FlowKey::family`] of an IPv4 connection.
+pub const FLOW_IPV4: u8 = 4;
+/// [`FlowKey::family`] of an IPv6 connection.
+pub const FLOW_IPV6: u8 = 6;
+
+/// A connection's 4-tuple, oriented client → server whichever way the packet went, so that the
+/// XDP program (ingress) and the TC program (egress) find the same entry. IPv4 addresses sit in
+/// the first four bytes, the rest zero. Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub client_addr: [u8; 16],
+    pub server_addr: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// [`Flow::fins`] bit: the client has sent a FIN, at [`Flow::client_fin_seq`].
+pub const CLIENT_FIN: u8 = 1 << 0;
+/// [`Flow::fins`] bit: the server has sent a FIN, at [`Flow::server_fin_seq`].
+pub const SERVER_FIN: u8 = 1 << 1;
+/// [`Flow::fins`] bit: the server has acknowledged the client's FIN.
+pub const CLIENT_FIN_ACKED: u8 = 1 << 2;
+/// [`Flow::fins`] bit: the client has acknowledged the server's FIN.
+pub const SERVER_FIN_ACKED: u8 = 1 << 3;
+
+/// What the data plane keeps per tracked connection: enough to refresh its idle timer and to
+/// report the segments that change its state without reporting the ones that do not.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last segment either way.
+    pub last_seen_ns: u64,
+    /// Sequence number of the client's FIN, valid with [`CLIENT_FIN`].
+    pub client_fin_seq: u32,
+    /// Sequence number of the server's FIN, valid with [`SERVER_FIN`].
+    pub server_fin_seq: u32,
+    /// Acknowledgment number of the client's last segment: its RCV.NXT.
+    pub client_ack: u32,
+    /// Acknowledgment number of the server's last segment: its RCV.NXT.
+    pub server_ack: u32,
+    /// [`CLIENT_FIN`], [`SERVER_FIN`], [`CLIENT_FIN_ACKED`], [`SERVER_FIN_ACKED`].
+    pub fins: u8,
+    pub _pad: [u8; 7],
+}
+
+/// [`LifecycleEvent::kind`]: an ACK with a valid SYN cookie was passed to the kernel, which
+/// builds an established connection from it; the flow is now tracked.
+pub const EVENT_COOKIE_HANDSHAKE: u8 = 1;
+/// [`LifecycleEvent::kind`]: a SYN from an allow-listed source, passed to the kernel without a
+/// cookie; the flow is now tracked from its first segment.
+pub const EVENT_ALLOWED_SYN: u8 = 2;
+/// [`LifecycleEvent::kind`]: a segment of a tracked flow that can change its state: SYN, FIN,
+/// RST, or the ACK of a FIN.
+pub const EVENT_SEGMENT: u8 = 3;
+
+/// [`LifecycleEvent::direction`]: client → server, seen by XDP.
+pub const FROM_CLIENT: u8 = 0;
+/// [`LifecycleEvent::direction`]: server → client, seen by TC egress.
+pub const FROM_SERVER: u8 = 1;
+
+/// One record in the lifecycle ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LifecycleEvent {
+    pub key: FlowKey,
+    /// `bpf_ktime_get_ns` when the segment was seen.
+    pub time_ns: u64,
+    /// When the data plane answered this flow's SYN with a cookie, for the handshake time of
+    /// [`EVENT_COOKIE_HANDSHAKE`]; 0 when it no longer knows.
+    pub syn_time_ns: u64,
+    pub seq: u32,
+    pub ack: u32,
+    /// The acknowledgment number the receiving end last sent (its RCV.NXT), which an
+    /// acceptable RST must carry as its sequence number (RFC 5961 §3.2).
+    pub receiver_ack: u32,
+    /// TCP payload bytes in the segment.
+    pub payload_len: u16,
+    /// TCP flags byte ([`crate::tcp_flags`]).
+    pub flags: u8,
+    /// [`EVENT_COOKIE_HANDSHAKE`], [`EVENT_ALLOWED_SYN`] or [`EVENT_SEGMENT`].
+    pub kind: u8,
+    /// [`FROM_CLIENT`] or [`FROM_SERVER`].
+    pub direction: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Bytes of lifecycle ring buffer. A record takes 88 bytes with the ring's header, so this holds
+/// about 12k events: seconds of connection churn at rates far beyond what the daemon reads.
+pub const EVENT_RING_BYTES: u32 = 1 << 20;
+
+/// Index in [`crate::maps::EVENT_STATS`]: events written to the ring.
+pub const EVENTS_SENT: u32 = 0;
+/// Index in [`crate::maps::EVENT_STATS`]: events lost because the ring was full.
+pub const EVENTS_LOST: u32 = 1;
+
+/// A source address, as the key of the per-source limit map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The client's address as a [`SourceKey`].
+    pub fn source(&self) -> SourceKey {
+        SourceKey {
+            addr: self.client_addr,
+            family: self.family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all #[repr(C)], made of integers and byte arrays, padding spelled out as fields.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::Flow {}
+    unsafe impl aya::Pod for super::LifecycleEvent {}
+    unsafe impl aya::Pod for super::SourceKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<Flow>(), 32);
+        assert_eq!(size_of::<LifecycleEvent>(), 80);
+        assert_eq!(size_of::<SourceKey>(), 20);
+    }
+}

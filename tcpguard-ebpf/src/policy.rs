@@ -1,0 +1,67 @@
+//! Source policy: deny-listed sources are dropped, allow-listed ones skip the cookie round trip,
+//! and a source with as many tracked connections as it may have gets no more.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
+};
+use tcpguard_common::{
+    FULL_SOURCES_CAPACITY, FlowKey, POLICY_ALLOW, POLICY_CAPACITY, POLICY_DENY,
+    POLICY_SOURCE_LIMIT, Policy, SourceKey,
+};
+
+#[map(name = "POLICY")]
+static POLICY: Array<Policy> = Array::with_max_entries(1, 0);
+
+#[map(name = "ALLOW_V4")]
+static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+
+#[map(name = "ALLOW_V6")]
+static ALLOW_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+
+#[map(name = "DENY_V4")]
+static DENY_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+
+#[map(name = "DENY_V6")]
+static DENY_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+
+#[map(name = "FULL_SOURCES")]
+static FULL_SOURCES: HashMap<SourceKey, u8> = HashMap::with_max_entries(FULL_SOURCES_CAPACITY, 0);
+
+#[inline(always)]
+fn lists() -> u8 {
+    POLICY.get(0).map_or(0, |policy| policy.lists)
+}
+
+/// Whether the client of `key` is deny-listed.
+#[inline(always)]
+pub fn denied(key: &FlowKey) -> bool {
+    lists() & POLICY_DENY != 0 && listed(key, &DENY_V4, &DENY_V6)
+}
+
+/// Whether the client of `key` is allow-listed.
+#[inline(always)]
+pub fn allowed(key: &FlowKey) -> bool {
+    lists() & POLICY_ALLOW != 0 && listed(key, &ALLOW_V4, &ALLOW_V6)
+}
+
+/// Whether the client of `key` already has as many tracked connections as it may have.
+#[inline(always)]
+pub fn source_full(key: &FlowKey) -> bool {
+    lists() & POLICY_SOURCE_LIMIT != 0 && FULL_SOURCES.get_ptr(key.source()).is_some()
+}
+
+#[inline(always)]
+fn listed(key: &FlowKey, v4: &LpmTrie<[u8; 4], u8>, v6: &LpmTrie<[u8; 16], u8>) -> bool {
+    if key.family == tcpguard_common::FLOW_IPV4 {
+        let address = [
+            key.client_addr[0],
+            key.client_addr[1],
+            key.client_addr[2],
+            key.client_addr[3],
+        ];
+        v4.get(Key::new(32, address)).is_some()
+    } else {
+        v6.get(Key::new(128, key.client_addr)).is_some()
+    }
+}
