@@ -1,18 +1,33 @@
-//! The XDP program loaded into the kernel, its maps written, and (once attached) its link.
+//! The eBPF programs loaded into the kernel, their maps, and (once attached) their links:
+//! XDP on the interface's ingress, TC on its egress. With a pin directory, maps, programs and
+//! links are pinned there, so that a restarted daemon adopts them without a gap in protection.
 
-use std::{collections::BTreeSet, fmt, str::FromStr};
+use std::{
+    collections::BTreeSet,
+    fmt, fs, io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+};
 
 use aya::{
-    Ebpf, EbpfError,
-    maps::{Array, MapError, PerCpuArray},
-    programs::{ProgramError, Xdp, XdpMode, xdp::XdpLinkId},
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+    },
 };
 use log::info;
 use tcpguard_common::{
-    Counter, FAMILY_IPV4, FAMILY_IPV6, ProtectedPort, SynCookieConfig, XDP_PROGRAM, maps,
+    Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST, EVENTS_SENT, FAMILY_IPV4,
+    FAMILY_IPV6, Flow, FlowKey, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT, PORT_COUNT, Policy,
+    ProtectedPort, SourceKey, SynCookieConfig, XDP_PROGRAM, maps,
 };
 
-use crate::ebpf::TCPGUARD_OBJECT;
+use crate::{bpffs, ebpf::TCPGUARD_OBJECT, prefix::Prefix};
 
 /// How the XDP program is attached to the interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -57,162 +72,430 @@ pub enum GuardError {
     Load(#[from] EbpfError),
     #[error("the eBPF object has no {0} map")]
     MissingMap(&'static str),
-    #[error("the eBPF object has no XDP program {XDP_PROGRAM:?}")]
-    MissingProgram,
+    #[error("the eBPF object has no program {0:?}")]
+    MissingProgram(&'static str),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
         source: MapError,
     },
-    #[error("the kernel rejected the XDP program: {0}")]
-    Verifier(ProgramError),
+    #[error("the kernel rejected program {name}: {source}")]
+    Verifier {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("interface {0:?} does not exist")]
     UnknownInterface(String),
-    #[error("cannot attach XDP to {interface} in {mode} mode: {source}")]
+    #[error("cannot attach {what} to {interface}: {source}")]
     Attach {
+        what: String,
         interface: String,
-        mode: &'static str,
-        source: ProgramError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(
+        "tcpguard is still attached to {pinned} (pinned under {dir}); run `tcpguard detach` before protecting {wanted}"
+    )]
+    OtherInterface {
+        pinned: String,
+        wanted: String,
+        dir: PathBuf,
+    },
+    #[error("{dir} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs { dir: PathBuf },
+    #[error("pinning under {dir}: {source}")]
+    Pin { dir: PathBuf, source: io::Error },
 }
 
-/// The program loaded and configured, attached to at most one interface.
+/// Where the programs are loaded from and kept.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Directory on a BPF filesystem for maps, programs and links; `None`: nothing pinned.
+    pub pin_dir: Option<PathBuf>,
+    /// Entries in the flow map.
+    pub flow_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            pin_dir: None,
+            flow_capacity: DEFAULT_FLOW_CAPACITY,
+        }
+    }
+}
+
+/// The programs loaded and configured, attached to at most one interface.
 pub struct Guard {
     ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
     attachment: Option<Attachment>,
 }
 
-/// Where the program is attached, in which mode.
+/// Where the programs are attached, in which mode, and whether an earlier daemon did it.
 #[derive(Debug)]
 pub struct Attachment {
     pub interface: String,
-    pub mode: &'static str,
-    link: XdpLinkId,
+    /// `native` or `skb`.
+    pub mode: String,
+    /// The links were found pinned and their programs replaced in place.
+    pub adopted: bool,
+    /// XDP and TC links. Held for their drop: closing the last reference to an unpinned link
+    /// detaches it.
+    #[expect(dead_code, reason = "held only to be dropped")]
+    links: (FdLink, FdLink),
+}
+
+/// Source policy as the XDP program applies it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourcePolicy {
+    pub allow: Vec<Prefix>,
+    pub deny: Vec<Prefix>,
+    /// Whether a per-source connection limit is in force (the daemon keeps the counts).
+    pub source_limit: bool,
 }
 
 impl Guard {
-    /// Loads the program and writes `ports` (protected for IPv4 and IPv6) and `config`; nothing
-    /// is attached yet.
+    /// Loads the programs, unpinned, and writes `ports` (protected for IPv4 and IPv6) and
+    /// `config`: what BPF_PROG_TEST_RUN tests need.
     pub fn load(ports: &BTreeSet<u16>, config: SynCookieConfig) -> Result<Self, GuardError> {
-        let mut ebpf = Ebpf::load(TCPGUARD_OBJECT)?;
-        {
-            let map = ebpf
-                .map_mut(maps::PROTECTED_PORTS)
-                .ok_or(GuardError::MissingMap(maps::PROTECTED_PORTS))?;
-            let mut protected: Array<_, ProtectedPort> =
-                Array::try_from(map).map_err(map_error(maps::PROTECTED_PORTS))?;
-            let entry = ProtectedPort {
-                families: FAMILY_IPV4 | FAMILY_IPV6,
-            };
-            for &port in ports {
-                protected
-                    .set(u32::from(port), entry, 0)
-                    .map_err(map_error(maps::PROTECTED_PORTS))?;
+        let mut guard = Self::load_with(&LoadOptions::default())?;
+        guard.set_ports(ports)?;
+        guard.set_syn_cookie_config(config)?;
+        Ok(guard)
+    }
+
+    /// Loads the programs. With a pin directory, maps already pinned there (by an earlier
+    /// daemon) are reused, with their flows and counters; the others are pinned there.
+    pub fn load_with(options: &LoadOptions) -> Result<Self, GuardError> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::FLOWS, options.flow_capacity);
+        let map_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
+            Some(dir) => {
+                prepare_pin_dir(dir)?;
+                maps::ALL
+                    .iter()
+                    .map(|&name| (name, dir.join(name)))
+                    .collect()
             }
+            None => Vec::new(),
+        };
+        for (name, path) in &map_paths {
+            loader.map_pin_path(name, path.as_path());
         }
-        {
-            let map = ebpf
-                .map_mut(maps::SYN_COOKIE_CONFIG)
-                .ok_or(GuardError::MissingMap(maps::SYN_COOKIE_CONFIG))?;
-            let mut cookie: Array<_, SynCookieConfig> =
-                Array::try_from(map).map_err(map_error(maps::SYN_COOKIE_CONFIG))?;
-            cookie
-                .set(0, config, 0)
-                .map_err(map_error(maps::SYN_COOKIE_CONFIG))?;
-        }
-        let program: &mut Xdp = ebpf
-            .program_mut(XDP_PROGRAM)
-            .ok_or(GuardError::MissingProgram)?
-            .try_into()
-            .map_err(GuardError::Verifier)?;
-        program.load().map_err(GuardError::Verifier)?;
+        let mut ebpf = loader.load(TCPGUARD_OBJECT)?;
+        let xdp: &mut Xdp = program_mut(&mut ebpf, XDP_PROGRAM)?;
+        xdp.load().map_err(verifier(XDP_PROGRAM))?;
+        let tc: &mut SchedClassifier = program_mut(&mut ebpf, EGRESS_PROGRAM)?;
+        tc.load().map_err(verifier(EGRESS_PROGRAM))?;
         Ok(Self {
             ebpf,
+            pin_dir: options.pin_dir.clone(),
             attachment: None,
         })
     }
 
-    /// The loaded program, for BPF_PROG_TEST_RUN.
+    /// The loaded XDP program, for BPF_PROG_TEST_RUN.
     pub fn program(&self) -> &Xdp {
         self.ebpf
             .program(XDP_PROGRAM)
             .and_then(|program| program.try_into().ok())
-            .expect("Guard::load checked the program exists and is XDP")
+            .expect("Guard::load_with checked the program exists and is XDP")
     }
 
-    fn program_mut(&mut self) -> &mut Xdp {
-        self.ebpf
-            .program_mut(XDP_PROGRAM)
-            .and_then(|program| program.try_into().ok())
-            .expect("Guard::load checked the program exists and is XDP")
+    /// Protects exactly `ports`, for IPv4 and IPv6.
+    pub fn set_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), GuardError> {
+        let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;
+        let on = ProtectedPort {
+            families: FAMILY_IPV4 | FAMILY_IPV6,
+        };
+        let off = ProtectedPort::default();
+        // Every entry is written: a pinned map may hold the ports of an earlier configuration.
+        for port in 0..PORT_COUNT {
+            let entry = if ports.contains(&(port as u16)) {
+                on
+            } else {
+                off
+            };
+            protected
+                .set(port, entry, 0)
+                .map_err(map_error(maps::PROTECTED_PORTS))?;
+        }
+        Ok(())
     }
 
-    /// Attaches to `interface`. In [`AttachMode::Auto`], native mode is tried first and generic
-    /// mode used, with a log line, when the driver refuses it.
+    pub fn set_syn_cookie_config(&mut self, config: SynCookieConfig) -> Result<(), GuardError> {
+        let mut map: Array<_, SynCookieConfig> = self.map_mut(maps::SYN_COOKIE_CONFIG)?;
+        map.set(0, config, 0)
+            .map_err(map_error(maps::SYN_COOKIE_CONFIG))
+    }
+
+    /// Replaces the allow and deny lists and switches the per-source limit on or off.
+    pub fn set_policy(&mut self, policy: &SourcePolicy) -> Result<(), GuardError> {
+        self.fill_tries(maps::ALLOW_V4, maps::ALLOW_V6, &policy.allow)?;
+        self.fill_tries(maps::DENY_V4, maps::DENY_V6, &policy.deny)?;
+        let mut lists = 0;
+        if !policy.allow.is_empty() {
+            lists |= POLICY_ALLOW;
+        }
+        if !policy.deny.is_empty() {
+            lists |= POLICY_DENY;
+        }
+        if policy.source_limit {
+            lists |= POLICY_SOURCE_LIMIT;
+        } else {
+            let mut full: HashMap<_, SourceKey, u8> = self.map_mut(maps::FULL_SOURCES)?;
+            let keys: Vec<SourceKey> = full.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = full.remove(&key);
+            }
+        }
+        let mut map: Array<_, Policy> = self.map_mut(maps::POLICY)?;
+        map.set(
+            0,
+            Policy {
+                lists,
+                _pad: [0; 7],
+            },
+            0,
+        )
+        .map_err(map_error(maps::POLICY))
+    }
+
+    fn fill_tries(
+        &mut self,
+        v4_name: &'static str,
+        v6_name: &'static str,
+        prefixes: &[Prefix],
+    ) -> Result<(), GuardError> {
+        let mut v4: LpmTrie<_, [u8; 4], u8> = self.map_mut(v4_name)?;
+        let stale: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            let _ = v4.remove(key);
+        }
+        for prefix in prefixes {
+            if let IpAddr::V4(address) = prefix.address {
+                v4.insert(&Key::new(prefix.length.into(), address.octets()), 1, 0)
+                    .map_err(map_error(v4_name))?;
+            }
+        }
+        let mut v6: LpmTrie<_, [u8; 16], u8> = self.map_mut(v6_name)?;
+        let stale: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
+        for key in &stale {
+            let _ = v6.remove(key);
+        }
+        for prefix in prefixes {
+            if let IpAddr::V6(address) = prefix.address {
+                v6.insert(&Key::new(prefix.length.into(), address.octets()), 1, 0)
+                    .map_err(map_error(v6_name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks `source` as at (or below) its connection limit.
+    pub fn set_source_full(&mut self, source: &SourceKey, full: bool) -> Result<(), GuardError> {
+        let mut map: HashMap<_, SourceKey, u8> = self.map_mut(maps::FULL_SOURCES)?;
+        if full {
+            map.insert(source, 1, 0)
+                .map_err(map_error(maps::FULL_SOURCES))
+        } else {
+            match map.remove(source) {
+                Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+                Err(source) => Err(GuardError::Map {
+                    name: maps::FULL_SOURCES,
+                    source,
+                }),
+            }
+        }
+    }
+
+    /// Attaches XDP to `interface`'s ingress and TC to its egress. With a pin directory that
+    /// already holds this interface's links, the programs in them are replaced atomically and
+    /// `mode` is the one they were attached with. In [`AttachMode::Auto`], native mode is tried
+    /// first and generic mode used, with a log line, when the driver refuses it.
     pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<&Attachment, GuardError> {
         if if_index(interface).is_none() {
             return Err(GuardError::UnknownInterface(interface.to_owned()));
         }
-        let attempt = |guard: &mut Self, xdp_mode: XdpMode, name: &'static str| {
-            guard
-                .program_mut()
-                .attach(interface, xdp_mode)
+        let pinned = match &self.pin_dir {
+            Some(dir) => pinned_links(dir)?,
+            None => None,
+        };
+        let attachment = match pinned {
+            Some(found) if found.interface == interface => self.adopt(found)?,
+            Some(found) => {
+                return Err(GuardError::OtherInterface {
+                    pinned: found.interface,
+                    wanted: interface.to_owned(),
+                    dir: self.pin_dir.clone().unwrap_or_default(),
+                });
+            }
+            None => self.attach_fresh(interface, mode)?,
+        };
+        if let Some(dir) = self.pin_dir.clone() {
+            self.pin_programs(&dir)?;
+        }
+        Ok(self.attachment.insert(attachment))
+    }
+
+    fn attach_fresh(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+    ) -> Result<Attachment, GuardError> {
+        let xdp: &mut Xdp = program_mut(&mut self.ebpf, XDP_PROGRAM)?;
+        let attempt = |xdp: &mut Xdp, xdp_mode: XdpMode, name: &'static str| {
+            xdp.attach(interface, xdp_mode)
+                .and_then(|id| xdp.take_link(id))
                 .map(|link| (link, name))
                 .map_err(|source| GuardError::Attach {
+                    what: format!("XDP in {name} mode"),
                     interface: interface.to_owned(),
-                    mode: name,
-                    source,
+                    source: source.into(),
                 })
         };
-        let (link, mode) = match mode {
-            AttachMode::Native => attempt(self, XdpMode::Driver, "native")?,
-            AttachMode::Skb => attempt(self, XdpMode::Skb, "skb")?,
-            AttachMode::Auto => match attempt(self, XdpMode::Driver, "native") {
+        let (xdp_link, mode) = match mode {
+            AttachMode::Native => attempt(xdp, XdpMode::Driver, "native")?,
+            AttachMode::Skb => attempt(xdp, XdpMode::Skb, "skb")?,
+            AttachMode::Auto => match attempt(xdp, XdpMode::Driver, "native") {
                 Ok(attached) => attached,
                 Err(native) => {
                     info!("{native}; falling back to generic (skb) mode");
-                    attempt(self, XdpMode::Skb, "skb")?
+                    attempt(xdp, XdpMode::Skb, "skb")?
                 }
             },
         };
-        Ok(self.attachment.insert(Attachment {
+        let xdp_link = FdLink::try_from(xdp_link).map_err(|source| GuardError::Attach {
+            what: "XDP as a BPF link".to_owned(),
             interface: interface.to_owned(),
-            mode,
-            link,
-        }))
+            source: source.into(),
+        })?;
+        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, EGRESS_PROGRAM)?;
+        let tc_error = |source: Box<dyn std::error::Error + Send + Sync>| GuardError::Attach {
+            what: "the TC egress program".to_owned(),
+            interface: interface.to_owned(),
+            source,
+        };
+        let tc_link = tc
+            .attach(interface, TcAttachType::Egress)
+            .and_then(|id| tc.take_link(id))
+            .map_err(|source| tc_error(source.into()))?;
+        let tc_link = FdLink::try_from(tc_link).map_err(|source| tc_error(source.into()))?;
+        let (xdp, tc) = match &self.pin_dir {
+            Some(dir) => {
+                let pin = |link: FdLink, path: PathBuf| {
+                    link.pin(&path)
+                        .map(FdLink::from)
+                        .map_err(|source| GuardError::Pin {
+                            dir: path,
+                            source: io::Error::other(source),
+                        })
+                };
+                (
+                    pin(xdp_link, dir.join(format!("link_xdp_{mode}_{interface}")))?,
+                    pin(tc_link, dir.join(format!("link_tc_{interface}")))?,
+                )
+            }
+            None => (xdp_link, tc_link),
+        };
+        Ok(Attachment {
+            interface: interface.to_owned(),
+            mode: mode.to_owned(),
+            adopted: false,
+            links: (xdp, tc),
+        })
+    }
+
+    fn adopt(&mut self, found: PinnedLinks) -> Result<Attachment, GuardError> {
+        let interface = found.interface.clone();
+        let error =
+            |what: &str, source: Box<dyn std::error::Error + Send + Sync>| GuardError::Attach {
+                what: format!("{what} by replacing the pinned program"),
+                interface: interface.clone(),
+                source,
+            };
+        let xdp_link = PinnedLink::from_pin(&found.xdp)
+            .map(FdLink::from)
+            .map_err(|source| error("XDP", source.into()))?;
+        let xdp: &mut Xdp = program_mut(&mut self.ebpf, XDP_PROGRAM)?;
+        let xdp_link = XdpLink::try_from(xdp_link).map_err(|source| error("XDP", source.into()))?;
+        let xdp_link = xdp
+            .attach_to_link(xdp_link)
+            .and_then(|id| xdp.take_link(id))
+            .map_err(|source| error("XDP", source.into()))?;
+        let tc_link = PinnedLink::from_pin(&found.tc)
+            .map(FdLink::from)
+            .map_err(|source| error("TC", source.into()))?;
+        let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, EGRESS_PROGRAM)?;
+        let tc_link =
+            SchedClassifierLink::try_from(tc_link).map_err(|source| error("TC", source.into()))?;
+        let tc_link = tc
+            .attach_to_link(tc_link)
+            .and_then(|id| tc.take_link(id))
+            .map_err(|source| error("TC", source.into()))?;
+        Ok(Attachment {
+            interface: found.interface,
+            mode: found.mode,
+            adopted: true,
+            links: (
+                FdLink::try_from(xdp_link).map_err(|source| error("XDP", source.into()))?,
+                FdLink::try_from(tc_link).map_err(|source| error("TC", source.into()))?,
+            ),
+        })
+    }
+
+    fn pin_programs(&mut self, dir: &Path) -> Result<(), GuardError> {
+        let pin_error = |path: &Path, source| GuardError::Pin {
+            dir: path.to_owned(),
+            source,
+        };
+        for name in [XDP_PROGRAM, EGRESS_PROGRAM] {
+            let path = dir.join(format!("prog_{name}"));
+            // An earlier daemon's program: it is no longer attached anywhere.
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(pin_error(&path, err)),
+            }
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(GuardError::MissingProgram(name))?;
+            program
+                .pin(&path)
+                .map_err(|source| pin_error(&path, io::Error::other(source)))?;
+        }
+        Ok(())
     }
 
     pub fn attachment(&self) -> Option<&Attachment> {
         self.attachment.as_ref()
     }
 
-    /// Detaches from the interface, if attached.
-    pub fn detach(&mut self) -> Result<(), GuardError> {
-        if let Some(Attachment {
-            interface,
-            mode,
-            link,
-        }) = self.attachment.take()
-        {
-            self.program_mut()
-                .detach(link)
-                .map_err(|source| GuardError::Attach {
-                    interface,
-                    mode,
-                    source,
-                })?;
+    /// Leaves the programs attached through their pinned links, for the next daemon to adopt.
+    /// Without a pin directory this is the same as [`Guard::detach`].
+    pub fn release(mut self) -> Result<(), GuardError> {
+        if self.pin_dir.is_none() {
+            return self.detach();
         }
+        self.attachment.take();
+        Ok(())
+    }
+
+    /// Detaches from the interface and removes everything pinned.
+    pub fn detach(mut self) -> Result<(), GuardError> {
+        // Pinned links are detached through their pins; the others when the last reference
+        // to them, held here, goes.
+        if let Some(dir) = self.pin_dir.take() {
+            bpffs::remove_pins(&dir).map_err(|source| GuardError::Pin { dir, source })?;
+        }
+        self.attachment.take();
         Ok(())
     }
 
     /// Every counter summed over CPUs, in [`Counter::ALL`] order.
     pub fn counters(&self) -> Result<Counters, GuardError> {
-        let map = self
-            .ebpf
-            .map(maps::COUNTERS)
-            .ok_or(GuardError::MissingMap(maps::COUNTERS))?;
-        let counters: PerCpuArray<_, u64> =
-            PerCpuArray::try_from(map).map_err(map_error(maps::COUNTERS))?;
+        let counters: PerCpuArray<_, u64> = self.map(maps::COUNTERS)?;
         let mut totals = Counters::default();
         for counter in Counter::ALL {
             let per_cpu = counters
@@ -222,6 +505,155 @@ impl Guard {
         }
         Ok(totals)
     }
+
+    /// Lifecycle events written to the ring and lost because it was full, since the maps were
+    /// created.
+    pub fn event_stats(&self) -> Result<(u64, u64), GuardError> {
+        let stats: PerCpuArray<_, u64> = self.map(maps::EVENT_STATS)?;
+        let sum = |index| {
+            stats
+                .get(&index, 0)
+                .map(|values| values.iter().sum::<u64>())
+                .map_err(map_error(maps::EVENT_STATS))
+        };
+        Ok((sum(EVENTS_SENT)?, sum(EVENTS_LOST)?))
+    }
+
+    /// The lifecycle ring, taken out of the guard to be polled.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, GuardError> {
+        let map = self
+            .ebpf
+            .take_map(maps::EVENTS)
+            .ok_or(GuardError::MissingMap(maps::EVENTS))?;
+        RingBuf::try_from(map).map_err(map_error(maps::EVENTS))
+    }
+
+    /// The flow map, for reading last-seen times and removing finished connections.
+    pub fn flows(&mut self) -> Result<FlowMap, GuardError> {
+        let map = self
+            .ebpf
+            .take_map(maps::FLOWS)
+            .ok_or(GuardError::MissingMap(maps::FLOWS))?;
+        let capacity = map_capacity(&map);
+        let map = HashMap::try_from(map).map_err(map_error(maps::FLOWS))?;
+        Ok(FlowMap { map, capacity })
+    }
+
+    fn map<'a, T>(&'a self, name: &'static str) -> Result<T, GuardError>
+    where
+        T: TryFrom<&'a aya::maps::Map, Error = MapError>,
+    {
+        let map = self.ebpf.map(name).ok_or(GuardError::MissingMap(name))?;
+        T::try_from(map).map_err(map_error(name))
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, GuardError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+    {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .ok_or(GuardError::MissingMap(name))?;
+        T::try_from(map).map_err(map_error(name))
+    }
+}
+
+/// The tracked flows as the data plane keeps them.
+pub struct FlowMap {
+    map: HashMap<MapData, FlowKey, Flow>,
+    capacity: u32,
+}
+
+impl FlowMap {
+    pub fn get(&self, key: &FlowKey) -> Option<Flow> {
+        self.map.get(key, 0).ok()
+    }
+
+    pub fn remove(&mut self, key: &FlowKey) {
+        // Already gone (evicted by the LRU) is as good as removed.
+        let _ = self.map.remove(key);
+    }
+
+    /// Every flow in the map, for a daemon that adopts an earlier one's.
+    pub fn entries(&self) -> Vec<(FlowKey, Flow)> {
+        self.map.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+}
+
+fn map_capacity(map: &aya::maps::Map) -> u32 {
+    let data: Option<&MapData> = match map {
+        aya::maps::Map::LruHashMap(data) | aya::maps::Map::HashMap(data) => Some(data),
+        _ => None,
+    };
+    data.and_then(|data| data.info().ok())
+        .map_or(DEFAULT_FLOW_CAPACITY, |info| info.max_entries())
+}
+
+/// Links found pinned in a pin directory.
+struct PinnedLinks {
+    interface: String,
+    mode: String,
+    xdp: PathBuf,
+    tc: PathBuf,
+}
+
+/// The links an earlier daemon pinned in `dir`, if both are there.
+fn pinned_links(dir: &Path) -> Result<Option<PinnedLinks>, GuardError> {
+    let entries = fs::read_dir(dir).map_err(|source| GuardError::Pin {
+        dir: dir.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("link_xdp_") else {
+            continue;
+        };
+        let Some((mode, interface)) = rest.split_once('_') else {
+            continue;
+        };
+        let tc = dir.join(format!("link_tc_{interface}"));
+        if tc.exists() {
+            return Ok(Some(PinnedLinks {
+                interface: interface.to_owned(),
+                mode: mode.to_owned(),
+                xdp: entry.path(),
+                tc,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+fn prepare_pin_dir(dir: &Path) -> Result<(), GuardError> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !bpffs::is_bpffs(parent) {
+        return Err(GuardError::NotBpffs {
+            dir: parent.to_owned(),
+        });
+    }
+    fs::create_dir_all(dir).map_err(|source| GuardError::Pin {
+        dir: dir.to_owned(),
+        source,
+    })
+}
+
+fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, GuardError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(GuardError::MissingProgram(name))?
+        .try_into()
+        .map_err(verifier(name))
+}
+
+fn verifier(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> GuardError {
+    move |source| GuardError::Verifier { name, source }
 }
 
 /// A snapshot of the verdict counters.

@@ -1,10 +1,20 @@
 //! tcpguard's daemon as a library: loading and attaching the XDP program, the sysctls it needs,
 //! and reading its counters. The `tcpguard` binary is a thin CLI over it.
 
+pub mod bpffs;
+mod clock;
+pub mod config;
 pub mod connection;
+pub mod control;
+pub mod daemon;
 pub mod ebpf;
 pub mod guard;
+mod http;
+pub mod metrics;
+mod notify;
+pub mod prefix;
 pub mod sysctl;
 pub mod tcp_state;
+pub mod tracker;
 
 pub use guard::{AttachMode, Attachment, Counters, Guard, GuardError};

@@ -1,13 +1,12 @@
-use std::{collections::BTreeSet, io::Write as _, process::ExitCode, time::Duration};
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use log::{error, info};
+use log::error;
 use tcpguard::{
-    AttachMode, Counters, Guard,
-    sysctl::{self, Outcome, TCP_SYNCOOKIES, TCP_TIMESTAMPS},
+    config::{self, Overrides},
+    control::{self, Request},
+    daemon::{self, ConfigSource},
 };
-use tokio::signal::unix::{SignalKind, signal};
 
 #[derive(Parser)]
 #[command(version, about = "Keeps TCP services reachable during SYN floods.")]
@@ -18,36 +17,75 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach to an interface and protect ports until SIGINT or SIGTERM.
+    /// Attach to an interface and protect ports until SIGINT or SIGTERM; SIGHUP reloads the
+    /// configuration file.
     Run(RunArgs),
+    /// Show what the running daemon protects and what it has seen.
+    Status(AskArgs),
+    /// List the connections the running daemon tracks, with both ends' states.
+    Flows(AskArgs),
+    /// Detach tcpguard from its interface and remove everything it pinned.
+    Detach {
+        /// The pin directory (pin_dir in the configuration).
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/tcpguard")]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Configuration file [default: /etc/tcpguard/tcpguard.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Interface whose incoming traffic is protected.
     #[arg(long = "iface", value_name = "IFACE")]
-    interface: String,
-    /// TCP port to protect (IPv4 and IPv6); repeat for several.
-    #[arg(long = "port", value_name = "PORT", required = true,
+    interface: Option<String>,
+    /// TCP port to protect (IPv4 and IPv6); repeat for several. Replaces the file's list.
+    #[arg(long = "port", value_name = "PORT",
           value_parser = clap::value_parser!(u16).range(1..))]
     ports: Vec<u16>,
     /// auto: native (driver) XDP, falling back to generic; native; skb (generic).
-    #[arg(long = "xdp-mode", value_name = "MODE", default_value = "auto")]
-    xdp_mode: AttachMode,
+    #[arg(long = "xdp-mode", value_name = "MODE")]
+    xdp_mode: Option<String>,
     /// Refuse to start, rather than set them, when net.ipv4.tcp_syncookies or
     /// net.ipv4.tcp_timestamps is not 2 in this network namespace.
     #[arg(long)]
     keep_sysctls: bool,
+    /// Leave the programs attached (pinned) on exit, for the next daemon to adopt.
+    #[arg(long)]
+    keep_attached: bool,
     /// Seconds between counter log lines (0: none).
-    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
-    stats_interval: u64,
+    #[arg(long, value_name = "SECONDS")]
+    stats_interval: Option<u64>,
+    /// Address for /metrics and /healthz; empty: none.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_address: Option<String>,
+    /// Unix socket for `tcpguard status` and `flows`.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<PathBuf>,
+    /// Where maps, programs and links are pinned (on a BPF filesystem); empty: not pinned.
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct AskArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH", default_value = config::DEFAULT_CONTROL_SOCKET)]
+    socket: PathBuf,
+    /// Print JSON, for scripts.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => daemon::run(config_source(args)),
+        Command::Status(args) => ask(&args, Request::Status),
+        Command::Flows(args) => ask(&args, Request::Flows),
+        Command::Detach { pin_dir } => detach(&pin_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -69,78 +107,118 @@ fn init_logging() {
     builder.init();
 }
 
-fn run(args: RunArgs) -> anyhow::Result<()> {
-    if tcpguard::guard::if_index(&args.interface).is_none() {
-        anyhow::bail!(
-            "interface {:?} does not exist; `ip link` lists the interfaces of this network namespace",
-            args.interface
+fn config_source(args: RunArgs) -> ConfigSource {
+    ConfigSource {
+        required: args.config.is_some(),
+        path: args
+            .config
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH)),
+        overrides: Overrides {
+            interface: args.interface,
+            ports: args.ports,
+            xdp_mode: args.xdp_mode,
+            keep_sysctls: args.keep_sysctls,
+            keep_attached: args.keep_attached,
+            stats_interval: args.stats_interval,
+            metrics_listen: args.metrics_address,
+            control_socket: args.control_socket,
+            pin_dir: args.pin_dir,
+        },
+    }
+}
+
+fn ask(args: &AskArgs, request: Request) -> anyhow::Result<()> {
+    let answer = control::ask(&args.socket, request)?;
+    if args.json {
+        print!("{answer}");
+        return Ok(());
+    }
+    match request {
+        Request::Status => print_status(&serde_json::from_str(&answer)?),
+        Request::Flows => print_flows(&serde_json::from_str::<Vec<control::Flow>>(&answer)?),
+    }
+    Ok(())
+}
+
+fn print_status(status: &control::Status) {
+    let ports: Vec<String> = status.ports.iter().map(u16::to_string).collect();
+    println!(
+        "tcpguard {} (pid {}) on {} in {} XDP mode{}, up {}",
+        status.version,
+        status.pid,
+        status.interface,
+        status.xdp_mode,
+        if status.adopted { " (adopted)" } else { "" },
+        duration_text(status.uptime_seconds as f64),
+    );
+    println!("protected ports: {}", ports.join(", "));
+    println!(
+        "connections: {} tracked, flow table holds {}",
+        status.tracked_connections, status.flow_capacity
+    );
+    for (states, count) in &status.connections_by_state {
+        println!("  {count:>8}  {states}");
+    }
+    println!("packets:");
+    for (name, value) in status.packets.iter().filter(|(_, value)| **value != 0) {
+        println!("  {value:>12}  {name}");
+    }
+    println!(
+        "lifecycle events: {} received, {} lost",
+        status.events_sent, status.events_lost
+    );
+    if !status.allow.is_empty() {
+        println!("allowed sources: {}", status.allow.join(", "));
+    }
+    if !status.deny.is_empty() {
+        println!("denied sources: {}", status.deny.join(", "));
+    }
+    if status.max_connections_per_source != 0 {
+        println!(
+            "connections per source: at most {}",
+            status.max_connections_per_source
         );
     }
-    for required in [TCP_SYNCOOKIES, TCP_TIMESTAMPS] {
-        if let Outcome::Changed { from } = required.ensure(!args.keep_sysctls)? {
-            info!(
-                "set {} from {from} to {} (SYN cookies from XDP need it)",
-                required.name, required.required
-            );
-        }
-    }
-    let config = sysctl::syn_cookie_config()?;
-    let ports: BTreeSet<u16> = args.ports.iter().copied().collect();
-    let mut guard = Guard::load(&ports, config)?;
-    let attachment = guard.attach(&args.interface, args.xdp_mode)?;
-    info!(
-        "protecting TCP ports {ports:?} on {} in {} mode (SYN-ACK window scale {}, SACK {})",
-        attachment.interface,
-        attachment.mode,
-        config.window_scale,
-        if config.sack != 0 { "on" } else { "off" },
+}
+
+fn print_flows(flows: &[control::Flow]) {
+    println!(
+        "{:<46} {:<46} {:<13} {:<13} {:<8} {:>9} {:>9}",
+        "CLIENT", "SERVER", "CLIENT-STATE", "SERVER-STATE", "ORIGIN", "AGE", "IDLE"
     );
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the event loop")?;
-    let outcome = runtime.block_on(serve(&guard, args.stats_interval));
-    let totals = guard.counters();
-    guard.detach()?;
-    info!("detached from {}", args.interface);
-    if let Ok(totals) = totals {
-        info!("totals: {}", format_counters(&totals, ""));
-    }
-    outcome
-}
-
-/// Logs counter deltas every `interval` seconds until SIGINT or SIGTERM.
-async fn serve(guard: &Guard, interval: u64) -> anyhow::Result<()> {
-    let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    let period = Duration::from_secs(interval.max(1));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let mut last = guard.counters()?;
-    loop {
-        tokio::select! {
-            _ = interrupt.recv() => { info!("SIGINT received, stopping"); return Ok(()) }
-            _ = terminate.recv() => { info!("SIGTERM received, stopping"); return Ok(()) }
-            _ = ticker.tick(), if interval > 0 => {
-                let now = guard.counters()?;
-                let delta = now.since(&last);
-                if delta.nonzero().next().is_some() {
-                    info!("last {interval}s: {}", format_counters(&delta, "+"));
-                }
-                last = now;
-            }
-        }
+    for flow in flows {
+        println!(
+            "{:<46} {:<46} {:<13} {:<13} {:<8} {:>9} {:>9}",
+            flow.client,
+            flow.server,
+            flow.client_state,
+            flow.server_state,
+            flow.origin,
+            duration_text(flow.age_seconds),
+            duration_text(flow.idle_seconds),
+        );
     }
 }
 
-fn format_counters(counters: &Counters, sign: &str) -> String {
-    let parts: Vec<String> = counters
-        .nonzero()
-        .map(|(counter, value)| format!("{}={sign}{value}", counter.name()))
-        .collect();
-    if parts.is_empty() {
-        "no packets".to_owned()
-    } else {
-        parts.join(" ")
+fn duration_text(seconds: f64) -> String {
+    match seconds {
+        s if s < 60.0 => format!("{s:.1}s"),
+        s if s < 3600.0 => format!("{}m{:02}s", (s / 60.0) as u64, (s % 60.0) as u64),
+        s => format!(
+            "{}h{:02}m",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        ),
     }
+}
+
+fn detach(pin_dir: &std::path::Path) -> anyhow::Result<()> {
+    if !pin_dir.exists() {
+        println!("nothing pinned under {}", pin_dir.display());
+        return Ok(());
+    }
+    tcpguard::bpffs::remove_pins(pin_dir)
+        .map_err(|err| anyhow::anyhow!("cannot remove {}: {err}", pin_dir.display()))?;
+    println!("detached; removed {}", pin_dir.display());
+    Ok(())
 }

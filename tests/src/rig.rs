@@ -106,21 +106,73 @@ pub fn tcpguard_binary() -> PathBuf {
     path
 }
 
-/// A running `tcpguard run` in a namespace, stopped with SIGINT when dropped.
+/// Where a test's daemon pins its programs and answers `status`: its own, so that daemons of
+/// tests running side by side (each in its own network namespace, but sharing the BPF
+/// filesystem and /run) never meet.
+#[derive(Clone, Debug)]
+pub struct DaemonPaths {
+    pub pin_dir: PathBuf,
+    pub control_socket: PathBuf,
+}
+
+impl DaemonPaths {
+    pub fn for_namespace(namespace: &Namespace) -> Self {
+        ensure_bpffs();
+        Self {
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}", namespace.name)),
+            control_socket: PathBuf::from(format!("/run/tcpguard-tests/{}.sock", namespace.name)),
+        }
+    }
+
+    /// Runs `tcpguard` with `args` and these paths, and returns its output.
+    pub fn tcpguard(&self, args: &[&str]) -> std::process::Output {
+        let mut command = Command::new(tcpguard_binary());
+        command.args(args);
+        match args.first() {
+            Some(&"status" | &"flows") => command.arg("--socket").arg(&self.control_socket),
+            Some(&"detach") => command.arg("--pin-dir").arg(&self.pin_dir),
+            _ => &mut command,
+        };
+        command.output().expect("running tcpguard")
+    }
+}
+
+/// Mounts a BPF filesystem on /sys/fs/bpf unless one is there (systemd mounts it at boot; a
+/// bare container may not have it).
+pub fn ensure_bpffs() {
+    if !tcpguard::bpffs::is_bpffs(std::path::Path::new("/sys/fs/bpf")) {
+        crate::netns::run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]);
+    }
+}
+
+/// A running `tcpguard run` in a namespace, stopped with SIGINT when dropped; whatever it left
+/// pinned is removed then too.
 pub struct Daemon {
     child: Child,
     lines: mpsc::Receiver<String>,
     pub log: Vec<String>,
+    pub paths: DaemonPaths,
 }
 
 impl Daemon {
     /// Starts tcpguard in `namespace` with `args` after `run`, and waits until it has attached.
     pub fn start(namespace: &Namespace, args: &[&str]) -> Self {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &namespace.name])
+        Self::start_at(namespace, DaemonPaths::for_namespace(namespace), args)
+    }
+
+    /// As [`Daemon::start`], with the given pin directory and control socket.
+    pub fn start_at(namespace: &Namespace, paths: DaemonPaths, args: &[&str]) -> Self {
+        // nsenter rather than `ip netns exec`, which would give tcpguard a mount namespace of
+        // its own with a fresh /sys, where the BPF filesystem is not mounted.
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", namespace.name))
             .arg(tcpguard_binary())
             .arg("run")
             .args(args)
+            .arg("--pin-dir")
+            .arg(&paths.pin_dir)
+            .arg("--control-socket")
+            .arg(&paths.control_socket)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -139,6 +191,7 @@ impl Daemon {
             child,
             lines,
             log: Vec::new(),
+            paths,
         };
         daemon.wait_for("protecting TCP ports", Duration::from_secs(30));
         daemon
@@ -171,6 +224,19 @@ impl Daemon {
         fresh
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` to the daemon.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: signalling the nsenter process we started; it execs tcpguard in place, so
+        // this pid is tcpguard's.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
     /// Sends SIGINT, waits for exit, asserts it was clean, and returns the final totals as
     /// (counter name, value) pairs.
     pub fn stop(mut self) -> Vec<(String, u64)> {
@@ -191,11 +257,7 @@ impl Daemon {
     }
 
     fn interrupt(&mut self) {
-        // SAFETY: signalling the ip-netns-exec process we started; it execs tcpguard in place,
-        // so this pid is tcpguard's.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
+        self.signal(libc::SIGINT);
     }
 }
 
@@ -207,6 +269,7 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+        let _ = self.paths.tcpguard(&["detach"]);
     }
 }
 

@@ -1,4 +1,5 @@
-//! `tcpguard run` with bad arguments: one clear sentence, a non-zero exit, nothing attached.
+//! `tcpguard run` with bad arguments or a bad configuration file: one clear sentence, a
+//! non-zero exit, nothing attached.
 
 use tcpguard_tests::{netns::Namespace, rig::tcpguard_binary};
 
@@ -18,13 +19,36 @@ fn run_in(namespace: &Namespace, args: &[&str]) -> (bool, String) {
 #[test]
 fn bad_arguments_are_refused_with_a_sentence_and_nothing_attached() {
     let namespace = Namespace::new("cli");
-    let cases: [(&[&str], &str); 4] = [
+    let config = std::env::temp_dir().join(format!("tcpguard-cli-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        "interface = \"lo\"\nports = [80]\n[policy]\nallow = [\"10.0.0.1/8\"]\n",
+    )
+    .unwrap();
+    let unknown = std::env::temp_dir().join(format!("tcpguard-cli-{}-b.toml", std::process::id()));
+    std::fs::write(&unknown, "interface = \"lo\"\nport = 80\n").unwrap();
+    let cases: [(&[&str], &str); 7] = [
         (
             &["--iface", "nosuch0", "--port", "80"],
             "interface \"nosuch0\" does not exist",
         ),
         (&["--iface", "lo", "--port", "0"], "0 is not in 1..=65535"),
-        (&["--iface", "lo"], "--port <PORT>"),
+        (
+            &["--iface", "lo"],
+            "no ports to protect: set `ports` in the config file or pass --port",
+        ),
+        (
+            &["--config", config.to_str().unwrap()],
+            "\"10.0.0.1/8\" has host bits set; the prefix is 10.0.0.0/8",
+        ),
+        (
+            &["--config", unknown.to_str().unwrap()],
+            "unknown field `port`",
+        ),
+        (
+            &["--config", "/nonexistent/tcpguard.toml"],
+            "cannot read /nonexistent/tcpguard.toml",
+        ),
         (
             &["--iface", "lo", "--port", "80", "--xdp-mode", "fast"],
             "is not one of auto, native, skb",
@@ -40,6 +64,8 @@ fn bad_arguments_are_refused_with_a_sentence_and_nothing_attached() {
             "nothing attached after {args:?}"
         );
     }
+    let _ = std::fs::remove_file(config);
+    let _ = std::fs::remove_file(unknown);
 }
 
 #[test]

@@ -1,0 +1,517 @@
+//! The configuration file (TOML), the command-line flags that override it, and the checks every
+//! value passes before the daemon uses it.
+
+use std::{
+    collections::BTreeSet,
+    fs, io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use crate::{AttachMode, connection::Timeouts, guard::SourcePolicy, prefix::Prefix};
+
+/// Where the daemon looks for its configuration unless told otherwise.
+pub const DEFAULT_PATH: &str = "/etc/tcpguard/tcpguard.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What happens to the attachment when the daemon stops.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExit {
+    /// Detach and remove everything pinned: the interface is as it was before.
+    #[default]
+    Detach,
+    /// Leave the programs attached through their pinned links, so that protection goes on
+    /// while the daemon restarts; `tcpguard detach` removes them.
+    Keep,
+}
+
+/// The configuration file as written. Every key is optional; unknown keys are refused.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct File {
+    pub interface: Option<String>,
+    pub ports: Vec<u32>,
+    pub xdp_mode: String,
+    pub keep_sysctls: bool,
+    pub on_exit: OnExit,
+    pub stats_interval: u64,
+    pub pin_dir: PathBuf,
+    pub flow_capacity: u32,
+    pub metrics: MetricsSection,
+    pub control: ControlSection,
+    pub policy: PolicySection,
+    pub timeouts: TimeoutsSection,
+}
+
+impl Default for File {
+    fn default() -> Self {
+        Self {
+            interface: None,
+            ports: Vec::new(),
+            xdp_mode: "auto".to_owned(),
+            keep_sysctls: false,
+            on_exit: OnExit::Detach,
+            stats_interval: 60,
+            pin_dir: PathBuf::from("/sys/fs/bpf/tcpguard"),
+            flow_capacity: tcpguard_common::DEFAULT_FLOW_CAPACITY,
+            metrics: MetricsSection::default(),
+            control: ControlSection::default(),
+            policy: PolicySection::default(),
+            timeouts: TimeoutsSection::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Address of the HTTP endpoint serving /metrics and /healthz; empty: none.
+    pub listen: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9877".to_owned(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    /// Unix socket that `tcpguard status` and `tcpguard flows` ask.
+    pub socket: PathBuf,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        }
+    }
+}
+
+/// Where `tcpguard status` and `flows` look for the daemon unless told otherwise.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/tcpguard/control.sock";
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicySection {
+    /// Sources that skip the cookie round trip.
+    pub allow: Vec<Prefix>,
+    /// Sources dropped in XDP. A source in both lists is denied.
+    pub deny: Vec<Prefix>,
+    /// Tracked connections a single source address may have; 0: no limit.
+    pub max_connections_per_source: u32,
+}
+
+/// Timeouts in seconds.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsSection {
+    pub syn_sent: u64,
+    pub syn_received: u64,
+    pub established: u64,
+    pub fin_wait: u64,
+    pub close_wait: u64,
+    pub closing: u64,
+    pub last_ack: u64,
+    pub msl: u64,
+    pub close: u64,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        let defaults = Timeouts::default();
+        Self {
+            syn_sent: defaults.syn_sent.as_secs(),
+            syn_received: defaults.syn_received.as_secs(),
+            established: defaults.established.as_secs(),
+            fin_wait: defaults.fin_wait.as_secs(),
+            close_wait: defaults.close_wait.as_secs(),
+            closing: defaults.closing.as_secs(),
+            last_ack: defaults.last_ack.as_secs(),
+            msl: defaults.msl.as_secs(),
+            close: defaults.close.as_secs(),
+        }
+    }
+}
+
+/// Command-line flags that override the file.
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    pub interface: Option<String>,
+    pub ports: Vec<u16>,
+    pub xdp_mode: Option<String>,
+    pub keep_sysctls: bool,
+    pub keep_attached: bool,
+    pub stats_interval: Option<u64>,
+    pub metrics_listen: Option<String>,
+    pub control_socket: Option<PathBuf>,
+    pub pin_dir: Option<PathBuf>,
+}
+
+/// The configuration the daemon runs with: every value checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub interface: String,
+    pub ports: BTreeSet<u16>,
+    pub xdp_mode: AttachMode,
+    pub keep_sysctls: bool,
+    pub on_exit: OnExit,
+    pub stats_interval: Duration,
+    pub pin_dir: Option<PathBuf>,
+    pub flow_capacity: u32,
+    pub metrics_listen: Option<SocketAddr>,
+    pub control_socket: PathBuf,
+    pub policy: SourcePolicy,
+    pub max_connections_per_source: u32,
+    pub timeouts: Timeouts,
+}
+
+/// The longest timeout accepted: 30 days.
+const MAX_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
+const FLOW_CAPACITY_RANGE: std::ops::RangeInclusive<u32> = 1024..=(1 << 24);
+
+impl Config {
+    /// Reads `path` (a missing file is an empty one only when `required` is false), applies
+    /// `overrides`, and checks the result.
+    pub fn load(path: &Path, required: bool, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let file = match fs::read_to_string(path) {
+            Ok(text) => parse(path, &text)?,
+            Err(err) if err.kind() == io::ErrorKind::NotFound && !required => File::default(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Self::from_file(file, overrides)
+    }
+
+    pub fn from_file(mut file: File, overrides: &Overrides) -> Result<Self, ConfigError> {
+        if let Some(interface) = &overrides.interface {
+            file.interface = Some(interface.clone());
+        }
+        if !overrides.ports.is_empty() {
+            file.ports = overrides
+                .ports
+                .iter()
+                .map(|&port| u32::from(port))
+                .collect();
+        }
+        if let Some(mode) = &overrides.xdp_mode {
+            file.xdp_mode = mode.clone();
+        }
+        file.keep_sysctls |= overrides.keep_sysctls;
+        if overrides.keep_attached {
+            file.on_exit = OnExit::Keep;
+        }
+        if let Some(seconds) = overrides.stats_interval {
+            file.stats_interval = seconds;
+        }
+        if let Some(listen) = &overrides.metrics_listen {
+            file.metrics.listen = listen.clone();
+        }
+        if let Some(socket) = &overrides.control_socket {
+            file.control.socket = socket.clone();
+        }
+        if let Some(dir) = &overrides.pin_dir {
+            file.pin_dir = dir.clone();
+        }
+        validate(file)
+    }
+
+    /// The values a SIGHUP cannot change, with their names, for telling the operator.
+    pub fn restart_only(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("interface", self.interface.clone()),
+            ("xdp_mode", self.xdp_mode.to_string()),
+            ("pin_dir", format!("{:?}", self.pin_dir)),
+            ("flow_capacity", self.flow_capacity.to_string()),
+            ("metrics.listen", format!("{:?}", self.metrics_listen)),
+            ("control.socket", self.control_socket.display().to_string()),
+        ]
+    }
+}
+
+fn parse(path: &Path, text: &str) -> Result<File, ConfigError> {
+    toml::from_str(text).map_err(|err| ConfigError::Parse {
+        path: path.to_owned(),
+        message: err.to_string().trim_end().replace('\n', " "),
+    })
+}
+
+fn invalid(message: String) -> ConfigError {
+    ConfigError::Invalid(message)
+}
+
+fn validate(file: File) -> Result<Config, ConfigError> {
+    let interface = file
+        .interface
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| {
+            invalid(
+                "no interface to protect: set `interface` in the config file or pass --iface"
+                    .to_owned(),
+            )
+        })?;
+    if interface.len() > 15 || interface.contains(['/', ' ']) {
+        return Err(invalid(format!(
+            "interface {interface:?} is not a valid interface name (at most 15 characters, no '/' or spaces)"
+        )));
+    }
+    if file.ports.is_empty() {
+        return Err(invalid(
+            "no ports to protect: set `ports` in the config file or pass --port".to_owned(),
+        ));
+    }
+    let mut ports = BTreeSet::new();
+    for port in file.ports {
+        match u16::try_from(port) {
+            Ok(port) if port != 0 => ports.insert(port),
+            _ => {
+                return Err(invalid(format!(
+                    "port {port} is not a TCP port number from 1 to 65535"
+                )));
+            }
+        };
+    }
+    let xdp_mode = file.xdp_mode.parse::<AttachMode>().map_err(invalid)?;
+    if !FLOW_CAPACITY_RANGE.contains(&file.flow_capacity) {
+        return Err(invalid(format!(
+            "flow_capacity {} is not between {} and {}",
+            file.flow_capacity,
+            FLOW_CAPACITY_RANGE.start(),
+            FLOW_CAPACITY_RANGE.end()
+        )));
+    }
+    let metrics_listen = match file.metrics.listen.as_str() {
+        "" => None,
+        text => Some(text.parse::<SocketAddr>().map_err(|_| {
+            invalid(format!(
+                "metrics.listen {text:?} is not an address and port such as 127.0.0.1:9877 or [::1]:9877 (empty turns the endpoint off)"
+            ))
+        })?),
+    };
+    if file.control.socket.as_os_str().is_empty() || !file.control.socket.is_absolute() {
+        return Err(invalid(format!(
+            "control.socket {:?} is not an absolute path",
+            file.control.socket
+        )));
+    }
+    let pin_dir = match file.pin_dir.as_os_str().is_empty() {
+        true => None,
+        false if file.pin_dir.is_absolute() => Some(file.pin_dir),
+        false => {
+            return Err(invalid(format!(
+                "pin_dir {:?} is not an absolute path (empty turns pinning off)",
+                file.pin_dir
+            )));
+        }
+    };
+    if file.on_exit == OnExit::Keep && pin_dir.is_none() {
+        return Err(invalid(
+            "on_exit = \"keep\" needs a pin_dir to keep the programs attached through".to_owned(),
+        ));
+    }
+    let t = &file.timeouts;
+    let seconds = |name: &str, value: u64| {
+        if (1..=MAX_TIMEOUT_SECS).contains(&value) {
+            Ok(Duration::from_secs(value))
+        } else {
+            Err(invalid(format!(
+                "timeouts.{name} = {value} is not a number of seconds from 1 to {MAX_TIMEOUT_SECS}"
+            )))
+        }
+    };
+    let timeouts = Timeouts {
+        syn_sent: seconds("syn_sent", t.syn_sent)?,
+        syn_received: seconds("syn_received", t.syn_received)?,
+        established: seconds("established", t.established)?,
+        fin_wait: seconds("fin_wait", t.fin_wait)?,
+        close_wait: seconds("close_wait", t.close_wait)?,
+        closing: seconds("closing", t.closing)?,
+        last_ack: seconds("last_ack", t.last_ack)?,
+        msl: seconds("msl", t.msl)?,
+        close: seconds("close", t.close)?,
+    };
+    Ok(Config {
+        interface,
+        ports,
+        xdp_mode,
+        keep_sysctls: file.keep_sysctls,
+        on_exit: file.on_exit,
+        stats_interval: Duration::from_secs(file.stats_interval),
+        pin_dir,
+        flow_capacity: file.flow_capacity,
+        metrics_listen,
+        control_socket: file.control.socket,
+        policy: SourcePolicy {
+            allow: file.policy.allow,
+            deny: file.policy.deny,
+            source_limit: file.policy.max_connections_per_source > 0,
+        },
+        max_connections_per_source: file.policy.max_connections_per_source,
+        timeouts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Result<Config, ConfigError> {
+        Config::from_file(parse(Path::new("test.toml"), text)?, &Overrides::default())
+    }
+
+    fn error(text: &str) -> String {
+        config(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_shipped_example_is_valid_and_documents_every_key() {
+        let text = include_str!("../../systemd/tcpguard.toml");
+        let example: File = parse(Path::new("tcpguard.toml"), text).unwrap();
+        let config = Config::from_file(example, &Overrides::default()).unwrap();
+        assert_eq!(config.on_exit, OnExit::Keep);
+        // "## " starts prose; "# " an example value.
+        let uncommented: String = text
+            .lines()
+            .filter(|line| !line.starts_with("##"))
+            .map(|line| line.strip_prefix("# ").unwrap_or(line))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let every_key: File = parse(Path::new("tcpguard.toml"), &uncommented)
+            .expect("the example with every value uncommented is still a valid file");
+        Config::from_file(every_key.clone(), &Overrides::default()).unwrap();
+        let mut defaults = File {
+            interface: every_key.interface.clone(),
+            ports: every_key.ports.clone(),
+            on_exit: OnExit::Keep,
+            ..File::default()
+        };
+        defaults.policy = every_key.policy.clone();
+        assert_eq!(every_key, defaults, "the example shows the defaults");
+    }
+
+    #[test]
+    fn defaults_follow_the_kernel_and_conntrack() {
+        let config = config("interface = \"eth0\"\nports = [80, 443, 80]").unwrap();
+        assert_eq!(config.ports, BTreeSet::from([80, 443]));
+        assert_eq!(config.timeouts, Timeouts::default());
+        assert_eq!(
+            config
+                .timeouts
+                .of(crate::tcp_state::TcpState::TimeWait)
+                .as_secs(),
+            60
+        );
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9877".parse().unwrap())
+        );
+        assert_eq!(config.on_exit, OnExit::Detach);
+        assert!(!config.policy.source_limit);
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = parse(
+            Path::new("t"),
+            "interface = \"eth0\"\nports = [80]\nxdp_mode = \"native\"",
+        )
+        .unwrap();
+        let overrides = Overrides {
+            interface: Some("eth1".into()),
+            ports: vec![8080],
+            xdp_mode: Some("skb".into()),
+            keep_attached: true,
+            ..Overrides::default()
+        };
+        let config = Config::from_file(file, &overrides).unwrap();
+        assert_eq!(config.interface, "eth1");
+        assert_eq!(config.ports, BTreeSet::from([8080]));
+        assert_eq!(config.xdp_mode, AttachMode::Skb);
+        assert_eq!(config.on_exit, OnExit::Keep);
+    }
+
+    #[test]
+    fn every_bad_value_is_named() {
+        let base = "interface = \"eth0\"\nports = [80]\n";
+        for (extra, expected) in [
+            ("colour = 1", "unknown field `colour`"),
+            ("[policy]\nmax_conns = 3", "unknown field `max_conns`"),
+            (
+                "flow_capacity = 10",
+                "flow_capacity 10 is not between 1024 and 16777216",
+            ),
+            (
+                "xdp_mode = \"fast\"",
+                "XDP mode \"fast\" is not one of auto, native, skb",
+            ),
+            (
+                "[metrics]\nlisten = \"localhost\"",
+                "metrics.listen \"localhost\" is not an address",
+            ),
+            (
+                "[timeouts]\nmsl = 0",
+                "timeouts.msl = 0 is not a number of seconds",
+            ),
+            (
+                "[policy]\ndeny = [\"10.1.2.3/8\"]",
+                "has host bits set; the prefix is 10.0.0.0/8",
+            ),
+            (
+                "pin_dir = \"bpf\"",
+                "pin_dir \"bpf\" is not an absolute path",
+            ),
+            (
+                "pin_dir = \"\"\non_exit = \"keep\"",
+                "on_exit = \"keep\" needs a pin_dir",
+            ),
+        ] {
+            let message = error(&format!("{base}{extra}"));
+            assert!(message.contains(expected), "{extra:?}: {message}");
+        }
+        assert!(error("ports = [80]").contains("no interface to protect"));
+        assert!(error("interface = \"eth0\"").contains("no ports to protect"));
+        assert!(
+            error("interface = \"eth0\"\nports = [70000]")
+                .contains("port 70000 is not a TCP port number from 1 to 65535")
+        );
+    }
+
+    #[test]
+    fn a_missing_default_file_is_empty_but_a_named_one_is_an_error() {
+        let missing = Path::new("/nonexistent/tcpguard.toml");
+        let overrides = Overrides {
+            interface: Some("lo".into()),
+            ports: vec![80],
+            ..Overrides::default()
+        };
+        assert!(Config::load(missing, false, &overrides).is_ok());
+        let err = Config::load(missing, true, &overrides)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cannot read /nonexistent/tcpguard.toml"),
+            "{err}"
+        );
+    }
+}

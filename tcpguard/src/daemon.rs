@@ -1,0 +1,531 @@
+//! The daemon: loads and attaches the data plane, then one loop that reads lifecycle events,
+//! keeps the connection table, reaps idle connections, refreshes metrics, answers the control
+//! socket and reloads the configuration on SIGHUP.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::AtomicU64, atomic::Ordering},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use aya::maps::{MapData, RingBuf};
+use log::{error, info, warn};
+use tcpguard_common::{Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
+
+use crate::{
+    Guard,
+    config::{Config, OnExit, Overrides},
+    control::{self, Asked, Request},
+    guard::{Counters, FlowMap, LoadOptions},
+    http,
+    metrics::Metrics,
+    notify::notify,
+    sysctl::{self, Outcome, TCP_SYNCOOKIES, TCP_TIMESTAMPS},
+    tracker::{Effect, Tracker},
+};
+
+/// Most events handled before the loop looks at its other duties.
+const EVENT_BATCH: usize = 4096;
+
+/// Where the configuration comes from, to read it again on SIGHUP.
+pub struct ConfigSource {
+    pub path: PathBuf,
+    /// Whether the file must exist (it was named on the command line).
+    pub required: bool,
+    pub overrides: Overrides,
+}
+
+impl ConfigSource {
+    pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
+        Config::load(&self.path, self.required, &self.overrides)
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run(source: ConfigSource) -> anyhow::Result<()> {
+    let config = source.load()?;
+    if crate::guard::if_index(&config.interface).is_none() {
+        anyhow::bail!(
+            "interface {:?} does not exist; `ip link` lists the interfaces of this network namespace",
+            config.interface
+        );
+    }
+    for required in [TCP_SYNCOOKIES, TCP_TIMESTAMPS] {
+        if let Outcome::Changed { from } = required.ensure(!config.keep_sysctls)? {
+            info!(
+                "set {} from {from} to {} (SYN cookies from XDP need it)",
+                required.name, required.required
+            );
+        }
+    }
+    let cookie = sysctl::syn_cookie_config()?;
+    let mut guard = Guard::load_with(&LoadOptions {
+        pin_dir: config.pin_dir.clone(),
+        flow_capacity: config.flow_capacity,
+    })?;
+    guard.set_ports(&config.ports)?;
+    guard.set_syn_cookie_config(cookie)?;
+    guard.set_policy(&config.policy)?;
+    let attachment = guard.attach(&config.interface, config.xdp_mode)?;
+    info!(
+        "protecting TCP ports {:?} on {} in {} mode{} (SYN-ACK window scale {}, SACK {})",
+        config.ports,
+        attachment.interface,
+        attachment.mode,
+        if attachment.adopted {
+            ", adopted from the previous daemon"
+        } else {
+            ""
+        },
+        cookie.window_scale,
+        if cookie.sack != 0 { "on" } else { "off" },
+    );
+    let events = guard.take_events()?;
+    let flows = guard.flows()?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the event loop")?;
+    let mut daemon = Daemon::new(source, config, guard, flows);
+    let outcome = runtime.block_on(daemon.serve(events));
+    daemon.stop()?;
+    outcome
+}
+
+struct Daemon {
+    source: ConfigSource,
+    config: Config,
+    guard: Option<Guard>,
+    flows: FlowMap,
+    tracker: Tracker,
+    metrics: Metrics,
+    started: Instant,
+    sources_full: HashSet<SourceKey>,
+    effects: Vec<Effect>,
+    heartbeat: http::Heartbeat,
+    /// Counters at the last stats log line.
+    logged: Counters,
+}
+
+impl Daemon {
+    fn new(source: ConfigSource, config: Config, guard: Guard, flows: FlowMap) -> Self {
+        let start_time = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |since| since.as_secs_f64());
+        let logged = guard.counters().unwrap_or_default();
+        let mut daemon = Self {
+            tracker: Tracker::new(config.timeouts, config.max_connections_per_source),
+            source,
+            config,
+            guard: Some(guard),
+            flows,
+            metrics: Metrics::new(start_time),
+            started: Instant::now(),
+            sources_full: HashSet::new(),
+            effects: Vec::new(),
+            heartbeat: Arc::new(AtomicU64::new(crate::clock::monotonic_secs())),
+            logged,
+        };
+        let adopted = daemon.flows.entries();
+        if !adopted.is_empty() {
+            info!(
+                "adopting {} tracked connections from the flow map",
+                adopted.len()
+            );
+        }
+        for (key, flow) in adopted {
+            daemon
+                .tracker
+                .adopt(key, flow.last_seen_ns, &mut daemon.effects);
+        }
+        daemon.apply_effects();
+        daemon
+    }
+
+    fn guard(&mut self) -> &mut Guard {
+        self.guard.as_mut().expect("the guard lives until stop")
+    }
+
+    async fn serve(&mut self, events: RingBuf<MapData>) -> anyhow::Result<()> {
+        let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+        let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+        let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
+        // SAFETY: the ring owns its map's file descriptor, which stays open and the same for
+        // as long as the ring lives, and the ring lives inside the AsyncFd.
+        let mut ring =
+            unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
+                .map_err(|err| anyhow::anyhow!("cannot poll the lifecycle ring buffer: {err}"))?;
+        let (asked_tx, mut asked) = mpsc::channel::<Asked>(16);
+        self.start_control_socket(asked_tx)?;
+        if let Some(address) = self.config.metrics_listen {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot serve metrics on {address}"))?;
+            info!("metrics on http://{address}/metrics");
+            tokio::spawn(http::serve(
+                listener,
+                self.metrics.registry(),
+                self.heartbeat.clone(),
+            ));
+        }
+        self.refresh_metrics();
+        notify(&format!(
+            "READY=1\nSTATUS=protecting ports {:?} on {}",
+            self.config.ports, self.config.interface
+        ))
+        .unwrap_or_else(|err| warn!("cannot tell systemd we are ready: {err}"));
+
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut last_log = Instant::now();
+        loop {
+            tokio::select! {
+                _ = interrupt.recv() => { info!("SIGINT received, stopping"); break }
+                _ = terminate.recv() => { info!("SIGTERM received, stopping"); break }
+                _ = hangup.recv() => self.reload(),
+                readable = ring.readable_mut() => {
+                    let mut ready = readable.context("polling the lifecycle ring buffer")?;
+                    if self.drain_events(ready.get_inner_mut()) < EVENT_BATCH {
+                        ready.clear_ready();
+                    }
+                }
+                Some((request, reply)) = asked.recv() => {
+                    let _ = reply.send(self.answer(request));
+                }
+                _ = tick.tick() => {
+                    self.heartbeat.store(crate::clock::monotonic_secs(), Ordering::Relaxed);
+                    self.expire();
+                    self.refresh_metrics();
+                    let interval = self.config.stats_interval;
+                    if !interval.is_zero() && last_log.elapsed() >= interval {
+                        last_log = Instant::now();
+                        self.log_stats(interval);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles up to [`EVENT_BATCH`] events; returns how many there were.
+    fn drain_events(&mut self, ring: &mut RingBuf<MapData>) -> usize {
+        let mut handled = 0;
+        while handled < EVENT_BATCH {
+            let Some(item) = ring.next() else { break };
+            if item.len() >= size_of::<LifecycleEvent>() {
+                // SAFETY: the record is a LifecycleEvent written by the data plane; the
+                // length was checked, and read_unaligned copes with any alignment.
+                let event = unsafe { item.as_ptr().cast::<LifecycleEvent>().read_unaligned() };
+                self.tracker.on_event(&event, &mut self.effects);
+            }
+            handled += 1;
+        }
+        self.apply_effects();
+        handled
+    }
+
+    fn expire(&mut self) {
+        let now = crate::clock::monotonic_ns();
+        let flows = &self.flows;
+        self.tracker.expire(
+            now,
+            |key| flows.get(key).map(|flow| flow.last_seen_ns),
+            &mut self.effects,
+        );
+        self.apply_effects();
+    }
+
+    fn apply_effects(&mut self) {
+        let effects = std::mem::take(&mut self.effects);
+        for effect in &effects {
+            self.metrics.observe_effect(effect);
+            match effect {
+                Effect::Closed { key, .. } => self.flows.remove(key),
+                Effect::SourceFull { source, full } => {
+                    if *full {
+                        self.sources_full.insert(*source);
+                    } else {
+                        self.sources_full.remove(source);
+                    }
+                    if let Err(err) = self.guard().set_source_full(source, *full) {
+                        warn!("cannot update the per-source limit: {err}");
+                    }
+                }
+                Effect::Opened { .. } | Effect::Handshake { .. } => {}
+            }
+        }
+        self.effects = effects;
+        self.effects.clear();
+    }
+
+    fn refresh_metrics(&mut self) {
+        let guard = self.guard.as_ref().expect("the guard lives until stop");
+        match (guard.counters(), guard.event_stats()) {
+            (Ok(counters), Ok(events)) => self.metrics.observe_data_plane(&counters, events),
+            (Err(err), _) | (_, Err(err)) => warn!("cannot read the data plane's counters: {err}"),
+        }
+        self.metrics.observe_table(
+            &self.tracker.count_by_state(),
+            self.flows.capacity(),
+            self.sources_full.len(),
+        );
+    }
+
+    fn log_stats(&mut self, interval: Duration) {
+        let Ok(now) = self.guard().counters() else {
+            return;
+        };
+        let delta = now.since(&self.logged);
+        if delta.nonzero().next().is_some() {
+            info!(
+                "last {}s: {}; {} connections tracked",
+                interval.as_secs(),
+                format_counters(&delta, "+"),
+                self.tracker.len()
+            );
+        }
+        self.logged = now;
+    }
+
+    fn reload(&mut self) {
+        notify("RELOADING=1").ok();
+        let result = self
+            .source
+            .load()
+            .map_err(anyhow::Error::from)
+            .and_then(|new| {
+                self.apply_config(new)?;
+                Ok(())
+            });
+        match result {
+            Ok(()) => {
+                info!(
+                    "configuration reloaded: ports {:?}, {} allowed and {} denied prefixes, {} connections per source",
+                    self.config.ports,
+                    self.config.policy.allow.len(),
+                    self.config.policy.deny.len(),
+                    limit_text(self.config.max_connections_per_source),
+                );
+                self.metrics.observe_reload(true);
+            }
+            Err(err) => {
+                error!("configuration not reloaded, the running one stays: {err:#}");
+                self.metrics.observe_reload(false);
+            }
+        }
+        notify("READY=1").ok();
+    }
+
+    fn apply_config(&mut self, mut new: Config) -> anyhow::Result<()> {
+        for ((name, old), (_, wanted)) in self
+            .config
+            .restart_only()
+            .into_iter()
+            .zip(new.restart_only())
+        {
+            if old != wanted {
+                warn!(
+                    "{name} changed from {old} to {wanted}; that takes a restart, the running value stays"
+                );
+            }
+        }
+        new.interface = self.config.interface.clone();
+        new.xdp_mode = self.config.xdp_mode;
+        new.pin_dir = self.config.pin_dir.clone();
+        new.flow_capacity = self.config.flow_capacity;
+        new.metrics_listen = self.config.metrics_listen;
+        new.control_socket = self.config.control_socket.clone();
+        let guard = self.guard();
+        guard.set_ports(&new.ports)?;
+        guard.set_policy(&new.policy)?;
+        if !new.policy.source_limit {
+            self.sources_full.clear();
+        }
+        self.tracker.reconfigure(
+            new.timeouts,
+            new.max_connections_per_source,
+            &mut self.effects,
+        );
+        self.apply_effects();
+        self.config = new;
+        Ok(())
+    }
+
+    fn start_control_socket(&self, asked: mpsc::Sender<Asked>) -> anyhow::Result<()> {
+        let path = &self.config.control_socket;
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| {
+                format!("cannot create {} for the control socket", dir.display())
+            })?;
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another tcpguard answers on {}; stop it first or set control.socket",
+                path.display()
+            );
+        }
+        let _ = fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("cannot listen on {}", path.display()))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+            .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
+        tokio::spawn(control::serve(listener, asked));
+        Ok(())
+    }
+
+    fn answer(&self, request: Request) -> String {
+        match request {
+            Request::Status => serde_json::to_string(&self.status()),
+            Request::Flows => serde_json::to_string(&self.flow_list()),
+        }
+        .unwrap_or_else(|err| format!("{{\"error\":\"{err}\"}}"))
+    }
+
+    fn status(&self) -> control::Status {
+        let guard = self.guard.as_ref().expect("the guard lives until stop");
+        let attachment = guard.attachment();
+        let counters = guard.counters().unwrap_or_default();
+        let (events_sent, events_lost) = guard.event_stats().unwrap_or_default();
+        let connections_by_state: BTreeMap<String, usize> = self
+            .tracker
+            .count_by_state()
+            .into_iter()
+            .map(|((client, server), count)| (format!("{client}/{server}"), count))
+            .collect();
+        control::Status {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            interface: self.config.interface.clone(),
+            xdp_mode: attachment.map(|a| a.mode.clone()).unwrap_or_default(),
+            adopted: attachment.is_some_and(|a| a.adopted),
+            ports: self.config.ports.iter().copied().collect(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            tracked_connections: self.tracker.len(),
+            flow_capacity: self.flows.capacity(),
+            connections_by_state,
+            packets: Counter::ALL
+                .iter()
+                .map(|&counter| (counter.name().to_owned(), counters.get(counter)))
+                .collect(),
+            events_sent,
+            events_lost,
+            allow: self
+                .config
+                .policy
+                .allow
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            deny: self
+                .config
+                .policy
+                .deny
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            max_connections_per_source: self.config.max_connections_per_source,
+        }
+    }
+
+    fn flow_list(&self) -> Vec<control::Flow> {
+        let now = crate::clock::monotonic_ns();
+        let mut list: Vec<control::Flow> = self
+            .tracker
+            .iter()
+            .map(|(key, tracked)| {
+                let connection = &tracked.connection;
+                let last_seen = self
+                    .flows
+                    .get(key)
+                    .map_or(connection.last_activity_ns, |flow| {
+                        flow.last_seen_ns.max(connection.last_activity_ns)
+                    });
+                control::Flow {
+                    client: endpoint(key, true),
+                    server: endpoint(key, false),
+                    client_state: connection.client.state.to_string(),
+                    server_state: connection.server.state.to_string(),
+                    origin: tracked.origin.label().to_owned(),
+                    age_seconds: now.saturating_sub(connection.opened_ns) as f64 / 1e9,
+                    idle_seconds: now.saturating_sub(last_seen) as f64 / 1e9,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| (&a.server, &a.client).cmp(&(&b.server, &b.client)));
+        list
+    }
+
+    /// Logs the totals, tells systemd, and detaches or leaves the programs attached.
+    fn stop(&mut self) -> anyhow::Result<()> {
+        notify("STOPPING=1").ok();
+        let _ = fs::remove_file(&self.config.control_socket);
+        let Some(guard) = self.guard.take() else {
+            return Ok(());
+        };
+        if let Ok(totals) = guard.counters() {
+            info!("totals: {}", format_counters(&totals, ""));
+        }
+        match self.config.on_exit {
+            OnExit::Keep => {
+                guard.release()?;
+                info!(
+                    "left attached to {} through {}; `tcpguard detach` removes it",
+                    self.config.interface,
+                    self.config
+                        .pin_dir
+                        .as_deref()
+                        .unwrap_or(Path::new("?"))
+                        .display()
+                );
+            }
+            OnExit::Detach => {
+                guard.detach()?;
+                info!("detached from {}", self.config.interface);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn endpoint(key: &FlowKey, client: bool) -> String {
+    let (address, port) = if client {
+        (key.client_addr, key.client_port)
+    } else {
+        (key.server_addr, key.server_port)
+    };
+    if key.family == FLOW_IPV4 {
+        let v4 = std::net::Ipv4Addr::new(address[0], address[1], address[2], address[3]);
+        format!("{v4}:{port}")
+    } else {
+        format!("[{}]:{port}", std::net::Ipv6Addr::from(address))
+    }
+}
+
+fn limit_text(limit: u32) -> String {
+    if limit == 0 {
+        "unlimited".to_owned()
+    } else {
+        limit.to_string()
+    }
+}
+
+pub fn format_counters(counters: &Counters, sign: &str) -> String {
+    let parts: Vec<String> = counters
+        .nonzero()
+        .map(|(counter, value)| format!("{}={sign}{value}", counter.name()))
+        .collect();
+    if parts.is_empty() {
+        "no packets".to_owned()
+    } else {
+        parts.join(" ")
+    }
+}

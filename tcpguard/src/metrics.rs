@@ -1,0 +1,309 @@
+//! What tcpguard exports to Prometheus. The daemon refreshes the values from the data plane's
+//! maps and its connection table; the HTTP endpoint only encodes them.
+
+use std::collections::HashMap;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tcpguard_common::{Counter, CounterKind};
+
+use crate::{
+    connection::CloseReason,
+    guard::Counters,
+    tcp_state::TcpState,
+    tracker::{Effect, Origin},
+};
+
+/// Every tcpguard series, registered in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    packets: IntCounterVec,
+    connections: IntGaugeVec,
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    duration: HistogramVec,
+    handshake: Histogram,
+    flow_entries: IntGauge,
+    flow_capacity: IntGauge,
+    events: IntCounter,
+    events_lost: IntCounter,
+    sources_at_limit: IntGauge,
+    reloads: IntCounterVec,
+    /// The data plane's cumulative counters at the last refresh, to turn them into increments.
+    last_packets: Counters,
+    last_events: (u64, u64),
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once, under a distinct name");
+    metric
+}
+
+impl Metrics {
+    pub fn new(start_time_seconds: f64) -> Self {
+        let registry = Registry::new();
+        let packets = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tcpguard_xdp_packets_total",
+                    "Packets judged by the XDP program, by verdict (pass, answer, drop) and reason.",
+                ),
+                &["verdict", "reason"],
+            )
+            .expect("valid metric"),
+        );
+        for counter in Counter::ALL {
+            packets.with_label_values(&[verdict(counter.kind()), counter.name()]);
+        }
+        let connections = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "tcpguard_connections",
+                    "Tracked connections, by the state of each end (RFC 9293 states).",
+                ),
+                &["client_state", "server_state"],
+            )
+            .expect("valid metric"),
+        );
+        let opened = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tcpguard_connections_opened_total",
+                    "Connections tracked, by how tracking began: cookie handshake, allow-listed SYN, or adopted.",
+                ),
+                &["origin"],
+            )
+            .expect("valid metric"),
+        );
+        for origin in Origin::ALL {
+            opened.with_label_values(&[origin.label()]);
+        }
+        let closed = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tcpguard_connections_closed_total",
+                    "Connections over, by how they ended: fin, rst or timeout.",
+                ),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        let duration = register(
+            &registry,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "tcpguard_connection_duration_seconds",
+                    "From the start of tracking to the last segment, by how the connection ended.",
+                )
+                .buckets(vec![
+                    0.01, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0,
+                ]),
+                &["reason"],
+            )
+            .expect("valid metric"),
+        );
+        for reason in CloseReason::ALL {
+            closed.with_label_values(&[reason.label()]);
+            duration.with_label_values(&[reason.label()]);
+        }
+        let handshake = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "tcpguard_handshake_duration_seconds",
+                    "From the client's SYN to its handshake-completing ACK.",
+                )
+                .buckets(vec![
+                    0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    3.0,
+                ]),
+            )
+            .expect("valid metric"),
+        );
+        let flow_entries = register(
+            &registry,
+            IntGauge::new(
+                "tcpguard_flow_table_entries",
+                "Connections in the flow table.",
+            )
+            .expect("valid metric"),
+        );
+        let flow_capacity = register(
+            &registry,
+            IntGauge::new(
+                "tcpguard_flow_table_capacity",
+                "Connections the flow table holds before it evicts the least recently active.",
+            )
+            .expect("valid metric"),
+        );
+        let events = register(
+            &registry,
+            IntCounter::new(
+                "tcpguard_lifecycle_events_total",
+                "Lifecycle events the data plane reported through its ring buffer.",
+            )
+            .expect("valid metric"),
+        );
+        let events_lost = register(
+            &registry,
+            IntCounter::new(
+                "tcpguard_lifecycle_events_lost_total",
+                "Lifecycle events lost because the ring buffer was full.",
+            )
+            .expect("valid metric"),
+        );
+        let sources_at_limit = register(
+            &registry,
+            IntGauge::new(
+                "tcpguard_sources_at_limit",
+                "Source addresses whose new SYNs are dropped because they reached max_connections_per_source.",
+            )
+            .expect("valid metric"),
+        );
+        let reloads = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tcpguard_config_reloads_total",
+                    "Configuration reloads (SIGHUP), by result.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        for result in ["success", "failure"] {
+            reloads.with_label_values(&[result]);
+        }
+        let build_info = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "tcpguard_build_info",
+                    "Always 1; the labels say which build runs.",
+                ),
+                &["version"],
+            )
+            .expect("valid metric"),
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let start_time = register(
+            &registry,
+            Gauge::new(
+                "tcpguard_start_time_seconds",
+                "When the daemon started, in seconds since the Unix epoch.",
+            )
+            .expect("valid metric"),
+        );
+        start_time.set(start_time_seconds);
+        Self {
+            registry,
+            packets,
+            connections,
+            opened,
+            closed,
+            duration,
+            handshake,
+            flow_entries,
+            flow_capacity,
+            events,
+            events_lost,
+            sources_at_limit,
+            reloads,
+            last_packets: Counters::default(),
+            last_events: (0, 0),
+        }
+    }
+
+    /// The data plane's counters, as read now.
+    pub fn observe_data_plane(&mut self, packets: &Counters, events: (u64, u64)) {
+        for (counter, increase) in packets.since(&self.last_packets).nonzero() {
+            self.packets
+                .with_label_values(&[verdict(counter.kind()), counter.name()])
+                .inc_by(increase);
+        }
+        self.last_packets = packets.clone();
+        self.events
+            .inc_by(events.0.saturating_sub(self.last_events.0));
+        self.events_lost
+            .inc_by(events.1.saturating_sub(self.last_events.1));
+        self.last_events = events;
+    }
+
+    /// The connection table, as it stands now.
+    pub fn observe_table(
+        &self,
+        by_state: &HashMap<(TcpState, TcpState), usize>,
+        capacity: u32,
+        sources_at_limit: usize,
+    ) {
+        self.connections.reset();
+        let mut entries = 0;
+        for ((client, server), &count) in by_state {
+            self.connections
+                .with_label_values(&[client.label(), server.label()])
+                .set(count as i64);
+            entries += count;
+        }
+        self.flow_entries.set(entries as i64);
+        self.flow_capacity.set(i64::from(capacity));
+        self.sources_at_limit.set(sources_at_limit as i64);
+    }
+
+    pub fn observe_effect(&self, effect: &Effect) {
+        match effect {
+            Effect::Opened { origin } => self.opened.with_label_values(&[origin.label()]).inc(),
+            Effect::Handshake { seconds } => self.handshake.observe(*seconds),
+            Effect::Closed {
+                reason, seconds, ..
+            } => {
+                self.closed.with_label_values(&[reason.label()]).inc();
+                self.duration
+                    .with_label_values(&[reason.label()])
+                    .observe(*seconds);
+            }
+            Effect::SourceFull { .. } => {}
+        }
+    }
+
+    pub fn observe_reload(&self, success: bool) {
+        self.reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+
+    /// The registry, for the HTTP endpoint (it is shared, not copied).
+    pub fn registry(&self) -> Registry {
+        self.registry.clone()
+    }
+}
+
+/// Every series in the Prometheus text exposition format.
+pub fn encode(registry: &Registry) -> Vec<u8> {
+    let mut buffer = Vec::new();
+    TextEncoder::new()
+        .encode(&registry.gather(), &mut buffer)
+        .expect("text encoding into memory does not fail");
+    buffer
+}
+
+/// The `Content-Type` of [`encode`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+const fn verdict(kind: CounterKind) -> &'static str {
+    match kind {
+        CounterKind::Pass => "pass",
+        CounterKind::Answer => "answer",
+        CounterKind::Drop => "drop",
+    }
+}

@@ -1,0 +1,402 @@
+//! Every tracked connection, keyed by its 4-tuple: lifecycle events in, state changes and
+//! their consequences out (a flow to forget, a source at its limit, a connection opened or
+//! closed). No I/O: the daemon carries out the effects.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use tcpguard_common::{
+    EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, FROM_CLIENT, FlowKey, LifecycleEvent, SourceKey,
+};
+
+use crate::{
+    connection::{CloseReason, Connection, Segment, Side, Timeouts},
+    tcp_state::TcpState,
+};
+
+/// How tcpguard came to track a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Its handshake completed through a SYN cookie answered from XDP.
+    Cookie,
+    /// Its SYN came from an allow-listed source and went straight to the kernel.
+    Allowed,
+    /// It was already in the flow map, or first seen mid-life.
+    Adopted,
+}
+
+impl Origin {
+    pub const ALL: [Self; 3] = [Self::Cookie, Self::Allowed, Self::Adopted];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Cookie => "cookie",
+            Self::Allowed => "allowed",
+            Self::Adopted => "adopted",
+        }
+    }
+}
+
+/// What the daemon must do, or record, because of an event or the passing of time.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    Opened {
+        origin: Origin,
+    },
+    /// Both ends reached ESTABLISHED, `seconds` after the client's SYN was first seen.
+    Handshake {
+        seconds: f64,
+    },
+    /// The connection is over: its flow entry can go.
+    Closed {
+        key: FlowKey,
+        reason: CloseReason,
+        seconds: f64,
+    },
+    /// `source` reached (true) or fell below (false) its connection limit.
+    SourceFull {
+        source: SourceKey,
+        full: bool,
+    },
+}
+
+/// One tracked connection.
+#[derive(Clone, Debug)]
+pub struct Tracked {
+    pub connection: Connection,
+    pub origin: Origin,
+    /// When the client's SYN was seen, if it was: the start of the handshake.
+    syn_ns: Option<u64>,
+}
+
+/// The connection table.
+pub struct Tracker {
+    connections: HashMap<FlowKey, Tracked>,
+    per_source: HashMap<SourceKey, u32>,
+    /// Connections a source may have; 0: no limit.
+    limit: u32,
+    timeouts: Timeouts,
+}
+
+impl Tracker {
+    pub fn new(timeouts: Timeouts, limit: u32) -> Self {
+        Self {
+            connections: HashMap::new(),
+            per_source: HashMap::new(),
+            limit,
+            timeouts,
+        }
+    }
+
+    /// New timeouts and limit (a reload). Sources newly over or under the limit are reported.
+    pub fn reconfigure(&mut self, timeouts: Timeouts, limit: u32, effects: &mut Vec<Effect>) {
+        self.timeouts = timeouts;
+        if limit == self.limit {
+            return;
+        }
+        let old = self.limit;
+        self.limit = limit;
+        for (source, &count) in &self.per_source {
+            let was = old != 0 && count >= old;
+            let is = limit != 0 && count >= limit;
+            if was != is {
+                effects.push(Effect::SourceFull {
+                    source: *source,
+                    full: is,
+                });
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.connections.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.connections.is_empty()
+    }
+
+    pub fn get(&self, key: &FlowKey) -> Option<&Tracked> {
+        self.connections.get(key)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&FlowKey, &Tracked)> {
+        self.connections.iter()
+    }
+
+    /// How many connections have each (client state, server state) pair.
+    pub fn count_by_state(&self) -> HashMap<(TcpState, TcpState), usize> {
+        let mut counts = HashMap::new();
+        for tracked in self.connections.values() {
+            *counts.entry(tracked.connection.states()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// A flow found in the data plane's map that this table does not know (a restart).
+    pub fn adopt(&mut self, key: FlowKey, last_seen_ns: u64, effects: &mut Vec<Effect>) {
+        if !self.connections.contains_key(&key) {
+            let connection = Connection::adopted(last_seen_ns);
+            self.insert(key, connection, Origin::Adopted, None, effects);
+        }
+    }
+
+    /// Applies one lifecycle event.
+    pub fn on_event(&mut self, event: &LifecycleEvent, effects: &mut Vec<Effect>) {
+        let segment = segment_of(event);
+        let now = event.time_ns;
+        match event.kind {
+            EVENT_COOKIE_HANDSHAKE => {
+                // A 4-tuple reused after TIME-WAIT: the old connection is over.
+                self.finish(&event.key, now.saturating_add(self.longest_ns()), effects);
+                let connection = Connection::from_cookie_ack(&segment, now);
+                let syn_ns = (event.syn_time_ns != 0).then_some(event.syn_time_ns);
+                self.insert(event.key, connection, Origin::Cookie, syn_ns, effects);
+                if let Some(syn_ns) = syn_ns {
+                    effects.push(Effect::Handshake {
+                        seconds: seconds(now.saturating_sub(syn_ns)),
+                    });
+                }
+            }
+            EVENT_ALLOWED_SYN => {
+                self.finish(&event.key, now.saturating_add(self.longest_ns()), effects);
+                let connection = Connection::from_syn(&segment, now);
+                self.insert(event.key, connection, Origin::Allowed, Some(now), effects);
+            }
+            _ => {
+                if !self.connections.contains_key(&event.key) {
+                    self.adopt(event.key, now, effects);
+                }
+                let Some(tracked) = self.connections.get_mut(&event.key) else {
+                    return;
+                };
+                let was_established = tracked.connection.established_ns.is_some();
+                tracked.connection.on_segment(&segment, now);
+                if !was_established
+                    && let (Some(established), Some(syn)) =
+                        (tracked.connection.established_ns, tracked.syn_ns)
+                {
+                    effects.push(Effect::Handshake {
+                        seconds: seconds(established.saturating_sub(syn)),
+                    });
+                }
+                if tracked.connection.closed.is_some() {
+                    self.remove(&event.key, effects);
+                }
+            }
+        }
+    }
+
+    /// Applies the passing of time up to `now_ns`. `last_seen` gives the data plane's last
+    /// sighting of a flow (plain data refreshes it without an event); a connection whose
+    /// deadline has passed is only reaped if that is no later than what this table knows.
+    pub fn expire(
+        &mut self,
+        now_ns: u64,
+        mut last_seen: impl FnMut(&FlowKey) -> Option<u64>,
+        effects: &mut Vec<Effect>,
+    ) {
+        let due: Vec<FlowKey> = self
+            .connections
+            .iter()
+            .filter(|(_, tracked)| {
+                tracked
+                    .connection
+                    .deadline_ns(&self.timeouts)
+                    .is_some_and(|deadline| deadline <= now_ns)
+            })
+            .map(|(key, _)| *key)
+            .collect();
+        for key in due {
+            let Some(tracked) = self.connections.get_mut(&key) else {
+                continue;
+            };
+            if let Some(seen) = last_seen(&key) {
+                tracked.connection.touch(seen);
+            }
+            tracked.connection.on_time(now_ns, &self.timeouts);
+            if tracked.connection.closed.is_some() {
+                self.remove(&key, effects);
+            }
+        }
+    }
+
+    fn longest_ns(&self) -> u64 {
+        u64::try_from(self.timeouts.longest().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Ends the connection `key`, if there is one, as the passing of time would at `at_ns`.
+    fn finish(&mut self, key: &FlowKey, at_ns: u64, effects: &mut Vec<Effect>) {
+        if let Some(tracked) = self.connections.get_mut(key) {
+            tracked.connection.on_time(at_ns, &self.timeouts);
+            self.remove(key, effects);
+        }
+    }
+
+    fn insert(
+        &mut self,
+        key: FlowKey,
+        connection: Connection,
+        origin: Origin,
+        syn_ns: Option<u64>,
+        effects: &mut Vec<Effect>,
+    ) {
+        self.connections.insert(
+            key,
+            Tracked {
+                connection,
+                origin,
+                syn_ns,
+            },
+        );
+        effects.push(Effect::Opened { origin });
+        let source = key.source();
+        let count = self.per_source.entry(source).or_default();
+        *count += 1;
+        if self.limit != 0 && *count == self.limit {
+            effects.push(Effect::SourceFull { source, full: true });
+        }
+    }
+
+    fn remove(&mut self, key: &FlowKey, effects: &mut Vec<Effect>) {
+        let Some(tracked) = self.connections.remove(key) else {
+            return;
+        };
+        let connection = &tracked.connection;
+        let ended = connection.last_activity_ns.max(connection.opened_ns);
+        effects.push(Effect::Closed {
+            key: *key,
+            reason: connection.closed.unwrap_or(CloseReason::Timeout),
+            seconds: seconds(ended.saturating_sub(connection.opened_ns)),
+        });
+        let source = key.source();
+        if let Some(count) = self.per_source.get_mut(&source) {
+            if self.limit != 0 && *count == self.limit {
+                effects.push(Effect::SourceFull {
+                    source,
+                    full: false,
+                });
+            }
+            *count -= 1;
+            if *count == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+    }
+}
+
+fn segment_of(event: &LifecycleEvent) -> Segment {
+    let from = if event.direction == FROM_CLIENT {
+        Side::Client
+    } else {
+        Side::Server
+    };
+    Segment {
+        from,
+        flags: event.flags,
+        seq: event.seq,
+        ack: event.ack,
+        payload_len: u32::from(event.payload_len),
+        receiver_ack: Some(event.receiver_ack),
+    }
+}
+
+fn seconds(nanoseconds: u64) -> f64 {
+    nanoseconds as f64 / 1e9
+}
+
+#[cfg(test)]
+mod tests {
+    use tcpguard_common::{EVENT_SEGMENT, FLOW_IPV4, FROM_SERVER, tcp_flags};
+
+    use super::*;
+
+    fn key(client: u8, port: u16) -> FlowKey {
+        let mut key = FlowKey {
+            family: FLOW_IPV4,
+            client_port: port,
+            server_port: 80,
+            ..FlowKey::default()
+        };
+        key.client_addr[..4].copy_from_slice(&[10, 0, 0, client]);
+        key.server_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        key
+    }
+
+    fn cookie_ack(key: FlowKey, time_ns: u64) -> LifecycleEvent {
+        LifecycleEvent {
+            key,
+            time_ns,
+            syn_time_ns: time_ns - 2_000_000,
+            seq: 101,
+            ack: 501,
+            receiver_ack: 101,
+            flags: tcp_flags::ACK,
+            kind: EVENT_COOKIE_HANDSHAKE,
+            direction: FROM_CLIENT,
+            ..LifecycleEvent::default()
+        }
+    }
+
+    #[test]
+    fn a_source_at_its_limit_is_reported_full_until_one_closes() {
+        let mut tracker = Tracker::new(Timeouts::default(), 2);
+        let mut effects = Vec::new();
+        tracker.on_event(&cookie_ack(key(2, 1000), 10_000_000), &mut effects);
+        assert!(
+            !effects
+                .iter()
+                .any(|e| matches!(e, Effect::SourceFull { .. }))
+        );
+        tracker.on_event(&cookie_ack(key(2, 1001), 10_000_000), &mut effects);
+        let source = key(2, 0).source();
+        assert!(effects.contains(&Effect::SourceFull { source, full: true }));
+        assert!(effects.contains(&Effect::Handshake { seconds: 0.002 }));
+        effects.clear();
+        let rst = LifecycleEvent {
+            kind: EVENT_SEGMENT,
+            flags: tcp_flags::RST | tcp_flags::ACK,
+            direction: FROM_SERVER,
+            seq: 501,
+            receiver_ack: 501,
+            time_ns: 20_000_000,
+            ..cookie_ack(key(2, 1000), 20_000_000)
+        };
+        tracker.on_event(&rst, &mut effects);
+        assert!(effects.contains(&Effect::SourceFull {
+            source,
+            full: false
+        }));
+        assert!(matches!(
+            effects[0],
+            Effect::Closed {
+                reason: CloseReason::Rst,
+                ..
+            }
+        ));
+        assert_eq!(tracker.len(), 1);
+    }
+
+    #[test]
+    fn expiry_asks_the_data_plane_before_reaping() {
+        let timeouts = Timeouts::default();
+        let horizon = timeouts.established.as_nanos() as u64;
+        let mut tracker = Tracker::new(timeouts, 0);
+        let mut effects = Vec::new();
+        tracker.on_event(&cookie_ack(key(3, 1000), 10_000_000), &mut effects);
+        effects.clear();
+        let later = horizon + 20_000_000;
+        tracker.expire(later, |_| Some(later - 1), &mut effects);
+        assert!(effects.is_empty(), "data was seen a moment ago");
+        tracker.expire(later + horizon, |_| Some(later - 1), &mut effects);
+        assert!(matches!(
+            effects[0],
+            Effect::Closed {
+                reason: CloseReason::Timeout,
+                ..
+            }
+        ));
+        assert!(tracker.is_empty());
+    }
+}
