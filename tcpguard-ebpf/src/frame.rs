@@ -9,6 +9,9 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 pub trait Frame {
     fn start(&self) -> usize;
     fn end(&self) -> usize;
+    /// Bytes in the whole packet. In TC this exceeds `end - start` when the packet is not
+    /// linear: a GSO packet from the local TCP stack carries most of its payload in pages.
+    fn packet_len(&self) -> usize;
 }
 
 impl Frame for XdpContext {
@@ -21,6 +24,11 @@ impl Frame for XdpContext {
     fn end(&self) -> usize {
         self.data_end()
     }
+
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.data_end() - self.data()
+    }
 }
 
 impl Frame for TcContext {
@@ -32,6 +40,11 @@ impl Frame for TcContext {
     #[inline(always)]
     fn end(&self) -> usize {
         self.data_end()
+    }
+
+    #[inline(always)]
+    fn packet_len(&self) -> usize {
+        self.len() as usize
     }
 }
 
@@ -59,5 +72,5 @@ pub fn be16_at(ctx: &impl Frame, offset: usize) -> Option<u16> {
 
 #[inline(always)]
 pub fn len(ctx: &impl Frame) -> usize {
-    ctx.end() - ctx.start()
+    ctx.packet_len()
 }

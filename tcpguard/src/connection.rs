@@ -77,7 +77,8 @@ pub struct Timeouts {
     pub last_ack: Duration,
     /// Maximum segment lifetime; TIME-WAIT lasts twice this.
     pub msl: Duration,
-    /// CLOSED and LISTEN ends that linger in a connection still tracked.
+    /// A LISTEN end in a connection still tracked (a handshake seen from its SYN that went no
+    /// further).
     pub close: Duration,
 }
 
@@ -329,9 +330,13 @@ impl Connection {
         if self.closed.is_some() {
             return None;
         }
-        let silence = timeouts
-            .of(self.client.state)
-            .max(timeouts.of(self.server.state));
+        // A CLOSED end waits for nothing: only the other end's state counts (TIME-WAIT
+        // opposite a CLOSED end lasts 2·MSL, not longer).
+        let wait = |state| match state {
+            TcpState::Closed => Duration::ZERO,
+            state => timeouts.of(state),
+        };
+        let silence = wait(self.client.state).max(wait(self.server.state));
         Some(
             self.last_activity_ns
                 .saturating_add(u64::try_from(silence.as_nanos()).unwrap_or(u64::MAX)),

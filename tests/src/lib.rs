@@ -3,5 +3,6 @@
 
 pub mod frame;
 pub mod netns;
+pub mod observe;
 pub mod rig;
 pub mod xdp;

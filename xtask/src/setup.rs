@@ -26,11 +26,15 @@ const PACKAGES: &[&str] = &[
 /// bpf-linker 0.13 is the release that links for aya 0.14 with LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13";
 const NIGHTLY: &str = "nightly";
+/// The Prometheus project's own Python client, whose text-format parser the end-to-end tests
+/// read /metrics with. Pinned so that a parser change cannot turn a test red overnight.
+const PROMETHEUS_CLIENT: &str = "prometheus_client==0.21.1";
 
 pub fn run() -> anyhow::Result<()> {
     nightly_rust_src()?;
     debian_packages()?;
     bpf_linker()?;
+    python_packages()?;
     println!("setup: all prerequisites are present");
     Ok(())
 }
@@ -97,6 +101,25 @@ fn debian_packages() -> anyhow::Result<()> {
             "could not install {}; install them as root with `apt-get install {}`",
             missing.join(" "),
             missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn python_packages() -> anyhow::Result<()> {
+    if succeeds(Command::new("python3").args(["-c", "import prometheus_client"])) {
+        return Ok(());
+    }
+    println!("setup: installing {PROMETHEUS_CLIENT} (the tests parse /metrics with it)");
+    if !succeeds(Command::new("python3").args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        PROMETHEUS_CLIENT,
+    ])) {
+        bail!(
+            "could not install {PROMETHEUS_CLIENT}; run `python3 -m pip install {PROMETHEUS_CLIENT}`"
         );
     }
     Ok(())
