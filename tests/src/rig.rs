@@ -152,6 +152,9 @@ pub struct Daemon {
     lines: mpsc::Receiver<String>,
     pub log: Vec<String>,
     pub paths: DaemonPaths,
+    /// Whether dropping this removes what the daemon pinned (not after a clean stop, which
+    /// may have left them for the next daemon on purpose).
+    clean_up_pins: bool,
 }
 
 impl Daemon {
@@ -162,6 +165,16 @@ impl Daemon {
 
     /// As [`Daemon::start`], with the given pin directory and control socket.
     pub fn start_at(namespace: &Namespace, paths: DaemonPaths, args: &[&str]) -> Self {
+        Self::start_with_env(namespace, paths, args, &[])
+    }
+
+    /// As [`Daemon::start_at`], with extra environment variables.
+    pub fn start_with_env(
+        namespace: &Namespace,
+        paths: DaemonPaths,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         // nsenter rather than `ip netns exec`, which would give tcpguard a mount namespace of
         // its own with a fresh /sys, where the BPF filesystem is not mounted.
         let mut child = Command::new("nsenter")
@@ -174,6 +187,7 @@ impl Daemon {
             .arg("--control-socket")
             .arg(&paths.control_socket)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -192,6 +206,7 @@ impl Daemon {
             lines,
             log: Vec::new(),
             paths,
+            clean_up_pins: true,
         };
         daemon.wait_for("protecting TCP ports", Duration::from_secs(30));
         daemon
@@ -239,11 +254,17 @@ impl Daemon {
 
     /// Sends SIGINT, waits for exit, asserts it was clean, and returns the final totals as
     /// (counter name, value) pairs.
-    pub fn stop(mut self) -> Vec<(String, u64)> {
-        self.interrupt();
+    pub fn stop(self) -> Vec<(String, u64)> {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// As [`Daemon::stop`], with `signal` instead of SIGINT.
+    pub fn stop_with(mut self, signal: i32) -> Vec<(String, u64)> {
+        self.signal(signal);
         let totals = self.wait_for("totals:", Duration::from_secs(20));
         let status = self.child.wait().expect("waiting for tcpguard");
         assert!(status.success(), "tcpguard exited with {status}");
+        self.clean_up_pins = false;
         totals
             .split("totals:")
             .nth(1)
@@ -269,7 +290,9 @@ impl Drop for Daemon {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let _ = self.paths.tcpguard(&["detach"]);
+        if self.clean_up_pins {
+            let _ = self.paths.tcpguard(&["detach"]);
+        }
     }
 }
 

@@ -1,0 +1,338 @@
+//! The daemon as an operator runs it: out-of-state floods dropped while real connections go on,
+//! configuration reloads (bad ones refused), source policy, systemd readiness, and a restart
+//! in the middle of a SYN flood.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::net::UnixDatagram,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tcpguard_tests::{
+    netns::Namespace,
+    observe::{flows, sample, scrape, status, wait_until},
+    rig::{CLIENT, Daemon, DaemonPaths, Flood, Rig, SERVER, SERVER_IF, kernel_counters},
+};
+
+const PORT: u16 = 8080;
+
+fn connect(client: &Namespace, timeout: Duration) -> std::io::Result<TcpStream> {
+    client.within(move || TcpStream::connect_timeout(&SocketAddr::from((SERVER, PORT)), timeout))
+}
+
+/// A server in `namespace` that echoes lines on every connection it accepts.
+fn echo_server(namespace: &Namespace) {
+    let listener = namespace.within(|| TcpListener::bind(("0.0.0.0", PORT)).unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().unwrap();
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if writeln!(writer, "{line}").is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn echo(stream: &mut TcpStream, text: &str) {
+    writeln!(stream, "{text}").unwrap();
+    let mut line = String::new();
+    BufReader::new(stream.try_clone().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim_end(), text);
+}
+
+fn config_file(rig: &Rig, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", rig.server.name));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn out_of_state_floods_are_dropped_while_connections_keep_working() {
+    let rig = Rig::new();
+    let daemon = Daemon::start(&rig.server, &["--iface", SERVER_IF, "--port", "8080"]);
+    echo_server(&rig.server);
+    let mut live = connect(&rig.client, Duration::from_secs(3)).expect("connecting");
+    live.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    echo(&mut live, "before");
+    let live_port = live.local_addr().unwrap().port().to_string();
+    let before = kernel_counters(&rig.server);
+
+    let packets = 20_000;
+    let floods = [
+        Flood::start(
+            &rig.client,
+            &["-F", "-A", "--rand-source"],
+            PORT,
+            10,
+            packets,
+        ),
+        Flood::start(&rig.client, &["-R", "--rand-source"], PORT, 10, packets),
+        Flood::start(&rig.client, &["-A", "--rand-source"], PORT, 10, packets),
+        // Blind resets aimed at the live connection itself: its own 4-tuple, any sequence number.
+        Flood::start(
+            &rig.client,
+            &["-R", "-s", &live_port, "-k"],
+            PORT,
+            10,
+            5_000,
+        ),
+    ];
+    for flood in floods {
+        echo(&mut live, "during");
+        flood.wait();
+    }
+    echo(&mut live, "after");
+
+    let after = kernel_counters(&rig.server);
+    let samples = scrape(&rig.server);
+    let dropped = |reason: &str| {
+        sample(
+            &samples,
+            "tcpguard_xdp_packets_total",
+            &format!("reason=\"{reason}\",verdict=\"drop\""),
+        )
+    };
+    // FIN and RST of no connection, and ACKs with no valid cookie, die in XDP.
+    assert!(
+        dropped("no_connection") >= 0.9 * 2.0 * f64::from(packets),
+        "{samples:#?}"
+    );
+    assert!(dropped("cookie_rejected") >= 0.9 * f64::from(packets));
+    // The blind resets reached the kernel (the 4-tuple is tracked), which ignored them, as did
+    // the daemon: RFC 5961 wants the exact sequence number.
+    let flow = flows(&daemon.paths)
+        .into_iter()
+        .find(|flow| flow["client"] == format!("{CLIENT}:{live_port}"))
+        .expect("the live connection is still tracked");
+    assert_eq!(
+        (&flow["client_state"], &flow["server_state"]),
+        (&"ESTABLISHED".into(), &"ESTABLISHED".into())
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "tcpguard_connections_closed_total",
+            "reason=\"rst\""
+        ),
+        0.0
+    );
+    let resets = after["TcpOutRsts"] - before["TcpOutRsts"];
+    assert_eq!(resets, 0, "the server sent RSTs to flood packets");
+}
+
+#[test]
+fn reload_applies_policy_and_a_bad_file_keeps_the_running_config() {
+    let rig = Rig::new();
+    // TIME-WAIT of 2 s, so that closed connections stop counting against the source limit
+    // within the test.
+    let base = "interface = \"srv0\"\nports = [8080]\nstats_interval = 0\n[timeouts]\nmsl = 1\n";
+    let path = config_file(&rig, base);
+    // systemd's readiness protocol, on a socket this test plays systemd with.
+    let notify_path = std::env::temp_dir().join(format!("{}.notify", rig.server.name));
+    let _ = std::fs::remove_file(&notify_path);
+    let systemd = UnixDatagram::bind(&notify_path).unwrap();
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut daemon = Daemon::start_with_env(
+        &rig.server,
+        DaemonPaths::for_namespace(&rig.server),
+        &["--config", path.to_str().unwrap()],
+        &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())],
+    );
+    let mut message = [0u8; 512];
+    let len = systemd.recv(&mut message).expect("READY=1 from tcpguard");
+    assert!(
+        String::from_utf8_lossy(&message[..len]).starts_with("READY=1\n"),
+        "{}",
+        String::from_utf8_lossy(&message[..len])
+    );
+    echo_server(&rig.server);
+    let paths = daemon.paths.clone();
+    let origin = |stream: &TcpStream| {
+        let client = format!("{CLIENT}:{}", stream.local_addr().unwrap().port());
+        wait_until(Duration::from_secs(5), "the connection in flows", || {
+            flows(&paths)
+                .into_iter()
+                .find(|flow| flow["client"] == client)
+                .map(|flow| flow["origin"].as_str().unwrap().to_owned())
+        })
+    };
+    let first = connect(&rig.client, Duration::from_secs(3)).unwrap();
+    assert_eq!(origin(&first), "cookie");
+    drop(first);
+
+    // A file with an unknown key: reported, and nothing changes.
+    std::fs::write(
+        &path,
+        "interface = \"srv0\"\nports = [9090]\ncolour = \"red\"\n",
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    let line = daemon.wait_for("configuration not reloaded", Duration::from_secs(10));
+    assert!(line.contains("unknown field `colour`"), "{line}");
+    assert_eq!(status(&daemon.paths)["ports"], serde_json::json!([8080]));
+    assert!(connect(&rig.client, Duration::from_secs(3)).is_ok());
+
+    // Deny the client: its packets die in XDP.
+    std::fs::write(
+        &path,
+        format!("{base}[policy]\ndeny = [\"10.201.0.0/24\"]\n"),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("configuration reloaded", Duration::from_secs(10));
+    let len = systemd.recv(&mut message).unwrap();
+    let reloading = String::from_utf8_lossy(&message[..len]).into_owned();
+    assert_eq!(reloading, "RELOADING=1");
+    assert!(connect(&rig.client, Duration::from_millis(1500)).is_err());
+
+    // Allow it instead: its SYNs go straight to the kernel and the handshake is tracked from
+    // the SYN on.
+    std::fs::write(&path, format!("{base}[policy]\nallow = [\"10.201.0.2\"]\n")).unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("configuration reloaded", Duration::from_secs(10));
+    let allowed = connect(&rig.client, Duration::from_secs(3)).unwrap();
+    assert_eq!(origin(&allowed), "allowed");
+    drop(allowed);
+
+    // A limit of two connections per source: the third SYN is dropped.
+    std::fs::write(
+        &path,
+        format!("{base}[policy]\nmax_connections_per_source = 2\n"),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_for("configuration reloaded", Duration::from_secs(10));
+    wait_until(
+        Duration::from_secs(10),
+        "the closes above to be over",
+        || (status(&daemon.paths)["tracked_connections"] == 0).then_some(()),
+    );
+    let kept = [
+        connect(&rig.client, Duration::from_secs(3)).expect("under the limit"),
+        connect(&rig.client, Duration::from_secs(3)).expect("at the limit"),
+    ];
+    wait_until(Duration::from_secs(5), "two tracked connections", || {
+        (status(&daemon.paths)["tracked_connections"] == 2).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(connect(&rig.client, Duration::from_millis(1500)).is_err());
+
+    let samples = scrape(&rig.server);
+    let counted = |reason: &str, verdict: &str| {
+        sample(
+            &samples,
+            "tcpguard_xdp_packets_total",
+            &format!("reason=\"{reason}\",verdict=\"{verdict}\""),
+        )
+    };
+    assert!(counted("denied_source", "drop") >= 1.0, "{samples:#?}");
+    assert!(counted("allowed_source", "pass") >= 1.0);
+    assert!(counted("source_limit", "drop") >= 1.0);
+    assert_eq!(sample(&samples, "tcpguard_sources_at_limit", ""), 1.0);
+    assert_eq!(
+        sample(
+            &samples,
+            "tcpguard_config_reloads_total",
+            "result=\"failure\""
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "tcpguard_config_reloads_total",
+            "result=\"success\""
+        ),
+        3.0
+    );
+    drop(kept);
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(notify_path);
+}
+
+#[test]
+fn a_restart_during_a_syn_flood_does_not_interrupt_protection() {
+    let rig = Rig::new();
+    let paths = DaemonPaths::for_namespace(&rig.server);
+    let args = ["--iface", SERVER_IF, "--port", "8080", "--keep-attached"];
+    let first = Daemon::start_at(&rig.server, paths.clone(), &args);
+    echo_server(&rig.server);
+    let before = kernel_counters(&rig.server);
+
+    let flood = Flood::start(&rig.client, &["-S", "--rand-source"], PORT, 14, 3_000_000);
+    let done = Arc::new(AtomicBool::new(false));
+    let clients = {
+        let done = done.clone();
+        rig.client.spawn(move || {
+            let (mut succeeded, mut failed) = (0, 0);
+            let server = SocketAddr::from((SERVER, PORT));
+            while !done.load(Ordering::Relaxed) {
+                match TcpStream::connect_timeout(&server, Duration::from_secs(3)) {
+                    Ok(_) => succeeded += 1,
+                    Err(_) => failed += 1,
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            (succeeded, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let stopped_at = Instant::now();
+    first.stop_with(libc::SIGTERM);
+    assert!(
+        String::from_utf8_lossy(&rig.server.run("ip", &["link", "show", SERVER_IF]).stdout)
+            .contains("xdp"),
+        "XDP stays attached while no daemon runs"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let second = Daemon::start_at(&rig.server, paths.clone(), &args[..4]);
+    let restart = stopped_at.elapsed();
+    assert!(
+        second
+            .log
+            .iter()
+            .any(|line| line.contains("adopted from the previous daemon")),
+        "{:#?}",
+        second.log
+    );
+    assert_eq!(status(&paths)["adopted"], true);
+    std::thread::sleep(Duration::from_secs(3));
+    done.store(true, Ordering::Relaxed);
+    let (succeeded, failed) = clients.join().unwrap();
+    flood.wait();
+    let after = kernel_counters(&rig.server);
+    let totals = second.stop();
+    println!(
+        "restart took {restart:?}; clients: {succeeded} connected, {failed} failed; totals: {totals:?}"
+    );
+    assert_eq!(
+        failed, 0,
+        "every client connected, before, during and after the restart"
+    );
+    assert!(succeeded >= 20, "{succeeded} connections");
+    assert_eq!(
+        after["TcpExtSyncookiesSent"] - before["TcpExtSyncookiesSent"],
+        0,
+        "XDP answered every SYN, also while no daemon ran"
+    );
+    // The second daemon was not told to keep it: it detached and removed its pins.
+    assert!(
+        !String::from_utf8_lossy(&rig.server.run("ip", &["link", "show", SERVER_IF]).stdout)
+            .contains("xdp")
+    );
+    assert!(!paths.pin_dir.exists());
+}
