@@ -175,10 +175,23 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_wrapped(namespace, paths, &[], args, env)
+    }
+
+    /// As [`Daemon::start_with_env`], with tcpguard started by `wrapper` (a command that execs
+    /// the rest of its arguments, such as setpriv).
+    pub fn start_wrapped(
+        namespace: &Namespace,
+        paths: DaemonPaths,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         // nsenter rather than `ip netns exec`, which would give tcpguard a mount namespace of
         // its own with a fresh /sys, where the BPF filesystem is not mounted.
         let mut child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", namespace.name))
+            .args(wrapper)
             .arg(tcpguard_binary())
             .arg("run")
             .args(args)

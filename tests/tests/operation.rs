@@ -336,3 +336,51 @@ fn a_restart_during_a_syn_flood_does_not_interrupt_protection() {
     );
     assert!(!paths.pin_dir.exists());
 }
+
+/// The capabilities the systemd unit grants (its CapabilityBoundingSet) are enough: as root
+/// with every other capability gone, tcpguard sets its sysctls, loads, attaches, pins and
+/// protects.
+#[test]
+fn the_units_capabilities_are_enough() {
+    let unit = include_str!("../../systemd/tcpguard.service");
+    let capabilities: Vec<String> = unit
+        .lines()
+        .find_map(|line| line.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let set = format!("-all,{}", capabilities.join(","));
+    let rig = Rig::new();
+    let daemon = Daemon::start_wrapped(
+        &rig.server,
+        DaemonPaths::for_namespace(&rig.server),
+        &["setpriv", "--bounding-set", &set, "--inh-caps", &set, "--"],
+        &["--iface", SERVER_IF, "--port", "8080"],
+        &[],
+    );
+    echo_server(&rig.server);
+    let mut stream = connect(&rig.client, Duration::from_secs(3)).expect("connecting");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    echo(&mut stream, "capable");
+    let status = rig.server.run(
+        "grep",
+        &["CapEff", &format!("/proc/{}/status", daemon.pid())],
+    );
+    let effective = String::from_utf8_lossy(&status.stdout).into_owned();
+    // CAP_NET_ADMIN is bit 12, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(
+        effective.split_whitespace().nth(1),
+        Some("000000c000001000"),
+        "tcpguard's effective capabilities"
+    );
+    let totals = daemon.stop();
+    assert!(
+        totals
+            .iter()
+            .any(|(name, value)| name == "cookie_accepted" && *value >= 1),
+        "{totals:?}"
+    );
+}
