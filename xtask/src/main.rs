@@ -1,4 +1,4 @@
-//! Developer and CI tasks: `cargo xtask setup | test | demo | bench xdp`.
+//! Developer and CI tasks: `cargo xtask setup | test | demo | bench xdp | bench state`.
 //!
 //! xtask depends on none of tcpguard's crates: their build needs bpf-linker, which `setup`
 //! installs, so it must build on a machine that has nothing yet.
@@ -38,6 +38,9 @@ enum Task {
 enum Bench {
     /// Cost of each path of the XDP program (BPF_PROG_TEST_RUN) against an XDP_PASS baseline.
     Xdp,
+    /// Lifecycle events per second through the connection table against a bare hash map, and
+    /// memory per tracked connection.
+    State,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +57,20 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             cargo(&["build", "--bins"])?;
             cargo(&["run", "--quiet", "-p", "tcpguard-tests", "--bin", "demo"])
+        }
+        Task::Bench {
+            bench: Bench::State,
+        } => {
+            setup::run()?;
+            cargo(&[
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "tcpguard-tests",
+                "--bin",
+                "bench-state",
+            ])
         }
         Task::Bench { bench: Bench::Xdp } => {
             require_root("BPF_PROG_TEST_RUN needs root")?;
