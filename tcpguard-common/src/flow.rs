@@ -49,6 +49,51 @@ pub struct Flow {
     pub _pad: [u8; 7],
 }
 
+/// When a SYN was answered with a cookie, in the slot of [`crate::maps::SYN_TIMES`] its
+/// 4-tuple hashes to. Slots are overwritten freely (a flood churns through them); the tag tells
+/// whether the slot still holds this 4-tuple's SYN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SynTime {
+    /// Upper hash bits of the 4-tuple, never 0 (0 marks an empty slot).
+    pub tag: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns` when the SYN-ACK was sent.
+    pub time_ns: u64,
+}
+
+impl FlowKey {
+    /// A 32-bit hash of the 4-tuple (FNV-1a over its 32-bit words): its low bits pick a
+    /// [`SynTime`] slot, its high bits make the tag.
+    #[inline(always)]
+    pub fn hash(&self) -> u32 {
+        let mut hash: u32 = 0x811c_9dc5;
+        let mut mix = |bytes: [u8; 4]| {
+            hash = (hash ^ u32::from_ne_bytes(bytes)).wrapping_mul(0x0100_0193);
+        };
+        let mut i = 0;
+        while i < 16 {
+            mix([
+                self.client_addr[i],
+                self.client_addr[i + 1],
+                self.client_addr[i + 2],
+                self.client_addr[i + 3],
+            ]);
+            mix([
+                self.server_addr[i],
+                self.server_addr[i + 1],
+                self.server_addr[i + 2],
+                self.server_addr[i + 3],
+            ]);
+            i += 4;
+        }
+        let client = self.client_port.to_ne_bytes();
+        let server = self.server_port.to_ne_bytes();
+        mix([client[0], client[1], server[0], server[1]]);
+        hash
+    }
+}
+
 /// [`LifecycleEvent::kind`]: an ACK with a valid SYN cookie was passed to the kernel, which
 /// builds an established connection from it; the flow is now tracked.
 pub const EVENT_COOKIE_HANDSHAKE: u8 = 1;
@@ -126,6 +171,7 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::LifecycleEvent {}
     unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::SynTime {}
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ pub use counter::{Counter, CounterKind};
 pub use flow::{
     CLIENT_FIN, CLIENT_FIN_ACKED, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_RING_BYTES,
     EVENT_SEGMENT, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow,
-    FlowKey, LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SourceKey,
+    FlowKey, LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SourceKey, SynTime,
 };
 
 /// Names of the maps in the eBPF object, as the daemon looks them up.
@@ -26,7 +26,7 @@ pub mod maps {
     pub const SYN_COOKIE_CONFIG: &str = "SYN_COOKIE_CONFIG";
     /// `LruHashMap<FlowKey, Flow>`: the tracked connections.
     pub const FLOWS: &str = "FLOWS";
-    /// `LruHashMap<FlowKey, u64>`: when each recent SYN was answered with a cookie.
+    /// `Array<SynTime>`: when recent SYNs were answered with a cookie, by 4-tuple hash.
     pub const SYN_TIMES: &str = "SYN_TIMES";
     /// `RingBuf` of [`crate::LifecycleEvent`].
     pub const EVENTS: &str = "EVENTS";
@@ -65,8 +65,8 @@ pub mod maps {
 
 /// Capacity of [`maps::FLOWS`] unless the daemon sets another at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
-/// Capacity of [`maps::SYN_TIMES`]. Under a flood it turns over in about a second, far longer
-/// than a real client takes to answer.
+/// Slots in [`maps::SYN_TIMES`], a power of two. A flood of 80k SYNs/s overwrites a slot about
+/// once a second, far longer than a real client takes to answer.
 pub const SYN_TIMES_CAPACITY: u32 = 65_536;
 /// Capacity of each allow and deny trie.
 pub const POLICY_CAPACITY: u32 = 16_384;

@@ -4,12 +4,12 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 use tcpguard_common::{
     CLIENT_FIN, CLIENT_FIN_ACKED, DEFAULT_FLOW_CAPACITY, EVENT_RING_BYTES, EVENT_SEGMENT,
     EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow, FlowKey,
-    LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SYN_TIMES_CAPACITY,
+    LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SYN_TIMES_CAPACITY, SynTime,
     tcp_flags::{ACK, FIN, RST, SYN},
 };
 
@@ -18,16 +18,12 @@ use crate::{
     parse::{Family, Segment},
 };
 
-/// `BPF_F_NO_COMMON_LRU`: per-CPU LRU lists, so that inserts from the SYN path of one CPU do not
-/// contend with another's.
-const NO_COMMON_LRU: u32 = 2;
-
 #[map(name = "FLOWS")]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 
+/// A plain array rather than a hash map: the SYN path, which a flood drives, pays one store.
 #[map(name = "SYN_TIMES")]
-static SYN_TIMES: LruHashMap<FlowKey, u64> =
-    LruHashMap::with_max_entries(SYN_TIMES_CAPACITY, NO_COMMON_LRU);
+static SYN_TIMES: Array<SynTime> = Array::with_max_entries(SYN_TIMES_CAPACITY, 0);
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENT_RING_BYTES, 0);
@@ -106,11 +102,7 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
     };
     // A full LRU map evicts its least recently used entry, so this only fails on allocation.
     let _ = FLOWS.insert(key, &flow, 0);
-    // SAFETY: a plain u64, read once.
-    let syn_time_ns = SYN_TIMES.get_ptr(key).map_or(0, |time| unsafe { *time });
-    if syn_time_ns != 0 {
-        let _ = SYN_TIMES.remove(key);
-    }
+    let syn_time_ns = take_syn_time(key);
     report(
         key,
         segment,
@@ -125,7 +117,38 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
 /// Remembers when a SYN was answered with a cookie, for the handshake time.
 #[inline(always)]
 pub fn syn_answered(key: &FlowKey) {
-    let _ = SYN_TIMES.insert(key, &now_ns(), 0);
+    let (index, tag) = syn_slot(key);
+    if let Some(slot) = SYN_TIMES.get_ptr_mut(index) {
+        // SAFETY: a slot of a shared array; a racing writer can only make the handshake time
+        // unknown (tag mismatch), never wrong by more than the race.
+        unsafe {
+            (*slot).time_ns = now_ns();
+            (*slot).tag = tag;
+        }
+    }
+}
+
+/// When `key`'s SYN was answered, if its slot still holds it; the slot is emptied.
+#[inline(always)]
+fn take_syn_time(key: &FlowKey) -> u64 {
+    let (index, tag) = syn_slot(key);
+    let Some(slot) = SYN_TIMES.get_ptr_mut(index) else {
+        return 0;
+    };
+    // SAFETY: as in syn_answered.
+    unsafe {
+        if (*slot).tag != tag {
+            return 0;
+        }
+        (*slot).tag = 0;
+        (*slot).time_ns
+    }
+}
+
+#[inline(always)]
+fn syn_slot(key: &FlowKey) -> (u32, u32) {
+    let hash = key.hash();
+    (hash & (SYN_TIMES_CAPACITY - 1), (hash >> 16) | 1)
 }
 
 /// The tracked flow `key`, refreshed by `segment`, with an event when the segment can change

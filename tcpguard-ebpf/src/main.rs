@@ -33,6 +33,7 @@ use tcpguard_common::{
 use crate::{
     flow::Direction,
     parse::{Family, Segment},
+    policy::Lists,
     socket::Socket,
 };
 
@@ -76,12 +77,13 @@ fn judge(ctx: &XdpContext) -> Counter {
     let Some(key) = flow::key(ctx, &segment, Direction::FromClient) else {
         return Counter::Truncated;
     };
-    if policy::denied(key) {
+    let policy = policy::lists();
+    if policy.denied(key) {
         return Counter::DeniedSource;
     }
     let flags = segment.flags;
     if flags & (SYN | ACK) == SYN {
-        handle_syn(ctx, &segment, key)
+        handle_syn(ctx, &segment, key, policy)
     } else if flow::track(key, &segment, Direction::FromClient).is_some() {
         Counter::TrackedFlow
     } else if flags & (FIN | RST) != 0 {
@@ -111,14 +113,14 @@ fn is_protected(segment: &Segment) -> bool {
 /// options, IPv6 extension headers), so it checks the SYN path, the longest one, once rather
 /// than once per layout; without this the program exceeds the verifier's 1M-instruction budget.
 #[inline(always)]
-fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> Counter {
-    if policy::allowed(key) {
+fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, policy: Lists) -> Counter {
+    if policy.allowed(key) {
         if flow::track(key, segment, Direction::FromClient).is_none() {
             flow::start(key, segment, EVENT_ALLOWED_SYN);
         }
         return Counter::AllowedSource;
     }
-    if policy::source_full(key) {
+    if policy.source_full(key) {
         return Counter::SourceLimit;
     }
     let counter = answer_syn(ctx, segment);

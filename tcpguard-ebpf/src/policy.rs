@@ -28,27 +28,33 @@ static DENY_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(POLICY_CAPACIT
 #[map(name = "FULL_SOURCES")]
 static FULL_SOURCES: HashMap<SourceKey, u8> = HashMap::with_max_entries(FULL_SOURCES_CAPACITY, 0);
 
+/// The policies in force ([`Policy::lists`]), read once per packet.
+#[derive(Clone, Copy)]
+pub struct Lists(u8);
+
 #[inline(always)]
-fn lists() -> u8 {
-    POLICY.get(0).map_or(0, |policy| policy.lists)
+pub fn lists() -> Lists {
+    Lists(POLICY.get(0).map_or(0, |policy| policy.lists))
 }
 
-/// Whether the client of `key` is deny-listed.
-#[inline(always)]
-pub fn denied(key: &FlowKey) -> bool {
-    lists() & POLICY_DENY != 0 && listed(key, &DENY_V4, &DENY_V6)
-}
+impl Lists {
+    /// Whether the client of `key` is deny-listed.
+    #[inline(always)]
+    pub fn denied(self, key: &FlowKey) -> bool {
+        self.0 & POLICY_DENY != 0 && listed(key, &DENY_V4, &DENY_V6)
+    }
 
-/// Whether the client of `key` is allow-listed.
-#[inline(always)]
-pub fn allowed(key: &FlowKey) -> bool {
-    lists() & POLICY_ALLOW != 0 && listed(key, &ALLOW_V4, &ALLOW_V6)
-}
+    /// Whether the client of `key` is allow-listed.
+    #[inline(always)]
+    pub fn allowed(self, key: &FlowKey) -> bool {
+        self.0 & POLICY_ALLOW != 0 && listed(key, &ALLOW_V4, &ALLOW_V6)
+    }
 
-/// Whether the client of `key` already has as many tracked connections as it may have.
-#[inline(always)]
-pub fn source_full(key: &FlowKey) -> bool {
-    lists() & POLICY_SOURCE_LIMIT != 0 && FULL_SOURCES.get_ptr(key.source()).is_some()
+    /// Whether the client of `key` already has as many tracked connections as it may have.
+    #[inline(always)]
+    pub fn source_full(self, key: &FlowKey) -> bool {
+        self.0 & POLICY_SOURCE_LIMIT != 0 && FULL_SOURCES.get_ptr(key.source()).is_some()
+    }
 }
 
 #[inline(always)]

@@ -76,7 +76,9 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     guard.set_syn_cookie_config(cookie)?;
     guard.set_policy(&config.policy)?;
     let attachment = guard.attach(&config.interface, config.xdp_mode)?;
-    info!(
+    // Logged once the daemon answers on its sockets too, as READY=1 is sent: tests and
+    // operators may take it as the sign that everything is up.
+    let protecting = format!(
         "protecting TCP ports {:?} on {} in {} mode{} (SYN-ACK window scale {}, SACK {})",
         config.ports,
         attachment.interface,
@@ -97,7 +99,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         .build()
         .context("cannot start the event loop")?;
     let mut daemon = Daemon::new(source, config, guard, flows);
-    let outcome = runtime.block_on(daemon.serve(events));
+    let outcome = runtime.block_on(daemon.serve(events, &protecting));
     daemon.stop()?;
     outcome
 }
@@ -156,7 +158,7 @@ impl Daemon {
         self.guard.as_mut().expect("the guard lives until stop")
     }
 
-    async fn serve(&mut self, events: RingBuf<MapData>) -> anyhow::Result<()> {
+    async fn serve(&mut self, events: RingBuf<MapData>, protecting: &str) -> anyhow::Result<()> {
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
         let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
@@ -179,6 +181,7 @@ impl Daemon {
             ));
         }
         self.refresh_metrics();
+        info!("{protecting}");
         notify(&format!(
             "READY=1\nSTATUS=protecting ports {:?} on {}",
             self.config.ports, self.config.interface
@@ -249,7 +252,7 @@ impl Daemon {
         for effect in &effects {
             self.metrics.observe_effect(effect);
             match effect {
-                Effect::Closed { key, .. } => self.flows.remove(key),
+                Effect::Closed { key, .. } | Effect::Untracked { key } => self.flows.remove(key),
                 Effect::SourceFull { source, full } => {
                     if *full {
                         self.sources_full.insert(*source);

@@ -272,7 +272,7 @@ impl Metrics {
                     .with_label_values(&[reason.label()])
                     .observe(*seconds);
             }
-            Effect::SourceFull { .. } => {}
+            Effect::SourceFull { .. } | Effect::Untracked { .. } => {}
         }
     }
 

@@ -48,6 +48,13 @@ pub enum Effect {
     Handshake {
         seconds: f64,
     },
+    /// The server's end is CLOSED while the client's lingers (TIME-WAIT after a client
+    /// close): the data plane stops tracking the flow, so that late segments for it meet the
+    /// kernel's socket table (no socket: the cookie check drops them) instead of passing to a
+    /// kernel that would answer them with RSTs.
+    Untracked {
+        key: FlowKey,
+    },
     /// The connection is over: its flow entry can go.
     Closed {
         key: FlowKey,
@@ -68,6 +75,8 @@ pub struct Tracked {
     pub origin: Origin,
     /// When the client's SYN was seen, if it was: the start of the handshake.
     syn_ns: Option<u64>,
+    /// The data plane no longer tracks it (see [`Effect::Untracked`]).
+    untracked: bool,
 }
 
 /// The connection table.
@@ -183,6 +192,10 @@ impl Tracker {
                 }
                 if tracked.connection.closed.is_some() {
                     self.remove(&event.key, effects);
+                } else if tracked.connection.server.state == TcpState::Closed && !tracked.untracked
+                {
+                    tracked.untracked = true;
+                    effects.push(Effect::Untracked { key: event.key });
                 }
             }
         }
@@ -248,6 +261,7 @@ impl Tracker {
                 connection,
                 origin,
                 syn_ns,
+                untracked: false,
             },
         );
         effects.push(Effect::Opened { origin });
