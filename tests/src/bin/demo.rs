@@ -99,6 +99,11 @@ fn main() {
     *current.lock().unwrap() = 2;
     watch(&mut daemon, &phases, 2, QUIET);
     let kernel_after = kernel_counters(&rig.server);
+    let status = daemon.paths.tcpguard(&["status"]);
+    println!(
+        "\n== `tcpguard status`, as an operator would ask it\n{}",
+        String::from_utf8_lossy(&status.stdout)
+    );
 
     stop.store(true, Ordering::Relaxed);
     client.join().unwrap();
