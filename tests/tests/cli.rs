@@ -88,3 +88,29 @@ fn keep_sysctls_refuses_to_change_them() {
         "left as it was"
     );
 }
+
+/// Under systemd (JOURNAL_STREAM set) log lines carry no timestamp: journald adds its own.
+#[test]
+fn under_journald_lines_carry_no_timestamp_of_their_own() {
+    let namespace = Namespace::new("cli");
+    let output = namespace
+        .command(tcpguard_binary().to_str().unwrap())
+        .args(["run", "--iface", "nosuch0", "--port", "80"])
+        .env("JOURNAL_STREAM", "8:12345")
+        .output()
+        .expect("running tcpguard");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.starts_with("ERROR: interface \"nosuch0\" does not exist"),
+        "{stderr}"
+    );
+    let plain = namespace
+        .command(tcpguard_binary().to_str().unwrap())
+        .args(["run", "--iface", "nosuch0", "--port", "80"])
+        .output()
+        .expect("running tcpguard");
+    assert!(
+        String::from_utf8_lossy(&plain.stderr).starts_with("[20"),
+        "a timestamp otherwise"
+    );
+}
