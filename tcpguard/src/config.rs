@@ -24,6 +24,14 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("no {0} to protect: set `{0}` in the config file or pass --{1}")]
+    Unconfigured(&'static str, &'static str),
+}
+
+/// Whether `error` only says that the interface or the ports are not set yet: the state of a
+/// freshly installed package.
+pub fn is_unconfigured(error: &ConfigError) -> bool {
+    matches!(error, ConfigError::Unconfigured(..))
 }
 
 /// What happens to the attachment when the daemon stops.
@@ -265,21 +273,14 @@ fn validate(file: File) -> Result<Config, ConfigError> {
     let interface = file
         .interface
         .filter(|name| !name.is_empty())
-        .ok_or_else(|| {
-            invalid(
-                "no interface to protect: set `interface` in the config file or pass --iface"
-                    .to_owned(),
-            )
-        })?;
+        .ok_or(ConfigError::Unconfigured("interface", "iface"))?;
     if interface.len() > 15 || interface.contains(['/', ' ']) {
         return Err(invalid(format!(
             "interface {interface:?} is not a valid interface name (at most 15 characters, no '/' or spaces)"
         )));
     }
     if file.ports.is_empty() {
-        return Err(invalid(
-            "no ports to protect: set `ports` in the config file or pass --port".to_owned(),
-        ));
+        return Err(ConfigError::Unconfigured("ports", "port"));
     }
     let mut ports = BTreeSet::new();
     for port in file.ports {
@@ -385,11 +386,12 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_example_is_valid_and_documents_every_key() {
+    fn the_shipped_example_protects_nothing_and_documents_every_key() {
         let text = include_str!("../../systemd/tcpguard.toml");
         let example: File = parse(Path::new("tcpguard.toml"), text).unwrap();
-        let config = Config::from_file(example, &Overrides::default()).unwrap();
-        assert_eq!(config.on_exit, OnExit::Keep);
+        assert_eq!(example.on_exit, OnExit::Keep);
+        let err = Config::from_file(example, &Overrides::default()).unwrap_err();
+        assert!(is_unconfigured(&err), "{err}");
         // "## " starts prose; "# " an example value.
         let uncommented: String = text
             .lines()
@@ -400,13 +402,13 @@ mod tests {
         let every_key: File = parse(Path::new("tcpguard.toml"), &uncommented)
             .expect("the example with every value uncommented is still a valid file");
         Config::from_file(every_key.clone(), &Overrides::default()).unwrap();
-        let mut defaults = File {
+        let defaults = File {
             interface: every_key.interface.clone(),
             ports: every_key.ports.clone(),
             on_exit: OnExit::Keep,
+            policy: every_key.policy.clone(),
             ..File::default()
         };
-        defaults.policy = every_key.policy.clone();
         assert_eq!(every_key, defaults, "the example shows the defaults");
     }
 

@@ -24,6 +24,13 @@ enum Command {
     Status(AskArgs),
     /// List the connections the running daemon tracks, with both ends' states.
     Flows(AskArgs),
+    /// Check a configuration file. Exits 0 when it is valid, 1 when it does not name an
+    /// interface and ports yet (the systemd unit's start is then skipped), 255 when it is
+    /// invalid.
+    CheckConfig {
+        #[arg(long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Detach tcpguard from its interface and remove everything it pinned.
     Detach {
         /// The pin directory (pin_dir in the configuration).
@@ -86,6 +93,7 @@ fn main() -> ExitCode {
         Command::Status(args) => ask(&args, Request::Status),
         Command::Flows(args) => ask(&args, Request::Flows),
         Command::Detach { pin_dir } => detach(&pin_dir),
+        Command::CheckConfig { config } => return check_config(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -209,6 +217,29 @@ fn duration_text(seconds: f64) -> String {
             (s / 3600.0) as u64,
             ((s % 3600.0) / 60.0) as u64
         ),
+    }
+}
+
+fn check_config(path: &std::path::Path) -> ExitCode {
+    match config::Config::load(path, true, &Overrides::default()) {
+        Ok(config) => {
+            let ports: Vec<String> = config.ports.iter().map(u16::to_string).collect();
+            println!(
+                "{}: protects TCP ports {} on {}",
+                path.display(),
+                ports.join(", "),
+                config.interface
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) if config::is_unconfigured(&err) => {
+            println!("{}: nothing to do yet, {err}", path.display());
+            ExitCode::from(1)
+        }
+        Err(err) => {
+            error!("{err}");
+            ExitCode::from(255)
+        }
     }
 }
 

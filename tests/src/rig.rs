@@ -5,6 +5,7 @@
 use std::{
     io::{BufRead, BufReader},
     net::Ipv4Addr,
+    os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::mpsc,
@@ -325,8 +326,10 @@ pub fn kernel_counters(namespace: &Namespace) -> std::collections::HashMap<Strin
         .collect()
 }
 
-/// A bounded hping3 flood from a namespace, stopped by its own packet count or by `seconds`,
-/// whichever comes first, and killed when dropped.
+/// A bounded hping3 flood from a namespace, stopped after `seconds` by `timeout`, and killed,
+/// with hping3 itself, when dropped. hping3 ignores its packet count (`-c`) in `--flood` mode,
+/// so the time limit is the bound that holds; the count is passed for the runs where it does
+/// apply.
 pub struct Flood {
     child: Child,
 }
@@ -341,6 +344,9 @@ impl Flood {
             .arg(SERVER.to_string())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own process group, which `timeout` and hping3 share, so that a drop can end
+            // both: killing `timeout` alone would leave hping3 flooding.
+            .process_group(0)
             .spawn()
             .expect("starting hping3 (installed by `cargo xtask setup`)");
         Self { child }
@@ -349,12 +355,20 @@ impl Flood {
     pub fn wait(mut self) {
         let _ = self.child.wait();
     }
+
+    /// The process group of `timeout` and its hping3.
+    pub fn process_group(&self) -> i32 {
+        self.child.id() as i32
+    }
 }
 
 impl Drop for Flood {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
+            // SAFETY: the process group this flood's child leads: `timeout` and its hping3.
+            unsafe {
+                libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+            }
             let _ = self.child.wait();
         }
     }

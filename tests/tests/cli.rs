@@ -114,3 +114,49 @@ fn under_journald_lines_carry_no_timestamp_of_their_own() {
         "a timestamp otherwise"
     );
 }
+
+/// `check-config` tells a fresh install (nothing configured: 1, which makes systemd skip the
+/// start), a valid file (0) and a broken one (255) apart.
+#[test]
+fn check_config_tells_unconfigured_valid_and_broken_apart() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/tcpguard.toml");
+    let check = |path: &str| {
+        let output = std::process::Command::new(tcpguard_binary())
+            .args(["check-config", "--config", path])
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned()
+                + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (code, text) = check(example);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("nothing to do yet, no interface to protect"),
+        "{text}"
+    );
+    let dir = std::env::temp_dir();
+    let valid = dir.join(format!("tcpguard-check-{}.toml", std::process::id()));
+    let configured = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("# interface = \"eth0\"", "interface = \"eth0\"")
+        .replace("# ports = [80, 443]", "ports = [80, 443]");
+    std::fs::write(&valid, &configured).unwrap();
+    let (code, text) = check(valid.to_str().unwrap());
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("protects TCP ports 80, 443 on eth0"),
+        "{text}"
+    );
+    let broken = configured.replace("# flow_capacity = 262144", "flow_capacity = 5");
+    std::fs::write(&valid, broken).unwrap();
+    let (code, text) = check(valid.to_str().unwrap());
+    assert_eq!(code, Some(255), "{text}");
+    assert!(
+        text.contains("flow_capacity 5 is not between 1024 and 16777216"),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(valid);
+}

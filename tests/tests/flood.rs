@@ -268,3 +268,38 @@ fn an_ack_flood_is_dropped_in_xdp_and_draws_no_resets() {
     );
     server.join().unwrap();
 }
+
+/// A flood dropped before its time is up (a test failing mid-flood) stops at once: hping3 goes
+/// with it, not only the `timeout` that bounds it.
+#[test]
+fn a_dropped_flood_leaves_no_hping3_behind() {
+    let rig = Rig::new();
+    let flood = Flood::start(&rig.client, &["-S"], PORT, 30, 1_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let group = flood.process_group();
+    // SAFETY: signal 0 only checks that the group exists.
+    assert_eq!(unsafe { libc::kill(-group, 0) }, 0, "the flood is running");
+    drop(flood);
+    // Killed at once; reaped (hping3 by init, its parent being gone) a moment later.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    // SAFETY: as above.
+    while unsafe { libc::kill(-group, 0) } == 0 {
+        let alive: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+            .filter(|stat| {
+                let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+                fields.get(2) == Some(&group.to_string().as_str()) && fields.first() != Some(&"Z")
+            })
+            .collect();
+        if alive.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes of the flood survived its drop: {alive:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

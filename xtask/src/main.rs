@@ -1,8 +1,9 @@
-//! Developer and CI tasks: `cargo xtask setup | test | demo | bench xdp | bench state`.
+//! Developer and CI tasks: `cargo xtask setup | test | demo | package | bench xdp|state|flood|all`.
 //!
 //! xtask depends on none of tcpguard's crates: their build needs bpf-linker, which `setup`
 //! installs, so it must build on a machine that has nothing yet.
 
+mod package;
 mod setup;
 
 use std::process::Command;
@@ -27,6 +28,8 @@ enum Task {
     /// Set up and run the self-contained demo: a web server protected by tcpguard while a
     /// client keeps connecting through a bounded SYN flood, all in network namespaces.
     Demo,
+    /// Set up, build the Debian package (cargo-deb) and check what it installs.
+    Package,
     /// Set up and run a benchmark.
     Bench {
         #[command(subcommand)]
@@ -41,6 +44,11 @@ enum Bench {
     /// Lifecycle events per second through the connection table against a bare hash map, and
     /// memory per tracked connection.
     State,
+    /// A SYN flood over veth against the kernel's own SYN cookies and against tcpguard: CPU
+    /// per SYN answered, client connect latency and success.
+    Flood,
+    /// All of the above, written to docs/benchmarks.md with a plot (docs/flood.svg).
+    All,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,32 +66,53 @@ fn main() -> anyhow::Result<()> {
             cargo(&["build", "--bins"])?;
             cargo(&["run", "--quiet", "-p", "tcpguard-tests", "--bin", "demo"])
         }
-        Task::Bench {
-            bench: Bench::State,
-        } => {
+        Task::Bench { bench } => {
+            require_root("the benchmarks load BPF programs and make network namespaces")?;
             setup::run()?;
-            cargo(&[
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "tcpguard-tests",
-                "--bin",
-                "bench-state",
-            ])
+            cargo(&["build", "--quiet", "--release", "--bins"])?;
+            let run = |name: &str, args: &[&str]| -> anyhow::Result<String> {
+                let binary = format!("target/release/{name}");
+                let output = Command::new(&binary)
+                    .args(args)
+                    .stderr(std::process::Stdio::inherit())
+                    .output()
+                    .with_context(|| format!("cannot run {binary}"))?;
+                let text = String::from_utf8_lossy(&output.stdout).into_owned();
+                print!("{text}");
+                if !output.status.success() {
+                    bail!("{binary} failed");
+                }
+                Ok(text)
+            };
+            match bench {
+                Bench::Xdp => run("bench-xdp", &[]).map(|_| ()),
+                Bench::State => run("bench-state", &[]).map(|_| ()),
+                Bench::Flood => run("bench-flood", &[]).map(|_| ()),
+                Bench::All => {
+                    std::fs::create_dir_all("docs")?;
+                    let xdp = run("bench-xdp", &[])?;
+                    let state = run("bench-state", &[])?;
+                    let flood = run("bench-flood", &["docs/flood.svg"])?;
+                    let machine = capture(Command::new("uname").args(["-sr"]))?;
+                    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+                    std::fs::write(
+                        "docs/benchmarks.md",
+                        format!(
+                            "# Benchmarks\n\nWritten by `cargo xtask bench all` on {} with {cores} cores. \
+                             Every ratio compares figures measured side by side in the same run.\n\n\
+                             ## SYN flood: kernel SYN cookies against tcpguard\n\n![CPU per SYN and client latency](flood.svg)\n\n{flood}\n\
+                             ## XDP paths\n\n{xdp}\n## Connection table\n\n{state}",
+                            machine.trim()
+                        ),
+                    )?;
+                    println!("written: docs/benchmarks.md, docs/flood.svg");
+                    Ok(())
+                }
+            }
         }
-        Task::Bench { bench: Bench::Xdp } => {
-            require_root("BPF_PROG_TEST_RUN needs root")?;
+        Task::Package => {
             setup::run()?;
-            cargo(&[
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "tcpguard-tests",
-                "--bin",
-                "bench-xdp",
-            ])
+            package::run().map(|_| ())
         }
     }
 }
@@ -96,7 +125,7 @@ fn require_root(why: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
     if !succeeds(Command::new(&cargo).args(args)) {
         bail!("`cargo {}` failed", args.join(" "));

@@ -23,6 +23,10 @@ const PACKAGES: &[&str] = &[
     "python3",
 ];
 
+/// cargo-deb builds the Debian package; 3.8.0 is the release the package metadata was written
+/// against.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
 /// bpf-linker 0.13 is the release that links for aya 0.14 with LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13";
 const NIGHTLY: &str = "nightly";
@@ -35,6 +39,7 @@ pub fn run() -> anyhow::Result<()> {
     debian_packages()?;
     bpf_linker()?;
     python_packages()?;
+    cargo_deb()?;
     println!("setup: all prerequisites are present");
     Ok(())
 }
@@ -101,6 +106,27 @@ fn debian_packages() -> anyhow::Result<()> {
             "could not install {}; install them as root with `apt-get install {}`",
             missing.join(" "),
             missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn cargo_deb() -> anyhow::Result<()> {
+    if let Ok(version) = capture(Command::new("cargo").args(["deb", "--version"]))
+        && version.contains(CARGO_DEB_VERSION)
+    {
+        return Ok(());
+    }
+    println!("setup: installing cargo-deb {CARGO_DEB_VERSION} (builds the Debian package)");
+    if !succeeds(Command::new("cargo").args([
+        "install",
+        "--locked",
+        "--version",
+        CARGO_DEB_VERSION,
+        "cargo-deb",
+    ])) {
+        bail!(
+            "could not install cargo-deb; run `cargo install --locked --version {CARGO_DEB_VERSION} cargo-deb`"
         );
     }
     Ok(())

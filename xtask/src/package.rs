@@ -1,0 +1,65 @@
+//! `cargo xtask package`: the Debian package, built by cargo-deb, then opened and checked: the
+//! binary, the unit, the example configuration as a conffile, and maintainer scripts that
+//! enable the unit.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use crate::{capture, cargo};
+
+/// Files the package must install.
+const CONTENTS: &[&str] = &[
+    "./usr/bin/tcpguard",
+    "./etc/tcpguard/tcpguard.toml",
+    "./usr/share/doc/tcpguard/README.md",
+    "tcpguard.service",
+];
+
+pub fn run() -> anyhow::Result<PathBuf> {
+    cargo(&["deb", "--package", "tcpguard", "--quiet"])?;
+    let deb = newest_deb()?;
+    let contents = capture(Command::new("dpkg-deb").arg("--contents").arg(&deb))
+        .context("cannot list the package with dpkg-deb")?;
+    for wanted in CONTENTS {
+        if !contents.lines().any(|line| line.contains(wanted)) {
+            bail!("{} does not install {wanted}:\n{contents}", deb.display());
+        }
+    }
+    let conffiles = capture(
+        Command::new("dpkg-deb")
+            .arg("--info")
+            .arg(&deb)
+            .arg("conffiles"),
+    )
+    .context("the package has no conffiles")?;
+    if !conffiles.contains("/etc/tcpguard/tcpguard.toml") {
+        bail!("/etc/tcpguard/tcpguard.toml is not a conffile: {conffiles}");
+    }
+    let postinst = capture(
+        Command::new("dpkg-deb")
+            .arg("--info")
+            .arg(&deb)
+            .arg("postinst"),
+    )
+    .context("the package has no postinst")?;
+    if !postinst.contains("tcpguard.service") {
+        bail!("postinst does not enable tcpguard.service:\n{postinst}");
+    }
+    println!("package: {} (contents checked)", deb.display());
+    Ok(deb)
+}
+
+fn newest_deb() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from("target/debian");
+    let mut debs: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(&dir)
+        .with_context(|| format!("cargo-deb left nothing in {}", dir.display()))?
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "deb"))
+        .filter_map(|entry| Some((entry.metadata().ok()?.modified().ok()?, entry.path())))
+        .collect();
+    debs.sort();
+    debs.pop()
+        .map(|(_, path)| path)
+        .with_context(|| format!("no .deb in {}", dir.display()))
+}
