@@ -393,6 +393,44 @@ mod tests {
     }
 
     #[test]
+    fn a_client_close_leaves_the_data_plane_once_the_server_end_is_closed() {
+        let mut tracker = Tracker::new(Timeouts::default(), 0);
+        let mut effects = Vec::new();
+        let key = key(4, 1000);
+        tracker.on_event(&cookie_ack(key, 10_000_000), &mut effects);
+        let segment = |direction, flags, seq, ack, time_ns| LifecycleEvent {
+            kind: EVENT_SEGMENT,
+            direction,
+            flags,
+            seq,
+            ack,
+            receiver_ack: ack,
+            time_ns,
+            ..cookie_ack(key, time_ns)
+        };
+        use tcp_flags::{ACK, FIN};
+        tracker.on_event(
+            &segment(FROM_CLIENT, FIN | ACK, 101, 501, 20_000_000),
+            &mut effects,
+        );
+        tracker.on_event(
+            &segment(FROM_SERVER, FIN | ACK, 501, 102, 21_000_000),
+            &mut effects,
+        );
+        effects.clear();
+        tracker.on_event(
+            &segment(FROM_CLIENT, ACK, 102, 502, 22_000_000),
+            &mut effects,
+        );
+        assert_eq!(effects, vec![Effect::Untracked { key }]);
+        let tracked = tracker.get(&key).expect("still listed while in TIME-WAIT");
+        assert_eq!(
+            tracked.connection.states(),
+            (TcpState::TimeWait, TcpState::Closed)
+        );
+    }
+
+    #[test]
     fn expiry_asks_the_data_plane_before_reaping() {
         let timeouts = Timeouts::default();
         let horizon = timeouts.established.as_nanos() as u64;
