@@ -336,12 +336,24 @@ pub struct Flood {
 
 impl Flood {
     pub fn start(from: &Namespace, flags: &[&str], port: u16, seconds: u32, packets: u32) -> Self {
+        Self::start_to(from, &SERVER.to_string(), flags, port, seconds, packets)
+    }
+
+    /// As [`Flood::start`], aimed at `target`.
+    pub fn start_to(
+        from: &Namespace,
+        target: &str,
+        flags: &[&str],
+        port: u16,
+        seconds: u32,
+        packets: u32,
+    ) -> Self {
         let child = from
             .command("timeout")
             .args(["-s", "INT", &seconds.to_string(), "hping3", "--flood", "-q"])
             .args(flags)
             .args(["-c", &packets.to_string(), "-p", &port.to_string()])
-            .arg(SERVER.to_string())
+            .arg(target)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             // Its own process group, which `timeout` and hping3 share, so that a drop can end

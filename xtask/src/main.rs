@@ -5,6 +5,7 @@
 
 mod package;
 mod setup;
+mod vm;
 
 use std::process::Command;
 
@@ -30,6 +31,9 @@ enum Task {
     Demo,
     /// Set up, build the Debian package (cargo-deb) and check what it installs.
     Package,
+    /// Boot a Debian guest under qemu that installs the package and runs tcpguard as its
+    /// systemd service with Prometheus, then flood it from the host: baseline and tcpguard.
+    VmTest,
     /// Set up and run a benchmark.
     Bench {
         #[command(subcommand)]
@@ -109,6 +113,33 @@ fn main() -> anyhow::Result<()> {
                     Ok(())
                 }
             }
+        }
+        Task::VmTest => {
+            require_root("the VM test makes a network namespace with a tap device")?;
+            setup::run()?;
+            setup::vm_packages()?;
+            let package = package::run()?;
+            cargo(&[
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "tcpguard-tests",
+                "--bin",
+                "vm-test",
+            ])?;
+            let image = vm::image(std::path::Path::new("/var/cache/tcpguard-vm"))?;
+            let status = Command::new("target/release/vm-test")
+                .arg(&image.kernel)
+                .arg(&image.initrd)
+                .arg(&image.disk)
+                .arg(&package)
+                .status()
+                .context("cannot run vm-test")?;
+            if !status.success() {
+                bail!("the VM test failed");
+            }
+            Ok(())
         }
         Task::Package => {
             setup::run()?;

@@ -111,6 +111,52 @@ fn debian_packages() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Debian 12 backports, for qemu: these machines come with qemu-utils 10 from there, which
+/// Debian 12's own qemu-system-x86 (7.2) conflicts with.
+const BACKPORTS: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";
+
+/// qemu, mmdebstrap and e2fsprogs, for `cargo xtask vm-test`.
+pub fn vm_packages() -> anyhow::Result<()> {
+    let missing = ["qemu-system-x86_64", "mmdebstrap", "mkfs.ext4"]
+        .into_iter()
+        .any(|tool| {
+            !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null")]))
+        });
+    if !missing {
+        return Ok(());
+    }
+    if !std::path::Path::new(BACKPORTS).exists() {
+        std::fs::write(
+            BACKPORTS,
+            "Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\n\
+             Components: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n",
+        )
+        .with_context(|| format!("cannot write {BACKPORTS}"))?;
+    }
+    println!("setup: installing qemu (from bookworm-backports), mmdebstrap and e2fsprogs");
+    let apt = |args: &[&str]| {
+        succeeds(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if !apt(&["update", "-q"])
+        || !apt(&[
+            "install",
+            "-y",
+            "-q",
+            "-t",
+            "bookworm-backports",
+            "qemu-system-x86",
+        ])
+        || !apt(&["install", "-y", "-q", "mmdebstrap", "e2fsprogs"])
+    {
+        bail!("could not install qemu-system-x86, mmdebstrap and e2fsprogs with apt-get");
+    }
+    Ok(())
+}
+
 fn cargo_deb() -> anyhow::Result<()> {
     if let Ok(version) = capture(Command::new("cargo").args(["deb", "--version"]))
         && version.contains(CARGO_DEB_VERSION)
