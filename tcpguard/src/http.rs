@@ -1,5 +1,6 @@
 //! The metrics endpoint: a small HTTP/1.1 server with two routes, `/metrics` and `/healthz`.
-//! One request per connection; the connection closes after the answer.
+//! Connections are kept alive between requests (Prometheus reuses its connection from scrape
+//! to scrape) until the client closes them, asks to, or stays silent for a while.
 
 use std::{
     sync::{
@@ -20,6 +21,8 @@ use crate::metrics::{CONTENT_TYPE, encode};
 
 /// Longest a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a kept-alive connection may stay silent between requests.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Largest request head read.
 const MAX_REQUEST: usize = 8192;
 /// How stale the daemon's heartbeat may be before /healthz says it is unhealthy.
@@ -54,9 +57,33 @@ async fn answer(
     registry: &Registry,
     heartbeat: &Heartbeat,
 ) -> std::io::Result<()> {
-    let head = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream))
-        .await
-        .map_err(|_| std::io::Error::other("request not received in time"))??;
+    let mut first = true;
+    loop {
+        let wait = if first { REQUEST_TIMEOUT } else { IDLE_TIMEOUT };
+        first = false;
+        let head = tokio::time::timeout(wait, read_head(&mut stream))
+            .await
+            .map_err(|_| std::io::Error::other("no request in time"))??;
+        if head.is_empty() {
+            return Ok(());
+        }
+        // HTTP/1.1 keeps connections unless told otherwise; HTTP/1.0 closes them.
+        let keep_alive = head
+            .lines()
+            .next()
+            .is_some_and(|line| line.ends_with("HTTP/1.1"))
+            && !head
+                .lines()
+                .any(|line| line.eq_ignore_ascii_case("connection: close"));
+        let response = respond(&head, registry, heartbeat, keep_alive);
+        stream.write_all(&response).await?;
+        if !keep_alive {
+            return stream.shutdown().await;
+        }
+    }
+}
+
+fn respond(head: &str, registry: &Registry, heartbeat: &Heartbeat, keep_alive: bool) -> Vec<u8> {
     let request_line = head.lines().next().unwrap_or_default();
     let mut parts = request_line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -87,16 +114,16 @@ async fn answer(
             b"only GET\n".to_vec(),
         ),
     };
+    let connection = if keep_alive { "keep-alive" } else { "close" };
     let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
         body.len()
     )
     .into_bytes();
     if method != "HEAD" {
         response.extend_from_slice(&body);
     }
-    stream.write_all(&response).await?;
-    stream.shutdown().await
+    response
 }
 
 async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {

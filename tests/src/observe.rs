@@ -46,7 +46,8 @@ fn json(paths: &DaemonPaths, command: &str) -> Value {
 
 /// An HTTP GET of `path` on the daemon's endpoint in `namespace`: status code and body.
 pub fn http_get(namespace: &Namespace, path: &str) -> (u16, String) {
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {METRICS_ADDRESS}\r\n\r\n");
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: {METRICS_ADDRESS}\r\nConnection: close\r\n\r\n");
     namespace.within(move || {
         let mut stream = TcpStream::connect(METRICS_ADDRESS).expect("connecting to /metrics");
         stream

@@ -285,3 +285,42 @@ fn lifecycles_end_where_tcp_says_and_are_counted() {
     assert_eq!(status["packets"]["cookie_accepted"], 4);
     assert_eq!(status["events_lost"], 0);
 }
+
+/// Prometheus keeps its connection from scrape to scrape: so does the endpoint.
+#[test]
+fn the_metrics_endpoint_keeps_connections_alive() {
+    let lab = Lab::new();
+    let responses = lab.rig.server.within(|| {
+        let mut stream = TcpStream::connect(tcpguard_tests::observe::METRICS_ADDRESS).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            stream
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: tcpguard\r\n\r\n")
+                .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                stream.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8(head).unwrap();
+            let length: usize = head
+                .lines()
+                .find_map(|line| line.strip_prefix("Content-Length: "))
+                .and_then(|length| length.trim().parse().ok())
+                .expect("a Content-Length");
+            let mut body = vec![0u8; length];
+            stream.read_exact(&mut body).unwrap();
+            answers.push((head, String::from_utf8(body).unwrap()));
+        }
+        answers
+    });
+    for (head, body) in responses {
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+        assert!(head.contains("Connection: keep-alive"), "{head}");
+        assert!(body.contains("tcpguard_build_info"));
+    }
+}

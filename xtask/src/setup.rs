@@ -115,13 +115,19 @@ fn debian_packages() -> anyhow::Result<()> {
 /// Debian 12's own qemu-system-x86 (7.2) conflicts with.
 const BACKPORTS: &str = "/etc/apt/sources.list.d/bookworm-backports.sources";
 
-/// qemu, mmdebstrap and e2fsprogs, for `cargo xtask vm-test`.
+/// qemu, mmdebstrap, e2fsprogs and Prometheus (the server that scrapes the guest), for
+/// `cargo xtask vm-test`.
 pub fn vm_packages() -> anyhow::Result<()> {
-    let missing = ["qemu-system-x86_64", "mmdebstrap", "mkfs.ext4"]
-        .into_iter()
-        .any(|tool| {
-            !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null")]))
-        });
+    let missing = [
+        "qemu-system-x86_64",
+        "mmdebstrap",
+        "mkfs.ext4",
+        "prometheus",
+    ]
+    .into_iter()
+    .any(|tool| {
+        !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null")]))
+    });
     if !missing {
         return Ok(());
     }
@@ -150,9 +156,18 @@ pub fn vm_packages() -> anyhow::Result<()> {
             "bookworm-backports",
             "qemu-system-x86",
         ])
-        || !apt(&["install", "-y", "-q", "mmdebstrap", "e2fsprogs"])
+        || !apt(&[
+            "install",
+            "-y",
+            "-q",
+            "mmdebstrap",
+            "e2fsprogs",
+            "prometheus",
+        ])
     {
-        bail!("could not install qemu-system-x86, mmdebstrap and e2fsprogs with apt-get");
+        bail!(
+            "could not install qemu-system-x86, mmdebstrap, e2fsprogs and prometheus with apt-get"
+        );
     }
     Ok(())
 }
