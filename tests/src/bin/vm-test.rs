@@ -62,6 +62,8 @@ struct Guest {
     prometheus: Child,
     console: PathBuf,
     _served: PathBuf,
+    /// Overlay disk, served files, console log and Prometheus's data, removed at the end.
+    work: PathBuf,
 }
 
 impl Drop for Guest {
@@ -70,6 +72,7 @@ impl Drop for Guest {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let _ = fs::remove_dir_all(&self.work);
     }
 }
 
@@ -210,6 +213,7 @@ fn boot(host: &Namespace, kernel: &Path, initrd: &Path, disk: &Path, package: &P
         prometheus,
         console,
         _served: served,
+        work,
     }
 }
 
