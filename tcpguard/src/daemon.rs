@@ -248,7 +248,8 @@ impl Daemon {
     }
 
     fn apply_effects(&mut self) {
-        let effects = std::mem::take(&mut self.effects);
+        // Taken out while self is borrowed below, put back empty to keep its allocation.
+        let mut effects = std::mem::take(&mut self.effects);
         for effect in &effects {
             self.metrics.observe_effect(effect);
             match effect {
@@ -266,8 +267,8 @@ impl Daemon {
                 Effect::Opened { .. } | Effect::Handshake { .. } => {}
             }
         }
+        effects.clear();
         self.effects = effects;
-        self.effects.clear();
     }
 
     fn refresh_metrics(&mut self) {

@@ -267,27 +267,31 @@ impl Guard {
         v6_name: &'static str,
         prefixes: &[Prefix],
     ) -> Result<(), GuardError> {
-        let mut v4: LpmTrie<_, [u8; 4], u8> = self.map_mut(v4_name)?;
-        let stale: Vec<Key<[u8; 4]>> = v4.keys().filter_map(Result::ok).collect();
+        let v4 = prefixes.iter().filter_map(|prefix| match prefix.address {
+            IpAddr::V4(address) => Some(Key::new(prefix.length.into(), address.octets())),
+            IpAddr::V6(_) => None,
+        });
+        self.refill_trie(v4_name, v4)?;
+        let v6 = prefixes.iter().filter_map(|prefix| match prefix.address {
+            IpAddr::V6(address) => Some(Key::new(prefix.length.into(), address.octets())),
+            IpAddr::V4(_) => None,
+        });
+        self.refill_trie(v6_name, v6)
+    }
+
+    /// Replaces every entry of the trie `name` with `keys`.
+    fn refill_trie<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        keys: impl Iterator<Item = Key<K>>,
+    ) -> Result<(), GuardError> {
+        let mut trie: LpmTrie<_, K, u8> = self.map_mut(name)?;
+        let stale: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
         for key in &stale {
-            let _ = v4.remove(key);
+            let _ = trie.remove(key);
         }
-        for prefix in prefixes {
-            if let IpAddr::V4(address) = prefix.address {
-                v4.insert(&Key::new(prefix.length.into(), address.octets()), 1, 0)
-                    .map_err(map_error(v4_name))?;
-            }
-        }
-        let mut v6: LpmTrie<_, [u8; 16], u8> = self.map_mut(v6_name)?;
-        let stale: Vec<Key<[u8; 16]>> = v6.keys().filter_map(Result::ok).collect();
-        for key in &stale {
-            let _ = v6.remove(key);
-        }
-        for prefix in prefixes {
-            if let IpAddr::V6(address) = prefix.address {
-                v6.insert(&Key::new(prefix.length.into(), address.octets()), 1, 0)
-                    .map_err(map_error(v6_name))?;
-            }
+        for key in keys {
+            trie.insert(&key, 1, 0).map_err(map_error(name))?;
         }
         Ok(())
     }

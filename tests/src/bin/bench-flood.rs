@@ -176,10 +176,12 @@ fn run(defence: Defence) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let clients = {
         let stop = stop.clone();
-        let client = rig.client.name.clone();
-        std::thread::spawn(move || {
-            let namespace = NamespaceRef(client);
-            namespace.measure_until(&stop)
+        rig.client.spawn(move || {
+            let mut clients = Clients::default();
+            while !stop.load(Ordering::Relaxed) {
+                connect_once(&mut clients);
+            }
+            clients
         })
     };
     let sent = flood(&rig.client);
@@ -204,24 +206,6 @@ fn run(defence: Defence) -> Run {
         answered,
         softirq_seconds: softirq,
         seconds,
-    }
-}
-
-/// A namespace by name, for a thread that does not own it.
-struct NamespaceRef(String);
-
-impl NamespaceRef {
-    fn measure_until(&self, stop: &AtomicBool) -> Clients {
-        let file = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
-        // SAFETY: setns on this thread only.
-        let status =
-            unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
-        assert_eq!(status, 0);
-        let mut clients = Clients::default();
-        while !stop.load(Ordering::Relaxed) {
-            connect_once(&mut clients);
-        }
-        clients
     }
 }
 

@@ -25,7 +25,10 @@ use std::{
 };
 
 use serde_json::Value;
-use tcpguard_tests::{netns::Namespace, rig::Flood};
+use tcpguard_tests::{
+    netns::Namespace,
+    rig::{Flood, kernel_counters},
+};
 
 const GUEST: &str = "10.202.0.2";
 const HOST: &str = "10.202.0.1";
@@ -252,7 +255,7 @@ fn scenario(host: &Namespace, guest: &Guest, name: &str) -> BTreeMap<String, f64
             (ok, failed, retries, latencies)
         })
     };
-    let retrans_before = host_counter(host, "TcpExtTCPSynRetrans");
+    let retrans_before = kernel_counters(host)["TcpExtTCPSynRetrans"] as f64;
     let tap_drops_before = tap_tx_dropped(host);
     let mut sent = 0.0;
     let cookies = || guest_counters(host)["node_netstat_TcpExt_SyncookiesSent"];
@@ -278,7 +281,7 @@ fn scenario(host: &Namespace, guest: &Guest, name: &str) -> BTreeMap<String, f64
     stop.store(true, Ordering::Relaxed);
     let (ok, failed, retries, latencies) = client.join().unwrap();
     let tap_drops = tap_tx_dropped(host) - tap_drops_before;
-    let retransmits = host_counter(host, "TcpExtTCPSynRetrans") - retrans_before;
+    let retransmits = kernel_counters(host)["TcpExtTCPSynRetrans"] as f64 - retrans_before;
     // Three scrape intervals: the last counts are in Prometheus.
     std::thread::sleep(Duration::from_secs(6));
     let after = guest_counters(host);
@@ -445,13 +448,6 @@ fn tap_tx_dropped(host: &Namespace) -> f64 {
     let output = host.run("ip", &["-j", "-s", "link", "show", TAP]);
     let json: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
     json[0]["stats64"]["tx"]["dropped"].as_f64().unwrap_or(0.0)
-}
-
-fn host_counter(host: &Namespace, name: &str) -> f64 {
-    let output = host.run("nstat", &["-az", "--json"]);
-    let text = String::from_utf8_lossy(&output.stdout);
-    let json: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    json["kernel"][name].as_f64().unwrap_or(0.0)
 }
 
 impl Guest {
