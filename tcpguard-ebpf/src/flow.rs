@@ -16,6 +16,7 @@ use tcpguard_common::{
 use crate::{
     frame::{Frame, read},
     parse::{Family, Segment},
+    zero,
 };
 
 #[map(name = "FLOWS")]
@@ -62,10 +63,10 @@ pub fn key<'a>(ctx: &impl Frame, segment: &Segment, direction: Direction) -> Opt
         Family::V4 => {
             let addresses: [[u8; 4]; 2] =
                 [read(ctx, segment.l3 + 12)?, read(ctx, segment.l3 + 16)?];
-            *source = [0; 16];
-            *destination = [0; 16];
             source[..4].copy_from_slice(&addresses[0]);
             destination[..4].copy_from_slice(&addresses[1]);
+            zero::clear(&mut source[4..]);
+            zero::clear(&mut destination[4..]);
             key.family = FLOW_IPV4;
         }
         Family::V6 => {
@@ -78,7 +79,7 @@ pub fn key<'a>(ctx: &impl Frame, segment: &Segment, direction: Direction) -> Opt
         Direction::FromClient => (segment.sport, segment.dport),
         Direction::FromServer => (segment.dport, segment.sport),
     };
-    key._pad = [0; 3];
+    zero::clear(&mut key._pad);
     Some(key)
 }
 
@@ -231,7 +232,7 @@ fn report(
             Direction::FromClient => FROM_CLIENT,
             Direction::FromServer => FROM_SERVER,
         };
-        (*event)._pad = [0; 7];
+        zero::clear(&mut (*event)._pad);
     }
     entry.submit(0);
     bump(EVENTS_SENT);

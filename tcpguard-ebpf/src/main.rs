@@ -17,6 +17,7 @@ mod policy;
 mod socket;
 mod syn;
 mod validate;
+mod zero;
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, xdp_action},

@@ -1,6 +1,9 @@
 //! The kernel's socket table and its SYN-cookie helpers, as seen from XDP.
 
-use core::{ffi::c_void, mem::size_of};
+use core::{
+    ffi::c_void,
+    mem::{MaybeUninit, size_of},
+};
 
 use aya_ebpf::{
     EbpfContext as _,
@@ -14,6 +17,7 @@ use aya_ebpf::{
 use crate::{
     frame::{at, read},
     parse::{Family, IPV6_HLEN, Segment, TCP_MIN_HLEN},
+    zero,
 };
 
 /// `BPF_TCP_LISTEN` in `bpf_sock.state`.
@@ -29,8 +33,9 @@ impl Socket {
     /// The socket the kernel would deliver `segment` to, if any.
     #[inline(always)]
     pub fn lookup(ctx: &XdpContext, segment: &Segment) -> Option<Self> {
-        // SAFETY: bpf_sock_tuple is plain old data; all-zero is a valid value.
-        let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+        let mut tuple = MaybeUninit::uninit();
+        // bpf_sock_tuple is plain old data; all-zero is a valid value.
+        let tuple: &mut bpf_sock_tuple = zero::zeroed_in(&mut tuple);
         let ports: [u8; 4] = read(ctx, segment.l4)?;
         let (sport, dport) = (
             u16::from_ne_bytes([ports[0], ports[1]]),
@@ -78,7 +83,7 @@ impl Socket {
         let sk = unsafe {
             bpf_skc_lookup_tcp(
                 ctx.as_ptr(),
-                &mut tuple,
+                tuple,
                 tuple_size as u32,
                 BPF_F_CURRENT_NETNS as u64,
                 0,

@@ -1,6 +1,8 @@
 //! A SYN to a protected port with a listener is answered here, with a SYN cookie SYN-ACK built in
 //! place and sent back with XDP_TX; the kernel keeps no state for it.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     EbpfContext as _,
     helpers::generated::{bpf_ktime_get_ns, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
@@ -13,6 +15,7 @@ use crate::{
     frame::{at, len},
     parse::{Family, Segment},
     socket::Socket,
+    zero,
 };
 
 const TCPOPT_EOL: u8 = 0;
@@ -63,7 +66,8 @@ pub fn answer(
     // The helper must see the whole TCP header: it reads the MSS option from it. A stack copy
     // gives it memory of a length the verifier can bound. The same buffer then becomes the
     // SYN-ACK's TCP header, which keeps the program within the 512-byte BPF stack.
-    let mut header: Header = [0u8; 66];
+    let mut header = MaybeUninit::uninit();
+    let header: &mut Header = zero::zeroed_in(&mut header);
     let header_len = (u32::from(segment.data_offset) & 0xf) * 4;
     if header_len < 20 {
         return Counter::BadDataOffset;
@@ -80,12 +84,12 @@ pub fn answer(
     {
         return Counter::Truncated;
     }
-    let Some((cookie, mss)) = listener.syn_cookie(ctx, segment, &mut header, header_len) else {
+    let Some((cookie, mss)) = listener.syn_cookie(ctx, segment, header, header_len) else {
         return Counter::CookieUnavailable;
     };
-    let options = syn_options(&header, header_len as usize);
-    let tcp_len = write_synack_header(&mut header, cookie, mss, &options, config);
-    if rewrite(ctx, segment, &header, tcp_len, config).is_none() {
+    let options = syn_options(header, header_len as usize);
+    let tcp_len = write_synack_header(header, cookie, mss, &options, config);
+    if rewrite(ctx, segment, header, tcp_len, config).is_none() {
         return Counter::SynAckFailed;
     }
     Counter::SynCookieSent
@@ -161,7 +165,7 @@ impl OptionWalk {
 }
 
 /// Turns the SYN's TCP header in `header` into the SYN-ACK's (checksum left zero) and returns
-/// its length. Bytes past that length are zeroed.
+/// its length. Bytes past that length, up to [`SYNACK_MAX_HLEN`], are zero.
 #[inline(always)]
 fn write_synack_header(
     header: &mut Header,
@@ -172,7 +176,7 @@ fn write_synack_header(
 ) -> usize {
     let client_ports = [header[0], header[1], header[2], header[3]];
     let client_seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    *header = [0u8; 66];
+    zero::clear(&mut header[12..SYNACK_MAX_HLEN]);
     let b = header;
     b[0..2].copy_from_slice(&client_ports[2..4]);
     b[2..4].copy_from_slice(&client_ports[0..2]);

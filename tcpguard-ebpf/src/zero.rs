@@ -1,0 +1,35 @@
+//! Zeroing without `memset`. The bpf target has no builtins, so LLVM turns every `[0; N]`, every
+//! `mem::zeroed()` and every run of plain zero stores into a call to compiler_builtins'
+//! `memset`, which stores one byte per loop turn: four instructions a byte, some hundreds per
+//! SYN. The stores here are volatile, which LLVM may not merge, and as wide as alignment allows.
+
+use core::mem::MaybeUninit;
+
+/// `T`, 8-byte aligned, so that it can be zeroed a word at a time: stack accesses must be
+/// aligned to their width.
+#[repr(C, align(8))]
+pub struct Aligned<T>(pub T);
+
+/// Zeroes `slot` one 8-byte word at a time and returns it initialised. `T` must be valid
+/// all-zero.
+#[inline(always)]
+pub fn zeroed_in<T>(slot: &mut MaybeUninit<Aligned<T>>) -> &mut T {
+    let words = slot.as_mut_ptr().cast::<u64>();
+    let mut word = 0;
+    while word < size_of::<Aligned<T>>() / 8 {
+        // SAFETY: Aligned<T> is 8-byte aligned and a whole number of words long.
+        unsafe { words.add(word).write_volatile(0) };
+        word += 1;
+    }
+    // SAFETY: every byte is written, and T is valid all-zero.
+    unsafe { &mut slot.assume_init_mut().0 }
+}
+
+/// Zeroes `bytes` one byte at a time, for memory of unknown alignment (map values).
+#[inline(always)]
+pub fn clear(bytes: &mut [u8]) {
+    for byte in bytes {
+        // SAFETY: a valid, exclusive reference.
+        unsafe { core::ptr::write_volatile(byte, 0) };
+    }
+}
