@@ -115,15 +115,15 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
     );
 }
 
-/// Remembers when a SYN was answered with a cookie, for the handshake time.
+/// Remembers that a SYN was answered with a cookie at `now_ns`, for the handshake time.
 #[inline(always)]
-pub fn syn_answered(key: &FlowKey) {
+pub fn syn_answered(key: &FlowKey, now_ns: u64) {
     let (index, tag) = syn_slot(key);
     if let Some(slot) = SYN_TIMES.get_ptr_mut(index) {
         // SAFETY: a slot of a shared array; a racing writer can only make the handshake time
         // unknown (tag mismatch), never wrong by more than the race.
         unsafe {
-            (*slot).time_ns = now_ns();
+            (*slot).time_ns = now_ns;
             (*slot).tag = tag;
         }
     }

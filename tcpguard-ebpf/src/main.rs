@@ -124,16 +124,18 @@ fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, policy: Lists)
     if policy.source_full(key) {
         return Counter::SourceLimit;
     }
-    let counter = answer_syn(ctx, segment);
+    // One clock read serves the cookie's timestamp and the handshake timer.
+    let now_ns = flow::now_ns();
+    let counter = answer_syn(ctx, segment, now_ns);
     if counter == Counter::SynCookieSent {
-        flow::syn_answered(key);
+        flow::syn_answered(key, now_ns);
     }
     counter
 }
 
 /// See [`handle_syn`].
 #[inline(always)]
-fn answer_syn(ctx: &XdpContext, segment: &Segment) -> Counter {
+fn answer_syn(ctx: &XdpContext, segment: &Segment, now_ns: u64) -> Counter {
     let Some(slot) = SYN_SCRATCH.get_ptr_mut(0) else {
         return Counter::CookieUnavailable;
     };
@@ -157,7 +159,7 @@ fn answer_syn(ctx: &XdpContext, segment: &Segment) -> Counter {
     let Some(config) = SYN_COOKIE_CONFIG.get(0) else {
         return Counter::CookieUnavailable;
     };
-    syn::answer(ctx, segment, &socket, config)
+    syn::answer(ctx, segment, &socket, config, now_ns)
 }
 
 /// An ACK (or SYN-ACK) of an untracked flow with no connection behind it must carry a valid

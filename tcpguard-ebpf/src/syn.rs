@@ -5,7 +5,7 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{
     EbpfContext as _,
-    helpers::generated::{bpf_ktime_get_ns, bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    helpers::generated::{bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
 use tcpguard_common::{Counter, NO_WINDOW_SCALE, SynCookieConfig};
@@ -62,6 +62,7 @@ pub fn answer(
     segment: &Segment,
     listener: &Socket,
     config: &SynCookieConfig,
+    now_ns: u64,
 ) -> Counter {
     // The helper must see the whole TCP header: it reads the MSS option from it. A stack copy
     // gives it memory of a length the verifier can bound. The same buffer then becomes the
@@ -88,7 +89,7 @@ pub fn answer(
         return Counter::CookieUnavailable;
     };
     let options = syn_options(header, header_len as usize);
-    let tcp_len = write_synack_header(header, cookie, mss, &options, config);
+    let tcp_len = write_synack_header(header, cookie, mss, &options, config, now_ns);
     if rewrite(ctx, segment, header, tcp_len, config).is_none() {
         return Counter::SynAckFailed;
     }
@@ -173,6 +174,7 @@ fn write_synack_header(
     mss: u16,
     options: &SynOptions,
     config: &SynCookieConfig,
+    now_ns: u64,
 ) -> usize {
     let client_ports = [header[0], header[1], header[2], header[3]];
     let client_seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
@@ -209,7 +211,7 @@ fn write_synack_header(
             [TCPOPT_NOP, TCPOPT_NOP]
         });
         b[26..28].copy_from_slice(&[TCPOPT_TIMESTAMP, 10]);
-        b[28..32].copy_from_slice(&cookie_timestamp(window_scale, sack).to_be_bytes());
+        b[28..32].copy_from_slice(&cookie_timestamp(window_scale, sack, now_ns).to_be_bytes());
         b[32..36].copy_from_slice(&options.timestamp.to_be_bytes());
         len = 36;
         if window_scale != NO_WINDOW_SCALE {
@@ -229,15 +231,14 @@ fn write_synack_header(
 /// TSval of a cookie SYN-ACK, as the kernel's `cookie_init_timestamp` makes it: the kernel's
 /// millisecond clock with the options in the low bits, never ahead of that clock.
 #[inline(always)]
-fn cookie_timestamp(client_window_scale: u8, sack: bool) -> u32 {
+fn cookie_timestamp(client_window_scale: u8, sack: bool, now_ns: u64) -> u32 {
     let window_bits = if client_window_scale == NO_WINDOW_SCALE {
         TS_NO_WINDOW_SCALE
     } else {
         u32::from(client_window_scale)
     };
     let option_bits = window_bits | if sack { TS_SACK } else { 0 };
-    // SAFETY: no arguments; reads the monotonic clock.
-    let now = unsafe { bpf_ktime_get_ns() } / 1_000_000;
+    let now = now_ns / 1_000_000;
     let mut timestamp = (now >> TS_OPTION_BITS << TS_OPTION_BITS) | u64::from(option_bits);
     if timestamp > now {
         timestamp -= 1 << TS_OPTION_BITS;

@@ -8,3 +8,8 @@ pub static TCPGUARD_OBJECT: &[u8] =
 /// far end of a veth pair so that XDP_TX frames reach it.
 pub static XDP_PASS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass"));
+
+/// The benchmarks' SYN generator (`tcpguard-ebpf/src/bin/xdp_syn_flood.rs`), run with
+/// BPF_PROG_TEST_RUN in live-frames mode.
+pub static XDP_SYN_FLOOD_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-syn-flood"));

@@ -2,6 +2,7 @@
 //! byte by byte (malformed ones included), and running the XDP program through the kernel.
 
 pub mod frame;
+pub mod generator;
 pub mod netns;
 pub mod observe;
 pub mod rig;

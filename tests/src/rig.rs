@@ -310,6 +310,18 @@ impl Drop for Daemon {
     }
 }
 
+/// The MAC address of `interface` in `namespace`.
+pub fn mac(namespace: &Namespace, interface: &str) -> [u8; 6] {
+    let output = namespace.run("cat", &[&format!("/sys/class/net/{interface}/address")]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut mac = [0u8; 6];
+    for (byte, hex) in mac.iter_mut().zip(text.trim().split(':')) {
+        *byte = u8::from_str_radix(hex, 16)
+            .unwrap_or_else(|_| panic!("{interface} has no MAC address like 02:00:…: {text}"));
+    }
+    mac
+}
+
 /// The kernel's TCP counters in a namespace (`nstat -az`), by name.
 pub fn kernel_counters(namespace: &Namespace) -> std::collections::HashMap<String, u64> {
     let output = namespace.run("nstat", &["-az", "--json"]);

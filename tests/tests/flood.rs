@@ -14,7 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tcpguard_tests::rig::{Daemon, Flood, Rig, SERVER, kernel_counters};
+use tcpguard_tests::{
+    frame::linux_syn_options,
+    generator::SynFlood,
+    rig::{CLIENT, CLIENT_IF, Daemon, Flood, Rig, SERVER, SERVER_IF, kernel_counters, mac},
+};
 
 const PORT: u16 = 8080;
 const TRANSFER: usize = 10 * 1024 * 1024;
@@ -302,4 +306,53 @@ fn a_dropped_flood_leaves_no_hping3_behind() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The benchmarks' SYN generator sends well-formed SYNs from the sources it is given: the
+/// server's kernel, without tcpguard, answers every one with a cookie, and can route each
+/// answer back only through the source range.
+#[test]
+fn the_benchmark_generator_sends_syns_the_kernel_answers() {
+    let rig = Rig::new();
+    rig.server.run(
+        "ip",
+        &["route", "add", "10.128.0.0/9", "via", &CLIENT.to_string()],
+    );
+    rig.server.sysctl("net.ipv4.tcp_syncookies", "2");
+    // GRO gives the server's veth the NAPI poll that redirected frames need.
+    rig.server.run("ethtool", &["-K", SERVER_IF, "gro", "on"]);
+    let listener = rig
+        .server
+        .within(|| TcpListener::bind(("0.0.0.0", PORT)).unwrap());
+    let flood = SynFlood {
+        interface: CLIENT_IF.to_owned(),
+        source_mac: mac(&rig.client, CLIENT_IF),
+        destination_mac: mac(&rig.server, SERVER_IF),
+        sources: ("10.128.0.0".parse().unwrap(), 9),
+        destination: SERVER,
+        port: PORT,
+        options: linux_syn_options(1460, 1, 7),
+    };
+    // Fewer than the veth's queue holds, so that none is dropped before the kernel sees it.
+    const SYNS: u64 = 200;
+    let before = kernel_counters(&rig.server);
+    let sent = rig
+        .client
+        .within(move || flood.run(Duration::from_secs(5), SYNS))
+        .expect("running the generator");
+    assert_eq!(sent.packets, SYNS);
+    let answered = |counters: &std::collections::HashMap<String, u64>| {
+        delta(&before, counters, "TcpExtSyncookiesSent")
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut after = kernel_counters(&rig.server);
+    while answered(&after) < SYNS && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        after = kernel_counters(&rig.server);
+    }
+    assert_eq!(answered(&after), SYNS, "SYNs answered with a cookie");
+    for counter in ["TcpInCsumErrors", "TcpInErrs", "IpOutNoRoutes"] {
+        assert_eq!(delta(&before, &after, counter), 0, "{counter}");
+    }
+    drop(listener);
 }

@@ -1,20 +1,24 @@
 //! What a SYN flood costs the protected host, and what it does to real clients, with the
 //! kernel's own defence (`tcp_syncookies = 2`, no XDP) and with tcpguard, measured side by side
-//! in one run over the same veth rig.
+//! in one run over the same veth rig, in several rounds.
 //!
-//! Cost: softirq CPU time (from /proc/stat, the whole machine) per SYN answered with a cookie.
-//! Both the kernel's SYN handling and the XDP program run in softirq; so does the client
-//! namespace's receipt of the SYN-ACKs, which is the same in both cases since the server
-//! routes every SYN-ACK back over the veth. Generator: hping3 (one thread), whose own count
-//! gives the rate offered.
+//! Cost. Generator: `tcpguard_tests::generator`, BPF_PROG_TEST_RUN in live-frames mode, on one
+//! core of the client namespace; hping3 (one thread, about 80k SYN/s here) does not load the
+//! server enough to compare the two defences at their limit. The server's veth runs its NAPI
+//! poll in a kernel thread of its own (threaded NAPI), pinned to the other core. Everything the
+//! protected host does with a SYN happens in that thread: the XDP program, or the kernel's
+//! whole receive path with its cookie, and the SYN-ACK's transmission up to the veth. The
+//! client's end has a threaded NAPI poll of its own, so receiving SYN-ACKs is not charged to
+//! the server. The cost per SYN is that thread's CPU time (its `schedstat`), plus the tcpguard
+//! daemon's, divided by the SYNs answered.
 //!
-//! Clients: connect() from the client namespace every 20 ms, timed, before and during the
-//! flood.
+//! Clients: connect() from the client namespace every 20 ms, timed: idle, during an hping3
+//! flood (a rate both defences absorb), and during the generator's flood (where the veth's
+//! queue, full, drops SYNs of flood and clients alike before either defence sees them).
 
 use std::{
     fmt::Write as _,
     net::{SocketAddr, TcpListener, TcpStream},
-    process::Stdio,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -23,14 +27,24 @@ use std::{
 };
 
 use tcpguard_tests::{
+    frame::linux_syn_options,
+    generator::{Sent, SynFlood},
     netns::Namespace,
-    rig::{CLIENT, Daemon, Rig, SERVER, SERVER_IF, kernel_counters},
+    observe,
+    rig::{CLIENT, CLIENT_IF, Daemon, Flood, Rig, SERVER, SERVER_IF, kernel_counters, mac},
 };
 
 const PORT: u16 = 8080;
-const FLOOD_SECONDS: u32 = 10;
-const FLOOD_PACKETS: u32 = 5_000_000;
+const FLOOD: Duration = Duration::from_secs(10);
+const FLOOD_PACKETS: u64 = 50_000_000;
 const IDLE: Duration = Duration::from_secs(3);
+const HPING_SECONDS: u32 = 10;
+const HPING_PACKETS: u32 = 5_000_000;
+const ROUNDS: usize = 3;
+/// The core the server's NAPI thread runs on; the generator and the client's NAPI thread share
+/// the other.
+const SERVER_CPU: usize = 1;
+const CLIENT_CPU: usize = 0;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Defence {
@@ -62,6 +76,11 @@ impl Clients {
             .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
     }
 
+    fn extend(&mut self, other: &Self) {
+        self.latencies.extend_from_slice(&other.latencies);
+        self.failures += other.failures;
+    }
+
     fn success(&self) -> f64 {
         let total = self.latencies.len() + self.failures;
         100.0 * self.latencies.len() as f64 / total.max(1) as f64
@@ -71,54 +90,96 @@ impl Clients {
 struct Run {
     defence: Defence,
     idle: Clients,
+    /// During the hping3 flood.
+    hping: Clients,
+    /// During the generator's flood.
     flood: Clients,
-    sent: u64,
+    sent: Sent,
+    /// SYNs the server's veth received (the rest the client's veth dropped, its peer's queue
+    /// being full).
+    received: u64,
     answered: u64,
-    softirq_seconds: f64,
-    seconds: f64,
+    /// CPU time of the server's NAPI thread during the flood.
+    napi_seconds: f64,
+    /// CPU time of the tcpguard daemon during the flood (0 for the kernel alone).
+    daemon_seconds: f64,
+}
+
+impl Run {
+    fn cost_ns(&self) -> f64 {
+        (self.napi_seconds + self.daemon_seconds) * 1e9 / self.answered.max(1) as f64
+    }
+
+    fn napi_busy(&self) -> f64 {
+        100.0 * self.napi_seconds / self.sent.seconds
+    }
 }
 
 fn main() {
-    let runs: Vec<Run> = [Defence::Kernel, Defence::Tcpguard]
-        .into_iter()
-        .map(run)
+    let rounds: Vec<[Run; 2]> = (1..=ROUNDS)
+        .map(|round| {
+            eprintln!("== round {round} of {ROUNDS}");
+            [run(Defence::Kernel), run(Defence::Tcpguard)]
+        })
         .collect();
     let mut report = String::new();
-    let kernel = &runs[0];
     writeln!(
         report,
-        "SYN flood over veth, {FLOOD_SECONDS} s of hping3 -S --flood --rand-source (one thread) per defence, same rig:\n"
+        "SYN flood over veth, {} s per defence and round from an XDP generator (BPF_PROG_TEST_RUN live frames, one core; random sources in 10.128.0.0/9, Linux SYN options). CPU is the server's NAPI thread, pinned to a core of its own, plus the daemon's:\n",
+        FLOOD.as_secs()
     )
     .unwrap();
     writeln!(
         report,
-        "| defence | SYNs offered/s (hping3) | SYNs answered | softirq CPU per SYN answered | × kernel |"
+        "| round | defence | SYNs offered/s | SYNs received | SYNs answered | server NAPI thread busy | daemon CPU | CPU per SYN answered | × kernel |"
     )
     .unwrap();
-    writeln!(report, "| --- | --- | --- | --- | --- |").unwrap();
-    for run in &runs {
-        writeln!(
-            report,
-            "| {} | {:.0} k | {} | {:.0} ns | {:.2} |",
-            run.defence.name(),
-            run.sent as f64 / run.seconds / 1000.0,
-            run.answered,
-            run.cost_ns(),
-            run.cost_ns() / kernel.cost_ns()
-        )
-        .unwrap();
+    writeln!(
+        report,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
+    .unwrap();
+    let mut ratios = Vec::new();
+    for (round, [kernel, tcpguard]) in rounds.iter().enumerate() {
+        ratios.push(tcpguard.cost_ns() / kernel.cost_ns());
+        for run in [kernel, tcpguard] {
+            writeln!(
+                report,
+                "| {} | {} | {:.0} k | {} | {} | {:.0}% | {:.0} ms | {:.0} ns | {:.2} |",
+                round + 1,
+                run.defence.name(),
+                run.sent.rate() / 1000.0,
+                run.received,
+                run.answered,
+                run.napi_busy(),
+                run.daemon_seconds * 1000.0,
+                run.cost_ns(),
+                run.cost_ns() / kernel.cost_ns()
+            )
+            .unwrap();
+        }
     }
+    ratios.sort_by(f64::total_cmp);
     writeln!(
         report,
-        "\nClients (connect() every 20 ms from the client namespace):\n\n| defence | phase | connects | success | p50 | p99 |\n| --- | --- | --- | --- | --- | --- |"
+        "\ntcpguard's CPU per SYN against the kernel's: median {:.2}, range {:.2}–{:.2} over {ROUNDS} rounds.",
+        ratios[ratios.len() / 2],
+        ratios[0],
+        ratios[ratios.len() - 1]
     )
     .unwrap();
-    for run in &runs {
-        for (phase, clients) in [("idle", &run.idle), ("flood", &run.flood)] {
+    writeln!(
+        report,
+        "\nClients (connect() every 20 ms from the client namespace, all rounds together):\n\n| defence | phase | connects | success | p50 | p99 |\n| --- | --- | --- | --- | --- | --- |"
+    )
+    .unwrap();
+    let totals = [Defence::Kernel, Defence::Tcpguard].map(|defence| Totals::of(defence, &rounds));
+    for totals in &totals {
+        for (phase, clients) in totals.phases() {
             writeln!(
                 report,
                 "| {} | {phase} | {} | {:.1}% | {:.2} ms | {:.2} ms |",
-                run.defence.name(),
+                totals.defence.name(),
                 clients.latencies.len() + clients.failures,
                 clients.success(),
                 clients.quantile(0.5),
@@ -129,14 +190,51 @@ fn main() {
     }
     print!("{report}");
     if let Some(path) = std::env::args().nth(1) {
-        std::fs::write(&path, plot(&runs)).expect("writing the plot");
+        std::fs::write(&path, plot(&totals)).expect("writing the plot");
         eprintln!("plot written to {path}");
     }
 }
 
-impl Run {
+/// One defence over every round.
+struct Totals {
+    defence: Defence,
+    idle: Clients,
+    hping: Clients,
+    flood: Clients,
+    cpu_seconds: f64,
+    answered: u64,
+}
+
+impl Totals {
+    fn of(defence: Defence, rounds: &[[Run; 2]]) -> Self {
+        let mut totals = Self {
+            defence,
+            idle: Clients::default(),
+            hping: Clients::default(),
+            flood: Clients::default(),
+            cpu_seconds: 0.0,
+            answered: 0,
+        };
+        for run in rounds.iter().flatten().filter(|run| run.defence == defence) {
+            totals.idle.extend(&run.idle);
+            totals.hping.extend(&run.hping);
+            totals.flood.extend(&run.flood);
+            totals.cpu_seconds += run.napi_seconds + run.daemon_seconds;
+            totals.answered += run.answered;
+        }
+        totals
+    }
+
     fn cost_ns(&self) -> f64 {
-        self.softirq_seconds * 1e9 / self.answered.max(1) as f64
+        self.cpu_seconds * 1e9 / self.answered.max(1) as f64
+    }
+
+    fn phases(&self) -> [(&'static str, &Clients); 3] {
+        [
+            ("idle", &self.idle),
+            ("hping3 flood", &self.hping),
+            ("generator flood", &self.flood),
+        ]
     }
 }
 
@@ -151,6 +249,8 @@ fn run(defence: Defence) -> Run {
     );
     rig.server.sysctl("net.ipv4.tcp_syncookies", "2");
     rig.server.sysctl("net.ipv4.tcp_timestamps", "2");
+    // GRO gives the server's veth a NAPI poll without XDP, as a NIC driver has one.
+    rig.server.run("ethtool", &["-K", SERVER_IF, "gro", "on"]);
     let listener = rig
         .server
         .within(|| TcpListener::bind(("0.0.0.0", PORT)).unwrap());
@@ -168,11 +268,39 @@ fn run(defence: Defence) -> Run {
             ],
         )
     });
+    let flood = SynFlood {
+        interface: CLIENT_IF.to_owned(),
+        source_mac: mac(&rig.client, CLIENT_IF),
+        destination_mac: mac(&rig.server, SERVER_IF),
+        sources: ("10.128.0.0".parse().unwrap(), 9),
+        destination: SERVER,
+        port: PORT,
+        options: linux_syn_options(1460, 1, 7),
+    };
 
     let idle = measure_clients(&rig.client, IDLE);
-    let kernel_before = kernel_counters(&rig.server);
-    let softirq_before = softirq_seconds();
-    let start = Instant::now();
+    let hping = {
+        let flood = Flood::start(
+            &rig.client,
+            &["-S", "--rand-source"],
+            PORT,
+            HPING_SECONDS,
+            HPING_PACKETS,
+        );
+        let clients = measure_clients(&rig.client, Duration::from_secs(HPING_SECONDS.into()));
+        flood.wait();
+        clients
+    };
+    // Threaded NAPI only now: woken threads answer in bursts, which costs the clients of the
+    // hping3 phase retransmissions that softirq polling does not.
+    let server_napi = threaded_napi(&rig.server, SERVER_IF);
+    let client_napi = threaded_napi(&rig.client, CLIENT_IF);
+    pin(server_napi, SERVER_CPU);
+    pin(client_napi, CLIENT_CPU);
+    let answered_before = cookies_sent(&rig.server, daemon.as_ref());
+    let received_before = interface_counter(&rig.server, SERVER_IF, "rx_packets");
+    let napi_before = cpu_seconds(server_napi);
+    let daemon_before = daemon.as_ref().map_or(0.0, |d| cpu_seconds(d.pid()));
     let stop = Arc::new(AtomicBool::new(false));
     let clients = {
         let stop = stop.clone();
@@ -184,29 +312,110 @@ fn run(defence: Defence) -> Run {
             clients
         })
     };
-    let sent = flood(&rig.client);
-    let seconds = start.elapsed().as_secs_f64();
-    let softirq = softirq_seconds() - softirq_before;
+    let sent = rig
+        .client
+        .within(move || {
+            pin(0, CLIENT_CPU);
+            flood.run(FLOOD, FLOOD_PACKETS)
+        })
+        .expect("running the SYN generator");
+    let napi_seconds = cpu_seconds(server_napi) - napi_before;
+    let daemon_seconds = daemon.as_ref().map_or(0.0, |d| cpu_seconds(d.pid())) - daemon_before;
+    let received = interface_counter(&rig.server, SERVER_IF, "rx_packets") - received_before;
+    let answered = cookies_sent(&rig.server, daemon.as_ref()) - answered_before;
     stop.store(true, Ordering::Relaxed);
     let flood_clients = clients.join().unwrap();
-    let kernel_after = kernel_counters(&rig.server);
-    let answered = match daemon {
-        Some(daemon) => daemon
-            .stop()
-            .into_iter()
-            .find(|(name, _)| name == "syn_cookie_sent")
-            .map_or(0, |(_, value)| value),
-        None => kernel_after["TcpExtSyncookiesSent"] - kernel_before["TcpExtSyncookiesSent"],
-    };
+    if let Some(daemon) = daemon {
+        daemon.stop();
+    }
     Run {
         defence,
         idle,
+        hping,
         flood: flood_clients,
         sent,
+        received,
         answered,
-        softirq_seconds: softirq,
-        seconds,
+        napi_seconds,
+        daemon_seconds,
     }
+}
+
+/// SYN-ACKs with a cookie the server has sent so far: by tcpguard's count when it runs, else by
+/// the kernel's.
+fn cookies_sent(server: &Namespace, daemon: Option<&Daemon>) -> u64 {
+    match daemon {
+        Some(daemon) => observe::status(&daemon.paths)["packets"]["syn_cookie_sent"]
+            .as_u64()
+            .expect("tcpguard's status counts syn_cookie_sent"),
+        None => kernel_counters(server)["TcpExtSyncookiesSent"],
+    }
+}
+
+/// Turns on threaded NAPI for `interface` and returns the pid of its one NAPI thread.
+fn threaded_napi(namespace: &Namespace, interface: &str) -> u32 {
+    // `ip netns exec` mounts the namespace's own /sys for the command it runs.
+    namespace.run(
+        "sh",
+        &[
+            "-c",
+            &format!("echo 1 > /sys/class/net/{interface}/threaded"),
+        ],
+    );
+    let prefix = format!("napi/{interface}-");
+    let threads: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|comm| comm.starts_with(&prefix))
+        })
+        .collect();
+    assert_eq!(
+        threads.len(),
+        1,
+        "expected one NAPI thread named {prefix}*, found {threads:?}"
+    );
+    threads[0]
+}
+
+/// Restricts `pid` (0: the calling thread) to `cpu`.
+fn pin(pid: u32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is empty; CPU_SET and sched_setaffinity only read it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let status = libc::sched_setaffinity(pid as i32, size_of::<libc::cpu_set_t>(), &set);
+        assert_eq!(
+            status,
+            0,
+            "cannot pin {pid} to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// CPU time of every thread of `pid`, from schedstat (nanoseconds on the CPU).
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|err| panic!("cannot list the threads of {pid}: {err}"))
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum::<u64>() as f64
+        / 1e9
+}
+
+fn interface_counter(namespace: &Namespace, interface: &str, name: &str) -> u64 {
+    let output = namespace.run(
+        "cat",
+        &[&format!("/sys/class/net/{interface}/statistics/{name}")],
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn measure_clients(client: &Namespace, duration: Duration) -> Clients {
@@ -229,68 +438,32 @@ fn connect_once(clients: &mut Clients) {
     std::thread::sleep(Duration::from_millis(20));
 }
 
-/// Floods for FLOOD_SECONDS (or FLOOD_PACKETS) and returns how many SYNs hping3 sent.
-fn flood(client: &Namespace) -> u64 {
-    let output = client
-        .command("timeout")
-        .args([
-            "-s",
-            "INT",
-            &FLOOD_SECONDS.to_string(),
-            "hping3",
-            "-S",
-            "--flood",
-        ])
-        .args(["--rand-source", "-c", &FLOOD_PACKETS.to_string()])
-        .args(["-p", &PORT.to_string(), &SERVER.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("running hping3");
-    let text = String::from_utf8_lossy(&output.stdout).into_owned()
-        + &String::from_utf8_lossy(&output.stderr);
-    text.lines()
-        .find_map(|line| {
-            line.split_once(" packets transmitted")
-                .and_then(|(count, _)| count.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("hping3 printed no packet count: {text}"))
-}
-
-/// Softirq time of the whole machine, from /proc/stat, in seconds.
-fn softirq_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap();
-    let cpu = stat.lines().next().unwrap();
-    let softirq: f64 = cpu.split_whitespace().nth(7).unwrap().parse().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    softirq / ticks
-}
-
-/// Two bar charts as SVG: softirq CPU per SYN answered, and client p99 connect latency.
-fn plot(runs: &[Run]) -> String {
+/// Two bar charts as SVG: CPU per SYN answered, and client p99 connect latency.
+fn plot(totals: &[Totals]) -> String {
     let mut svg = String::from(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"720\" height=\"300\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"720\" height=\"300\" fill=\"white\"/>\n",
     );
     let charts: [(&str, Vec<(String, f64)>); 2] = [
         (
-            "softirq CPU per SYN answered (ns)",
-            runs.iter()
-                .map(|run| (run.defence.name().to_owned(), run.cost_ns()))
+            "CPU per SYN answered (ns), all rounds",
+            totals
+                .iter()
+                .map(|totals| (totals.defence.name().to_owned(), totals.cost_ns()))
                 .collect(),
         ),
         (
-            "client connect p99 (ms)",
-            runs.iter()
-                .flat_map(|run| {
+            "client connect p99 (ms): idle, hping3 flood",
+            totals
+                .iter()
+                .flat_map(|totals| {
                     [
                         (
-                            format!("{} idle", short(run.defence)),
-                            run.idle.quantile(0.99),
+                            format!("{} idle", short(totals.defence)),
+                            totals.idle.quantile(0.99),
                         ),
                         (
-                            format!("{} flood", short(run.defence)),
-                            run.flood.quantile(0.99),
+                            format!("{} flood", short(totals.defence)),
+                            totals.hping.quantile(0.99),
                         ),
                     ]
                 })
