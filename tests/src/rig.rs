@@ -76,6 +76,28 @@ impl Rig {
     }
 }
 
+/// Where the benchmark generator's SYNs come from: a range the server routes back over the veth
+/// only when a test adds the route.
+pub const SYN_FLOOD_SOURCES: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 128, 0, 0), 9);
+
+impl Rig {
+    /// The benchmark generator aimed at the server's `port` from the client's end, with Linux's
+    /// SYN options, and GRO turned on at the server's end: redirected frames need the NAPI poll
+    /// it gives a veth without XDP.
+    pub fn syn_flood(&self, port: u16) -> crate::generator::SynFlood {
+        self.server.run("ethtool", &["-K", SERVER_IF, "gro", "on"]);
+        crate::generator::SynFlood {
+            interface: CLIENT_IF.to_owned(),
+            source_mac: mac(&self.client, CLIENT_IF),
+            destination_mac: mac(&self.server, SERVER_IF),
+            sources: SYN_FLOOD_SOURCES,
+            destination: SERVER,
+            port,
+            options: crate::frame::linux_syn_options(1460, 1, 7),
+        }
+    }
+}
+
 impl Default for Rig {
     fn default() -> Self {
         Self::new()

@@ -14,11 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tcpguard_tests::{
-    frame::linux_syn_options,
-    generator::SynFlood,
-    rig::{CLIENT, CLIENT_IF, Daemon, Flood, Rig, SERVER, SERVER_IF, kernel_counters, mac},
-};
+use tcpguard_tests::rig::{CLIENT, Daemon, Flood, Rig, SERVER, SYN_FLOOD_SOURCES, kernel_counters};
 
 const PORT: u16 = 8080;
 const TRANSFER: usize = 10 * 1024 * 1024;
@@ -314,25 +310,22 @@ fn a_dropped_flood_leaves_no_hping3_behind() {
 #[test]
 fn the_benchmark_generator_sends_syns_the_kernel_answers() {
     let rig = Rig::new();
+    let (network, prefix) = SYN_FLOOD_SOURCES;
     rig.server.run(
         "ip",
-        &["route", "add", "10.128.0.0/9", "via", &CLIENT.to_string()],
+        &[
+            "route",
+            "add",
+            &format!("{network}/{prefix}"),
+            "via",
+            &CLIENT.to_string(),
+        ],
     );
     rig.server.sysctl("net.ipv4.tcp_syncookies", "2");
-    // GRO gives the server's veth the NAPI poll that redirected frames need.
-    rig.server.run("ethtool", &["-K", SERVER_IF, "gro", "on"]);
     let listener = rig
         .server
         .within(|| TcpListener::bind(("0.0.0.0", PORT)).unwrap());
-    let flood = SynFlood {
-        interface: CLIENT_IF.to_owned(),
-        source_mac: mac(&rig.client, CLIENT_IF),
-        destination_mac: mac(&rig.server, SERVER_IF),
-        sources: ("10.128.0.0".parse().unwrap(), 9),
-        destination: SERVER,
-        port: PORT,
-        options: linux_syn_options(1460, 1, 7),
-    };
+    let flood = rig.syn_flood(PORT);
     // Fewer than the veth's queue holds, so that none is dropped before the kernel sees it.
     const SYNS: u64 = 200;
     let before = kernel_counters(&rig.server);

@@ -27,11 +27,13 @@ use std::{
 };
 
 use tcpguard_tests::{
-    frame::linux_syn_options,
-    generator::{Sent, SynFlood},
+    generator::Sent,
     netns::Namespace,
     observe,
-    rig::{CLIENT, CLIENT_IF, Daemon, Flood, Rig, SERVER, SERVER_IF, kernel_counters, mac},
+    rig::{
+        CLIENT, CLIENT_IF, Daemon, Flood, Rig, SERVER, SERVER_IF, SYN_FLOOD_SOURCES,
+        kernel_counters,
+    },
 };
 
 const PORT: u16 = 8080;
@@ -125,8 +127,10 @@ fn main() {
     let mut report = String::new();
     writeln!(
         report,
-        "SYN flood over veth, {} s per defence and round from an XDP generator (BPF_PROG_TEST_RUN live frames, one core; random sources in 10.128.0.0/9, Linux SYN options). CPU is the server's NAPI thread, pinned to a core of its own, plus the daemon's:\n",
-        FLOOD.as_secs()
+        "SYN flood over veth, {} s per defence and round from an XDP generator (BPF_PROG_TEST_RUN live frames, one core; random sources in {}/{}, Linux SYN options). CPU is the server's NAPI thread, pinned to a core of its own, plus the daemon's:\n",
+        FLOOD.as_secs(),
+        SYN_FLOOD_SOURCES.0,
+        SYN_FLOOD_SOURCES.1
     )
     .unwrap();
     writeln!(
@@ -249,8 +253,6 @@ fn run(defence: Defence) -> Run {
     );
     rig.server.sysctl("net.ipv4.tcp_syncookies", "2");
     rig.server.sysctl("net.ipv4.tcp_timestamps", "2");
-    // GRO gives the server's veth a NAPI poll without XDP, as a NIC driver has one.
-    rig.server.run("ethtool", &["-K", SERVER_IF, "gro", "on"]);
     let listener = rig
         .server
         .within(|| TcpListener::bind(("0.0.0.0", PORT)).unwrap());
@@ -268,15 +270,7 @@ fn run(defence: Defence) -> Run {
             ],
         )
     });
-    let flood = SynFlood {
-        interface: CLIENT_IF.to_owned(),
-        source_mac: mac(&rig.client, CLIENT_IF),
-        destination_mac: mac(&rig.server, SERVER_IF),
-        sources: ("10.128.0.0".parse().unwrap(), 9),
-        destination: SERVER,
-        port: PORT,
-        options: linux_syn_options(1460, 1, 7),
-    };
+    let flood = rig.syn_flood(PORT);
 
     let idle = measure_clients(&rig.client, IDLE);
     let hping = {
