@@ -8,8 +8,9 @@ pub const FLOW_IPV6: u8 = 6;
 
 /// A connection's 4-tuple, oriented client → server whichever way the packet went, so that the
 /// XDP program (ingress) and the TC program (egress) find the same entry. IPv4 addresses sit in
-/// the first four bytes, the rest zero. Ports are in host byte order.
-#[repr(C)]
+/// the first four bytes, the rest zero. Ports are in host byte order. Aligned to 8 so that the
+/// data plane can write and hash it a word at a time.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub client_addr: [u8; 16],
@@ -51,15 +52,33 @@ pub struct Flow {
 
 /// When a SYN was answered with a cookie, in the slot of [`crate::maps::SYN_TIMES`] its
 /// 4-tuple hashes to. Slots are overwritten freely (a flood churns through them); the tag tells
-/// whether the slot still holds this 4-tuple's SYN.
+/// whether the slot still holds this 4-tuple's SYN. One word, so that a flood, which writes a
+/// random slot per SYN, touches as little memory as it can.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SynTime {
-    /// Upper hash bits of the 4-tuple, never 0 (0 marks an empty slot).
-    pub tag: u32,
-    pub _pad: u32,
-    /// `bpf_ktime_get_ns` when the SYN-ACK was sent.
-    pub time_ns: u64,
+pub struct SynTime(pub u64);
+
+impl SynTime {
+    /// Bits of the time: `bpf_ktime_get_ns` modulo 2^48, about 78 hours.
+    const TIME_BITS: u32 = 48;
+    const TIME_MASK: u64 = (1 << Self::TIME_BITS) - 1;
+
+    /// `time_ns` under `tag` (16 bits, never 0: 0 marks an empty slot).
+    #[inline(always)]
+    pub fn new(tag: u16, time_ns: u64) -> Self {
+        Self(u64::from(tag) << Self::TIME_BITS | time_ns & Self::TIME_MASK)
+    }
+
+    #[inline(always)]
+    pub fn tag(self) -> u16 {
+        (self.0 >> Self::TIME_BITS) as u16
+    }
+
+    /// The time this slot holds, as a `bpf_ktime_get_ns` value at or before `now_ns`.
+    #[inline(always)]
+    pub fn time_before(self, now_ns: u64) -> u64 {
+        now_ns.wrapping_sub(now_ns.wrapping_sub(self.0) & Self::TIME_MASK)
+    }
 }
 
 impl FlowKey {
@@ -68,28 +87,17 @@ impl FlowKey {
     #[inline(always)]
     pub fn hash(&self) -> u32 {
         let mut hash: u32 = 0x811c_9dc5;
-        let mut mix = |bytes: [u8; 4]| {
-            hash = (hash ^ u32::from_ne_bytes(bytes)).wrapping_mul(0x0100_0193);
-        };
-        let mut i = 0;
-        while i < 16 {
-            mix([
-                self.client_addr[i],
-                self.client_addr[i + 1],
-                self.client_addr[i + 2],
-                self.client_addr[i + 3],
-            ]);
-            mix([
-                self.server_addr[i],
-                self.server_addr[i + 1],
-                self.server_addr[i + 2],
-                self.server_addr[i + 3],
-            ]);
-            i += 4;
+        let mut mix = |word: u32| hash = (hash ^ word).wrapping_mul(0x0100_0193);
+        for address in [&self.client_addr, &self.server_addr] {
+            for word in address.chunks_exact(4) {
+                mix(u32::from_ne_bytes([word[0], word[1], word[2], word[3]]));
+            }
         }
         let client = self.client_port.to_ne_bytes();
         let server = self.server_port.to_ne_bytes();
-        mix([client[0], client[1], server[0], server[1]]);
+        mix(u32::from_ne_bytes([
+            client[0], client[1], server[0], server[1],
+        ]));
         hash
     }
 }
@@ -183,8 +191,19 @@ mod tests {
     #[test]
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::align_of::<FlowKey>(), 8);
+        assert_eq!(size_of::<SynTime>(), 8);
         assert_eq!(size_of::<Flow>(), 32);
         assert_eq!(size_of::<LifecycleEvent>(), 80);
         assert_eq!(size_of::<SourceKey>(), 20);
+    }
+
+    #[test]
+    fn a_syn_time_keeps_its_tag_and_its_time_across_the_48_bit_wrap() {
+        let answered = (1 << 48) - 1_000;
+        let slot = SynTime::new(0xbeef, answered);
+        assert_eq!(slot.tag(), 0xbeef);
+        assert_eq!(slot.time_before(answered + 5_000), answered);
+        assert_eq!(slot.time_before(answered), answered);
     }
 }

@@ -1,6 +1,8 @@
 //! Tracked connections: the flow map, refreshed by every segment, and the lifecycle events that
 //! report the segments able to change a connection's state. Plain data produces no event.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
@@ -53,34 +55,61 @@ pub fn key<'a>(ctx: &impl Frame, segment: &Segment, direction: Direction) -> Opt
         Direction::FromClient => 0,
         Direction::FromServer => 1,
     };
-    // SAFETY: a per-CPU slot, used only within this invocation, and each direction has its own.
-    let key = unsafe { &mut *KEY_SCRATCH.get_ptr_mut(slot)? };
-    let (source, destination) = match direction {
-        Direction::FromClient => (&mut key.client_addr, &mut key.server_addr),
-        Direction::FromServer => (&mut key.server_addr, &mut key.client_addr),
+    let key = KEY_SCRATCH.get_ptr_mut(slot)?;
+    let (source, destination, family) = match segment.family {
+        Family::V4 => (
+            address_words(read::<4>(ctx, segment.l3 + 12)?),
+            address_words(read::<4>(ctx, segment.l3 + 16)?),
+            FLOW_IPV4,
+        ),
+        Family::V6 => (
+            address_words(read::<16>(ctx, segment.l3 + 8)?),
+            address_words(read::<16>(ctx, segment.l3 + 24)?),
+            FLOW_IPV6,
+        ),
     };
-    match segment.family {
-        Family::V4 => {
-            let addresses: [[u8; 4]; 2] =
-                [read(ctx, segment.l3 + 12)?, read(ctx, segment.l3 + 16)?];
-            source[..4].copy_from_slice(&addresses[0]);
-            destination[..4].copy_from_slice(&addresses[1]);
-            zero::clear(&mut source[4..]);
-            zero::clear(&mut destination[4..]);
-            key.family = FLOW_IPV4;
+    let (client, server, client_port, server_port) = match direction {
+        Direction::FromClient => (source, destination, segment.sport, segment.dport),
+        Direction::FromServer => (destination, source, segment.dport, segment.sport),
+    };
+    let (client_port, server_port) = (client_port.to_ne_bytes(), server_port.to_ne_bytes());
+    let last = u64::from_ne_bytes([
+        client_port[0],
+        client_port[1],
+        server_port[0],
+        server_port[1],
+        family,
+        0,
+        0,
+        0,
+    ]);
+    // Written as the five words FlowKey is made of, in place: byte stores, or a struct built on
+    // the stack and copied, cost several times as many instructions per packet.
+    let words = key.cast::<u64>();
+    // SAFETY: a per-CPU slot, used only within this invocation, and each direction has its own;
+    // FlowKey is five 8-byte-aligned words (see tcpguard-common).
+    unsafe {
+        for (index, word) in [client[0], client[1], server[0], server[1], last]
+            .into_iter()
+            .enumerate()
+        {
+            words.add(index).write_volatile(word);
         }
-        Family::V6 => {
-            *source = read(ctx, segment.l3 + 8)?;
-            *destination = read(ctx, segment.l3 + 24)?;
-            key.family = FLOW_IPV6;
-        }
+        Some(&*key)
     }
-    (key.client_port, key.server_port) = match direction {
-        Direction::FromClient => (segment.sport, segment.dport),
-        Direction::FromServer => (segment.dport, segment.sport),
-    };
-    zero::clear(&mut key._pad);
-    Some(key)
+}
+
+/// An address as the two words of a [`FlowKey`] address field: IPv4 in the first four bytes,
+/// the rest zero.
+#[inline(always)]
+fn address_words<const N: usize>(address: [u8; N]) -> [u64; 2] {
+    let mut bytes = [0u8; 16];
+    bytes[..N].copy_from_slice(&address);
+    let (first, second) = bytes.split_at(8);
+    [
+        u64::from_ne_bytes(first.try_into().unwrap_or_default()),
+        u64::from_ne_bytes(second.try_into().unwrap_or_default()),
+    ]
 }
 
 #[inline(always)]
@@ -94,16 +123,16 @@ pub fn now_ns() -> u64 {
 #[inline(always)]
 pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
     let now = now_ns();
-    let flow = Flow {
-        last_seen_ns: now,
-        client_ack: segment.ack,
-        // What the server has acknowledged so far: the client's next sequence number.
-        server_ack: segment.seq,
-        ..Flow::default()
-    };
+    let mut flow = MaybeUninit::uninit();
+    // Flow is plain old data; all-zero is a valid value.
+    let flow: &mut Flow = zero::zeroed_in(&mut flow);
+    flow.last_seen_ns = now;
+    flow.client_ack = segment.ack;
+    // What the server has acknowledged so far: the client's next sequence number.
+    flow.server_ack = segment.seq;
     // A full LRU map evicts its least recently used entry, so this only fails on allocation.
-    let _ = FLOWS.insert(key, &flow, 0);
-    let syn_time_ns = take_syn_time(key);
+    let _ = FLOWS.insert(key, flow, 0);
+    let syn_time_ns = take_syn_time(key, now);
     report(
         key,
         segment,
@@ -120,36 +149,34 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
 pub fn syn_answered(key: &FlowKey, now_ns: u64) {
     let (index, tag) = syn_slot(key);
     if let Some(slot) = SYN_TIMES.get_ptr_mut(index) {
-        // SAFETY: a slot of a shared array; a racing writer can only make the handshake time
-        // unknown (tag mismatch), never wrong by more than the race.
-        unsafe {
-            (*slot).time_ns = now_ns;
-            (*slot).tag = tag;
-        }
+        // SAFETY: a slot of a shared array, written whole; a racing writer can only make the
+        // handshake time unknown (tag mismatch).
+        unsafe { *slot = SynTime::new(tag, now_ns) };
     }
 }
 
 /// When `key`'s SYN was answered, if its slot still holds it; the slot is emptied.
 #[inline(always)]
-fn take_syn_time(key: &FlowKey) -> u64 {
+fn take_syn_time(key: &FlowKey, now_ns: u64) -> u64 {
     let (index, tag) = syn_slot(key);
     let Some(slot) = SYN_TIMES.get_ptr_mut(index) else {
         return 0;
     };
     // SAFETY: as in syn_answered.
     unsafe {
-        if (*slot).tag != tag {
+        let held = *slot;
+        if held.tag() != tag {
             return 0;
         }
-        (*slot).tag = 0;
-        (*slot).time_ns
+        *slot = SynTime::default();
+        held.time_before(now_ns)
     }
 }
 
 #[inline(always)]
-fn syn_slot(key: &FlowKey) -> (u32, u32) {
+fn syn_slot(key: &FlowKey) -> (u32, u16) {
     let hash = key.hash();
-    (hash & (SYN_TIMES_CAPACITY - 1), (hash >> 16) | 1)
+    (hash & (SYN_TIMES_CAPACITY - 1), (hash >> 16) as u16 | 1)
 }
 
 /// The tracked flow `key`, refreshed by `segment`, with an event when the segment can change

@@ -96,15 +96,18 @@ pub fn answer(
     Counter::SynCookieSent
 }
 
-/// Walks the options of a SYN's TCP header, copied into `header`. The walk is unrolled over
-/// every byte position of the option space and reads only at that position, so each read is at
-/// a constant offset; where the next option starts is data, never an address. (A loop indexed
-/// by the option start makes the verifier follow each option layout separately, past its
-/// limit.)
+/// Walks the options of a SYN's TCP header, copied into `header`, the way the kernel's
+/// `tcp_parse_options` does: option by option to the end of the header, stopping at an
+/// end-of-list option or at a length that is too short or runs past the header.
+///
+/// The walk is unrolled over every byte position of the option space and reads only at that
+/// position, so each read is at a constant offset; where the next option starts is data, never
+/// an address. (A loop indexed by the option start makes the verifier follow each option
+/// layout separately, past its limit.)
 #[inline(always)]
 fn syn_options(header: &Header, header_len: usize) -> SynOptions {
     let mut walk = OptionWalk {
-        next: 20,
+        next: OptionWalk::DONE,
         end: header_len,
         options: SynOptions {
             any: header_len > 20,
@@ -114,6 +117,7 @@ fn syn_options(header: &Header, header_len: usize) -> SynOptions {
             timestamp: 0,
         },
     };
+    walk.advance(20);
     macro_rules! at_positions {
         ($($position:literal)+) => { $(walk.step(header, $position);)+ };
     }
@@ -123,16 +127,19 @@ fn syn_options(header: &Header, header_len: usize) -> SynOptions {
 }
 
 struct OptionWalk {
-    /// Where the next option starts; past `end` once the walk is over.
+    /// Where the next option starts, or [`OptionWalk::DONE`].
     next: usize,
     end: usize,
     options: SynOptions,
 }
 
 impl OptionWalk {
+    /// No position: the walk is over. Each position then costs one comparison.
+    const DONE: usize = usize::MAX;
+
     #[inline(always)]
     fn step(&mut self, header: &Header, position: usize) {
-        if position != self.next || position >= self.end {
+        if position != self.next {
             return;
         }
         let kind = header[position];
@@ -142,7 +149,7 @@ impl OptionWalk {
             _ => usize::from(header[position + 1]),
         };
         if length == 0 || (kind != TCPOPT_NOP && length < 2) || position + length > self.end {
-            self.next = usize::MAX;
+            self.next = Self::DONE;
             return;
         }
         match (kind, length) {
@@ -152,17 +159,29 @@ impl OptionWalk {
             (TCPOPT_SACK_PERM, 2) => self.options.sack_permitted = true,
             (TCPOPT_TIMESTAMP, 10) => {
                 self.options.has_timestamp = true;
-                self.options.timestamp = u32::from_be_bytes([
-                    header[position + 2],
-                    header[position + 3],
-                    header[position + 4],
-                    header[position + 5],
-                ]);
+                self.options.timestamp = be32(&header[position + 2..position + 6]);
             }
             _ => {}
         }
-        self.next = position + length;
+        self.advance(position + length);
     }
+
+    /// Moves to the option at `next`, if the header has one there.
+    #[inline(always)]
+    fn advance(&mut self, next: usize) {
+        self.next = if next < self.end { next } else { Self::DONE };
+    }
+}
+
+/// The big-endian 32-bit value in `bytes`, read a byte at a time: an option may start at any
+/// offset, and the verifier rejects stack reads not aligned to their width. Volatile, so that
+/// LLVM does not merge the bytes back into one misaligned read.
+#[inline(always)]
+fn be32(bytes: &[u8]) -> u32 {
+    // SAFETY: reads of valid, initialised bytes.
+    u32::from_be_bytes(core::array::from_fn(|i| unsafe {
+        core::ptr::read_volatile(&bytes[i])
+    }))
 }
 
 /// Turns the SYN's TCP header in `header` into the SYN-ACK's (checksum left zero) and returns
@@ -178,7 +197,7 @@ fn write_synack_header(
 ) -> usize {
     let client_ports = [header[0], header[1], header[2], header[3]];
     let client_seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    zero::clear(&mut header[12..SYNACK_MAX_HLEN]);
+    zero::clear_words(&mut header[12..SYNACK_MAX_HLEN]);
     let b = header;
     b[0..2].copy_from_slice(&client_ports[2..4]);
     b[2..4].copy_from_slice(&client_ports[0..2]);
@@ -254,7 +273,7 @@ fn cookie_timestamp(client_window_scale: u8, sack: bool, now_ns: u64) -> u32 {
 fn rewrite(
     ctx: &XdpContext,
     segment: &Segment,
-    tcp: &Header,
+    tcp: &mut Header,
     tcp_len: usize,
     config: &SynCookieConfig,
 ) -> Option<()> {
@@ -287,9 +306,9 @@ fn rewrite(
                 h[12..16].copy_from_slice(&destination);
                 h[16..20].copy_from_slice(&source);
                 let ip_checksum = checksum::finish(checksum::add(0, &h));
-                h[10..12].copy_from_slice(&ip_checksum.to_be_bytes());
+                h[10..12].copy_from_slice(&ip_checksum);
                 ip.write_unaligned(h);
-                checksum::add(6 + tcp_len as u32, &h[12..20])
+                checksum::add(0, &h[12..20])
             }
             Family::V6 => {
                 let ip = at::<[[u8; 8]; 5]>(ctx, segment.l3)?;
@@ -301,39 +320,34 @@ fn rewrite(
                 first[7] = ttl;
                 let h = [first, d0, d1, s0, s1];
                 ip.write_unaligned(h);
-                let mut sum = 6 + tcp_len as u32;
-                for word in &h[1..] {
-                    sum = checksum::add(sum, word);
-                }
-                sum
+                h[1..].iter().fold(0, |sum, word| checksum::add(sum, word))
             }
         };
-        let mut synack = [0u8; SYNACK_MAX_HLEN];
-        synack.copy_from_slice(&tcp[..SYNACK_MAX_HLEN]);
         // Bytes past `tcp_len` are zero and add nothing to the sum.
-        let tcp_checksum = checksum::finish(checksum::add(pseudo_sum, &synack));
-        synack[16..18].copy_from_slice(&tcp_checksum.to_be_bytes());
+        let sum = checksum::add(
+            checksum::add_tcp_pseudo_word(pseudo_sum, tcp_len),
+            &tcp[..SYNACK_MAX_HLEN],
+        );
+        tcp[16..18].copy_from_slice(&checksum::finish(sum));
         // The fixed header, then each 4-byte word of options the SYN-ACK carries: fixed-size
         // writes, each checked against the frame, are what the verifier can follow.
         let l4 = segment.l3 + segment.answer_l3_len();
-        let mut fixed = [0u8; 20];
-        fixed.copy_from_slice(&synack[..20]);
-        at::<[u8; 20]>(ctx, l4)?.write_unaligned(fixed);
+        at::<[u8; 20]>(ctx, l4)?.write_unaligned(words::<20>(tcp, 0));
         for word in 0..(SYNACK_MAX_HLEN - 20) / 4 {
             let offset = 20 + 4 * word;
             if offset >= tcp_len {
                 break;
             }
-            let bytes = [
-                synack[offset],
-                synack[offset + 1],
-                synack[offset + 2],
-                synack[offset + 3],
-            ];
-            at::<[u8; 4]>(ctx, l4 + offset)?.write_unaligned(bytes);
+            at::<[u8; 4]>(ctx, l4 + offset)?.write_unaligned(words::<4>(tcp, offset));
         }
     }
     Some(())
+}
+
+/// The `N` bytes of `tcp` at `offset`.
+#[inline(always)]
+fn words<const N: usize>(tcp: &Header, offset: usize) -> [u8; N] {
+    core::array::from_fn(|i| tcp[offset + i])
 }
 
 #[inline(always)]
