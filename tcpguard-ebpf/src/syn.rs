@@ -332,13 +332,13 @@ fn rewrite(
         // The fixed header, then each 4-byte word of options the SYN-ACK carries: fixed-size
         // writes, each checked against the frame, are what the verifier can follow.
         let l4 = segment.l3 + segment.answer_l3_len();
-        at::<[u8; 20]>(ctx, l4)?.write_unaligned(words::<20>(tcp, 0));
+        at::<[u8; 20]>(ctx, l4)?.write_unaligned(bytes_at::<20>(tcp, 0));
         for word in 0..(SYNACK_MAX_HLEN - 20) / 4 {
             let offset = 20 + 4 * word;
             if offset >= tcp_len {
                 break;
             }
-            at::<[u8; 4]>(ctx, l4 + offset)?.write_unaligned(words::<4>(tcp, offset));
+            at::<[u8; 4]>(ctx, l4 + offset)?.write_unaligned(bytes_at::<4>(tcp, offset));
         }
     }
     Some(())
@@ -346,7 +346,7 @@ fn rewrite(
 
 /// The `N` bytes of `tcp` at `offset`.
 #[inline(always)]
-fn words<const N: usize>(tcp: &Header, offset: usize) -> [u8; N] {
+fn bytes_at<const N: usize>(tcp: &Header, offset: usize) -> [u8; N] {
     core::array::from_fn(|i| tcp[offset + i])
 }
 
