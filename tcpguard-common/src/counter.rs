@@ -58,7 +58,7 @@ counters! {
     BadIpVersion = "bad_ip_version", Drop, "The IP version field does not match the EtherType.";
     BadIpHeaderLength = "bad_ip_header_length", Drop, "IPv4 header length (IHL) below 5 words.";
     BadIpTotalLength = "bad_ip_total_length", Drop, "IP total or payload length beyond the frame or shorter than the headers.";
-    ExtensionHeaderChain = "extension_header_chain", Drop, "More IPv6 extension headers than tcpguard walks, so the segment behind them cannot be judged.";
+    ExtensionHeaderChain = "extension_header_chain", Pass, "More IPv6 extension headers than tcpguard walks: the port behind them is unknown, so the packet goes to the kernel, which accepts such chains.";
     Fragment = "fragment", Drop, "The first fragment of a fragmented segment to a protected port.";
     BadDataOffset = "bad_data_offset", Drop, "TCP data offset below 5 words or beyond the segment.";
     NullFlags = "null_flags", Drop, "TCP segment with no flags set (NULL scan).";
@@ -72,6 +72,12 @@ counters! {
     DeniedSource = "denied_source", Drop, "A segment from a deny-listed source.";
     SourceLimit = "source_limit", Drop, "A SYN from a source that already has as many tracked connections as it may have.";
     SynAckFailed = "syn_ack_failed", Drop, "A SYN whose SYN-ACK could not be built in place (no room in the frame).";
+    OtherMac = "other_mac", Pass, "A frame to a protected port not sent to the interface's own unicast MAC; the kernel treats it as without tcpguard.";
+    NotHostAddress = "not_host_address", Pass, "A segment to a protected port of an address the host does not own (forwarded traffic); the kernel routes it as without tcpguard.";
+    MartianAddress = "martian_address", Pass, "A segment from or to a martian address (loopback, multicast, broadcast, unspecified, IPv4-mapped, or the host's own address as source); the kernel drops it as without tcpguard.";
+    SourceRouted = "source_routed", Pass, "A segment with an IPv4 source-route option or an IPv6 routing header with segments left: not for a local socket; the kernel handles it as without tcpguard.";
+    BadIpOptions = "bad_ip_options", Pass, "A SYN whose IPv4 options are malformed; the kernel drops it as without tcpguard.";
+    BadChecksum = "bad_checksum", Pass, "A SYN whose IPv4 header or TCP checksum is wrong; the kernel drops it as without tcpguard.";
 }
 
 impl Counter {

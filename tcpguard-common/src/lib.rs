@@ -2,19 +2,23 @@
 #![no_std]
 
 mod config;
+pub mod cookie;
 mod counter;
 mod flow;
+mod host;
 
 pub use config::{
     FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT,
     Policy, ProtectedPort, SynCookieConfig,
 };
+pub use cookie::{COOKIE_PERIOD_S, CookieOptions, CookieReject, CookieSecrets, SynCookie};
 pub use counter::{Counter, CounterKind};
 pub use flow::{
     CLIENT_FIN, CLIENT_FIN_ACKED, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_RING_BYTES,
     EVENT_SEGMENT, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow,
     FlowKey, LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SourceKey, SynTime,
 };
+pub use host::{HostAddress, InterfaceConfig, is_for_interface, is_martian};
 
 /// Names of the maps in the eBPF object, as the daemon looks them up.
 pub mod maps {
@@ -44,6 +48,11 @@ pub mod maps {
     pub const DENY_V6: &str = "DENY_V6";
     /// `HashMap<SourceKey, u8>`: sources at their limit of tracked connections.
     pub const FULL_SOURCES: &str = "FULL_SOURCES";
+    /// `HashMap<HostAddress, u8>`: the unicast addresses the host owns; SYNs to any other
+    /// destination go to the kernel untouched.
+    pub const HOST_ADDRESSES: &str = "HOST_ADDRESSES";
+    /// `Array<InterfaceConfig>` with a single entry.
+    pub const INTERFACE: &str = "INTERFACE";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -60,6 +69,8 @@ pub mod maps {
         DENY_V4,
         DENY_V6,
         FULL_SOURCES,
+        HOST_ADDRESSES,
+        INTERFACE,
     ];
 }
 
@@ -70,6 +81,8 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
 pub const SYN_TIMES_CAPACITY: u32 = 65_536;
 /// Capacity of each allow and deny trie.
 pub const POLICY_CAPACITY: u32 = 16_384;
+/// Capacity of [`maps::HOST_ADDRESSES`]: more addresses than any one host carries.
+pub const HOST_ADDRESSES_CAPACITY: u32 = 4096;
 /// Capacity of [`maps::FULL_SOURCES`].
 pub const FULL_SOURCES_CAPACITY: u32 = 65_536;
 

@@ -12,6 +12,8 @@
 mod checksum;
 mod flow;
 mod frame;
+mod host;
+mod integrity;
 mod parse;
 mod policy;
 mod socket;
@@ -72,12 +74,18 @@ fn judge(ctx: &XdpContext) -> Counter {
     if !is_protected(&segment) {
         return Counter::Unprotected;
     }
-    if let Err(counter) = validate::segment(&segment) {
+    if let Err(counter) = host::frame_for_interface(ctx) {
         return counter;
     }
     let Some(key) = flow::key(ctx, &segment, Direction::FromClient) else {
         return Counter::Truncated;
     };
+    if let Err(counter) = host::owns_destination(key) {
+        return counter;
+    }
+    if let Err(counter) = validate::segment(&segment) {
+        return counter;
+    }
     let policy = policy::lists();
     if policy.denied(key) {
         return Counter::DeniedSource;
@@ -123,6 +131,9 @@ fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, policy: Lists)
     }
     if policy.source_full(key) {
         return Counter::SourceLimit;
+    }
+    if let Err(counter) = host::source_is_foreign(key) {
+        return counter;
     }
     // One clock read serves the cookie's timestamp and the handshake timer.
     let now_ns = flow::now_ns();

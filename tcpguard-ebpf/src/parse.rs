@@ -22,7 +22,8 @@ const IP_MF: u16 = 0x2000;
 const IP_OFFSET: u16 = 0x1fff;
 
 /// How many IPv6 extension headers are walked before a packet is given up on. Real traffic
-/// rarely carries more than two; a longer chain could hide a TCP segment, so it is dropped.
+/// rarely carries more than two; a longer chain goes to the kernel unjudged, since its port is
+/// unknown.
 const MAX_IPV6_EXTENSION_HEADERS: usize = 6;
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
@@ -165,8 +166,18 @@ fn ipv6(ctx: &impl Frame, l3: usize) -> Result<Segment, Counter> {
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
         match next {
             IPPROTO_TCP => break,
-            NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+            NEXTHDR_HOP | NEXTHDR_DEST => {
                 let ext: [u8; 2] = read(ctx, l4).ok_or(Counter::Truncated)?;
+                next = ext[0];
+                l4 += (usize::from(ext[1]) + 1) * 8;
+            }
+            NEXTHDR_ROUTING => {
+                let ext: [u8; 4] = read(ctx, l4).ok_or(Counter::Truncated)?;
+                // Segments left: the packet is on its way to another node, which the kernel
+                // forwards it to (or drops); it is not for a local socket.
+                if ext[3] != 0 {
+                    return Err(Counter::SourceRouted);
+                }
                 next = ext[0];
                 l4 += (usize::from(ext[1]) + 1) * 8;
             }
@@ -181,7 +192,9 @@ fn ipv6(ctx: &impl Frame, l3: usize) -> Result<Segment, Counter> {
                 if offset_and_more & 0xfff8 != 0 {
                     return Err(Counter::LaterFragment);
                 }
-                fragment = offset_and_more & 1 != 0;
+                // Any Fragment header with more to come makes the datagram a fragment, not only
+                // the last one in the chain.
+                fragment |= offset_and_more & 1 != 0;
                 next = ext[0];
                 l4 += 8;
             }

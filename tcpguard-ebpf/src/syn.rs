@@ -13,6 +13,7 @@ use tcpguard_common::{Counter, NO_WINDOW_SCALE, SynCookieConfig};
 use crate::{
     checksum,
     frame::{at, len},
+    integrity,
     parse::{Family, Segment},
     socket::Socket,
     zero,
@@ -84,6 +85,12 @@ pub fn answer(
     } != 0
     {
         return Counter::Truncated;
+    }
+    // What the kernel would check before answering this SYN itself.
+    if let Err(counter) = integrity::ipv4_header(ctx, segment)
+        .and_then(|()| integrity::tcp_checksum(ctx, segment, header, header_len as usize))
+    {
+        return counter;
     }
     let Some((cookie, mss)) = listener.syn_cookie(ctx, segment, header, header_len) else {
         return Counter::CookieUnavailable;

@@ -75,6 +75,16 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     guard.set_ports(&config.ports)?;
     guard.set_syn_cookie_config(cookie)?;
     guard.set_policy(&config.policy)?;
+    guard.set_interface(crate::host::interface_config(&config.interface)?)?;
+    let (owned, _) = guard.set_host_addresses(&crate::host::addresses()?)?;
+    info!(
+        "answering SYNs to this host's own addresses only: {}",
+        owned
+            .iter()
+            .map(crate::host::display)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let attachment = guard.attach(&config.interface, config.xdp_mode)?;
     // Logged once the daemon answers on its sockets too, as READY=1 is sent: tests and
     // operators may take it as the sign that everything is up.
@@ -207,6 +217,7 @@ impl Daemon {
                 _ = tick.tick() => {
                     self.heartbeat.store(crate::clock::monotonic_secs(), Ordering::Relaxed);
                     self.expire();
+                    self.follow_host_addresses();
                     self.refresh_metrics();
                     let interval = self.config.stats_interval;
                     if !interval.is_zero() && last_log.elapsed() >= interval {
@@ -217,6 +228,36 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Keeps the data plane's view of the host current: addresses that come and go (DHCP,
+    /// a VIP moved by keepalived, a container's address) and the interface's MAC. Read once a
+    /// second; until an address is seen, SYNs to it go to the kernel unanswered, which is
+    /// what the host would do without tcpguard.
+    fn follow_host_addresses(&mut self) {
+        let interface = self.config.interface.clone();
+        let update = crate::host::interface_config(&interface)
+            .map_err(anyhow::Error::from)
+            .and_then(|config| Ok(self.guard().set_interface(config)?))
+            .and_then(|()| Ok(crate::host::addresses()?))
+            .and_then(|owned| Ok(self.guard().set_host_addresses(&owned)?));
+        match update {
+            Ok((added, removed)) => {
+                for address in &added {
+                    info!(
+                        "host address {} appeared; SYNs to it are answered",
+                        crate::host::display(address)
+                    );
+                }
+                for address in &removed {
+                    info!(
+                        "host address {} went away; SYNs to it go to the kernel",
+                        crate::host::display(address)
+                    );
+                }
+            }
+            Err(err) => warn!("cannot follow this host's addresses: {err:#}"),
+        }
     }
 
     /// Handles up to [`EVENT_BATCH`] events; returns how many there were.

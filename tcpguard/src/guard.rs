@@ -23,8 +23,9 @@ use aya::{
 use log::info;
 use tcpguard_common::{
     Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST, EVENTS_SENT, FAMILY_IPV4,
-    FAMILY_IPV6, Flow, FlowKey, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT, PORT_COUNT, Policy,
-    ProtectedPort, SourceKey, SynCookieConfig, XDP_PROGRAM, maps,
+    FAMILY_IPV6, Flow, FlowKey, HostAddress, InterfaceConfig, POLICY_ALLOW, POLICY_DENY,
+    POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey, SynCookieConfig,
+    XDP_PROGRAM, maps,
 };
 
 use crate::{bpffs, ebpf::TCPGUARD_OBJECT, prefix::Prefix};
@@ -294,6 +295,41 @@ impl Guard {
             trie.insert(&key, 1, 0).map_err(map_error(name))?;
         }
         Ok(())
+    }
+
+    /// Tells the data plane the protected interface's MAC.
+    pub fn set_interface(&mut self, config: InterfaceConfig) -> Result<(), GuardError> {
+        let mut map: Array<_, InterfaceConfig> = self.map_mut(maps::INTERFACE)?;
+        map.set(0, config, 0).map_err(map_error(maps::INTERFACE))
+    }
+
+    /// Makes the host-address map hold exactly `addresses`: new ones are added and gone ones
+    /// removed, so an address that stays is never missing for a moment. Returns what was added
+    /// and what was removed.
+    pub fn set_host_addresses(
+        &mut self,
+        addresses: &BTreeSet<HostAddress>,
+    ) -> Result<(Vec<HostAddress>, Vec<HostAddress>), GuardError> {
+        let mut map: HashMap<_, HostAddress, u8> = self.map_mut(maps::HOST_ADDRESSES)?;
+        let held: BTreeSet<HostAddress> = map.keys().filter_map(Result::ok).collect();
+        let added: Vec<HostAddress> = addresses.difference(&held).copied().collect();
+        let removed: Vec<HostAddress> = held.difference(addresses).copied().collect();
+        for address in &added {
+            map.insert(address, 1, 0)
+                .map_err(map_error(maps::HOST_ADDRESSES))?;
+        }
+        for address in &removed {
+            match map.remove(address) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => {
+                    return Err(GuardError::Map {
+                        name: maps::HOST_ADDRESSES,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok((added, removed))
     }
 
     /// Marks `source` as at (or below) its connection limit.

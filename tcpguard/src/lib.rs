@@ -9,6 +9,7 @@ pub mod control;
 pub mod daemon;
 pub mod ebpf;
 pub mod guard;
+pub mod host;
 mod http;
 pub mod metrics;
 mod notify;

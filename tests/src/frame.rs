@@ -231,6 +231,14 @@ pub fn macos_syn_options(mss: u16, tsval: u32, window_scale: u8) -> Vec<u8> {
     options
 }
 
+/// Recomputes the checksum of the IPv4 header at `l3` after a test changed a field of it.
+pub fn refresh_ipv4_checksum(frame: &mut [u8], l3: usize) {
+    let header_len = usize::from(frame[l3] & 0x0f) * 4;
+    frame[l3 + 10..l3 + 12].fill(0);
+    let checksum = internet_checksum(0, &frame[l3..l3 + header_len]);
+    frame[l3 + 10..l3 + 12].copy_from_slice(&checksum.to_be_bytes());
+}
+
 fn pseudo_sum(source: &[u8], destination: &[u8], tcp_len: usize) -> u32 {
     let mut sum = 6 + tcp_len as u32;
     for pair in source.chunks(2).chain(destination.chunks(2)) {

@@ -1,9 +1,15 @@
 //! Running tcpguard's XDP program on a frame with BPF_PROG_TEST_RUN.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions};
 use tcpguard::{Counters, Guard};
+use tcpguard_common::InterfaceConfig;
+
+use crate::{
+    frame::{SERVER_MAC, SERVER_V4, SERVER_V6},
+    netns,
+};
 
 /// What the program did with one frame.
 #[derive(Debug)]
@@ -18,11 +24,42 @@ pub const XDP_DROP: u32 = 1;
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
-/// tcpguard loaded with `ports` protected and this namespace's SYN-cookie settings.
+/// tcpguard loaded with `ports` protected and this namespace's SYN-cookie settings, in a
+/// namespace that owns the server's addresses ([`SERVER_V4`], [`SERVER_V6`], on loopback) and
+/// whose protected interface has [`SERVER_MAC`], as the frames of [`crate::frame`] expect.
 pub fn load(ports: &[u16]) -> Guard {
+    own_server_addresses();
     let ports: BTreeSet<u16> = ports.iter().copied().collect();
     let config = tcpguard::sysctl::syn_cookie_config().expect("reading sysctls");
-    Guard::load(&ports, config).expect("loading tcpguard's XDP program")
+    let mut guard = Guard::load(&ports, config).expect("loading tcpguard's XDP program");
+    guard
+        .set_interface(InterfaceConfig {
+            mac: SERVER_MAC,
+            _pad: [0; 2],
+        })
+        .expect("writing the interface's MAC");
+    let owned = tcpguard::host::addresses().expect("listing this namespace's addresses");
+    guard
+        .set_host_addresses(&owned)
+        .expect("writing the host's addresses");
+    guard
+}
+
+/// Gives the calling thread's network namespace the server's addresses, on loopback, as a host
+/// carries a service address.
+pub fn own_server_addresses() {
+    netns::run("ip", &["link", "set", "lo", "up"]);
+    for (family, address) in [
+        ("-4", format!("{SERVER_V4}/32")),
+        ("-6", format!("{SERVER_V6}/128")),
+    ] {
+        let added = Command::new("ip")
+            .args([family, "addr", "replace", &address, "dev", "lo"])
+            .args(if family == "-6" { &["nodad"][..] } else { &[] })
+            .status()
+            .expect("running ip");
+        assert!(added.success(), "adding {address} to lo");
+    }
 }
 
 /// The XDP_PASS program, loaded: the benchmarks' baseline, and what the rig attaches to the

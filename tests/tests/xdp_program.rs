@@ -525,17 +525,6 @@ fn malformed_headers_are_dropped_with_their_reason() {
             v6_fragment.bytes(),
             Counter::Fragment,
         ));
-        let mut long_chain = TcpFrame::syn_v6(PORT);
-        long_chain.ip = Ip::V6 {
-            source: CLIENT_V6,
-            destination: SERVER_V6,
-            extensions: vec![(IPV6_DESTINATION, 0); 7],
-        };
-        cases.push((
-            "seven IPv6 extension headers",
-            long_chain.bytes(),
-            Counter::ExtensionHeaderChain,
-        ));
         let mut v6_length = TcpFrame::syn_v6(PORT).bytes();
         v6_length[18..20].copy_from_slice(&1000u16.to_be_bytes());
         cases.push((
@@ -574,8 +563,228 @@ fn an_unfragmented_ipv4_packet_without_df_is_legitimate() {
         let syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 3, 7));
         let mut frame = syn.bytes();
         frame[14 + 6] = 0; // clear DF
+        refresh_ipv4_checksum(&mut frame, 14);
         let answer = assert_verdict(&guard, &frame, XDP_TX, Counter::SynCookieSent);
         let config = tcpguard::sysctl::syn_cookie_config().unwrap();
         assert_synack(&syn, &answer, &config);
+    });
+}
+
+/// Runs `frame` and asserts that it went to the kernel exactly as it came, under `counter`.
+fn assert_untouched(guard: &Guard, what: &str, frame: &[u8], counter: Counter) {
+    let (outcome, moved) = xdp::run_counted(guard, frame);
+    assert_eq!(outcome.action, XDP_PASS, "{what}: passed to the kernel");
+    assert_eq!(outcome.frame, frame, "{what}: not rewritten");
+    assert_eq!(
+        moved.nonzero().collect::<Vec<_>>(),
+        vec![(counter, 1)],
+        "{what}: counted once, under its reason"
+    );
+}
+
+fn syn_between(source: &str, destination: &str) -> TcpFrame {
+    let mut syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 3, 7));
+    syn.ip = match (source.parse().unwrap(), destination.parse().unwrap()) {
+        (std::net::IpAddr::V4(source), std::net::IpAddr::V4(destination)) => Ip::V4 {
+            source,
+            destination,
+            options: Vec::new(),
+        },
+        (std::net::IpAddr::V6(source), std::net::IpAddr::V6(destination)) => Ip::V6 {
+            source,
+            destination,
+            extensions: Vec::new(),
+        },
+        _ => panic!("one family"),
+    };
+    syn
+}
+
+#[test]
+fn syns_the_host_would_not_take_as_its_own_go_to_the_kernel_untouched() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        let mut cases: Vec<(&str, Vec<u8>, Counter)> = Vec::new();
+        // Forwarded traffic: the host owns neither address (a router, a container host).
+        for (what, source, destination) in [
+            ("an address the host does not own", "10.99.0.1", "10.99.0.3"),
+            (
+                "an IPv6 address the host does not own",
+                "fd00:99::1",
+                "fd00:99::3",
+            ),
+            ("a directed broadcast", "10.99.0.1", "10.99.0.255"),
+        ] {
+            cases.push((
+                what,
+                syn_between(source, destination).bytes(),
+                Counter::NotHostAddress,
+            ));
+        }
+        for (what, source, destination) in [
+            ("from loopback", "127.0.0.1", "10.99.0.2"),
+            ("to loopback", "10.99.0.1", "127.0.0.1"),
+            ("to multicast", "10.99.0.1", "224.0.0.1"),
+            ("to the limited broadcast", "10.99.0.1", "255.255.255.255"),
+            ("from the unspecified address", "0.0.0.0", "10.99.0.2"),
+            ("from multicast", "239.1.2.3", "10.99.0.2"),
+            ("from the host's own address", "10.99.0.2", "10.99.0.2"),
+            ("from IPv6 loopback", "::1", "fd00:99::2"),
+            ("to IPv6 multicast", "fd00:99::1", "ff02::1"),
+            (
+                "from an IPv4-mapped address",
+                "::ffff:10.99.0.1",
+                "fd00:99::2",
+            ),
+            ("from the IPv6 unspecified address", "::", "fd00:99::2"),
+        ] {
+            cases.push((
+                what,
+                syn_between(source, destination).bytes(),
+                Counter::MartianAddress,
+            ));
+        }
+        for (what, mac) in [
+            ("another host's MAC", [0x02, 0, 0, 0, 0, 0x03]),
+            ("the broadcast MAC", [0xff; 6]),
+            ("a multicast MAC", [0x01, 0, 0x5e, 0, 0, 0x01]),
+        ] {
+            let mut syn = TcpFrame::syn_v4(PORT);
+            syn.destination_mac = mac;
+            cases.push((what, syn.bytes(), Counter::OtherMac));
+        }
+        let mut bad_tcp = TcpFrame::syn_v4(PORT)
+            .with_options(linux_syn_options(1460, 3, 7))
+            .bytes();
+        let last = bad_tcp.len() - 1;
+        bad_tcp[last] ^= 0x01; // an option byte: the TCP checksum no longer matches
+        cases.push(("a bad TCP checksum", bad_tcp, Counter::BadChecksum));
+        let mut bad_ip = TcpFrame::syn_v4(PORT).bytes();
+        bad_ip[14 + 8] = 63; // TTL, without updating the header checksum
+        cases.push(("a bad IPv4 header checksum", bad_ip, Counter::BadChecksum));
+        let mut bad_v6_tcp = TcpFrame::syn_v6(PORT).bytes();
+        let at = 14 + 40 + 16; // the TCP checksum field
+        bad_v6_tcp[at] ^= 0x80;
+        cases.push((
+            "a bad TCP checksum over IPv6",
+            bad_v6_tcp,
+            Counter::BadChecksum,
+        ));
+        let mut data = TcpFrame::syn_v4(PORT);
+        data.payload = b"fast open data".to_vec();
+        let mut bad_data = data.bytes();
+        let last = bad_data.len() - 1;
+        bad_data[last] ^= 0x20;
+        cases.push((
+            "a bad checksum over SYN data",
+            bad_data,
+            Counter::BadChecksum,
+        ));
+        for (what, options, counter) in [
+            // Loose source route: type 131, length 7, pointer 4, one hop; then EOL.
+            (
+                "an IPv4 loose source route",
+                vec![131, 7, 4, 10, 99, 0, 9, 0],
+                Counter::SourceRouted,
+            ),
+            (
+                "an IPv4 strict source route",
+                vec![137, 7, 4, 10, 99, 0, 9, 0],
+                Counter::SourceRouted,
+            ),
+            (
+                "an IPv4 option of length 1",
+                vec![7, 1, 0, 0],
+                Counter::BadIpOptions,
+            ),
+            (
+                "an IPv4 option past the header",
+                vec![1, 68, 12, 5],
+                Counter::BadIpOptions,
+            ),
+        ] {
+            let mut syn = TcpFrame::syn_v4(PORT);
+            syn.ip = Ip::V4 {
+                source: CLIENT_V4,
+                destination: SERVER_V4,
+                options,
+            };
+            cases.push((what, syn.bytes(), counter));
+        }
+        let mut routed = TcpFrame::syn_v6(PORT);
+        routed.ip = Ip::V6 {
+            source: CLIENT_V6,
+            destination: SERVER_V6,
+            extensions: vec![(IPV6_ROUTING, 0)],
+        };
+        let mut routed = routed.bytes();
+        routed[14 + 40 + 3] = 1; // segments left
+        cases.push((
+            "an IPv6 routing header with segments left",
+            routed,
+            Counter::SourceRouted,
+        ));
+        let mut long_chain = TcpFrame::syn_v6(PORT);
+        long_chain.ip = Ip::V6 {
+            source: CLIENT_V6,
+            destination: SERVER_V6,
+            extensions: vec![(IPV6_DESTINATION, 0); 7],
+        };
+        cases.push((
+            "seven IPv6 extension headers (the kernel accepts them; the port is not known)",
+            long_chain.bytes(),
+            Counter::ExtensionHeaderChain,
+        ));
+        for (what, frame, counter) in cases {
+            assert_untouched(&guard, what, &frame, counter);
+        }
+    });
+}
+
+#[test]
+fn syns_the_host_takes_as_its_own_are_answered() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        let mut data = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 3, 7));
+        data.payload = vec![0x5a; 1001]; // an odd length: the checksum pads it
+        assert_verdict(&guard, &data.bytes(), XDP_TX, Counter::SynCookieSent);
+        let mut record_route = TcpFrame::syn_v4(PORT);
+        record_route.ip = Ip::V4 {
+            source: CLIENT_V4,
+            destination: SERVER_V4,
+            options: vec![7, 7, 4, 0, 0, 0, 0, 1], // record route with room for one hop, NOP
+        };
+        assert_verdict(
+            &guard,
+            &record_route.bytes(),
+            XDP_TX,
+            Counter::SynCookieSent,
+        );
+        let mut spent_route = TcpFrame::syn_v6(PORT);
+        spent_route.ip = Ip::V6 {
+            source: CLIENT_V6,
+            destination: SERVER_V6,
+            extensions: vec![(IPV6_ROUTING, 0)],
+        };
+        // A routing header with no segments left: this host is the final destination.
+        assert_verdict(&guard, &spent_route.bytes(), XDP_TX, Counter::SynCookieSent);
+    });
+}
+
+#[test]
+fn a_chain_of_ipv6_fragment_headers_is_a_fragment() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        let mut chained = TcpFrame::syn_v6(PORT);
+        chained.ip = Ip::V6 {
+            source: CLIENT_V6,
+            destination: SERVER_V6,
+            extensions: vec![(IPV6_FRAGMENT, 0), (IPV6_FRAGMENT, 0)],
+        };
+        let mut frame = chained.bytes();
+        // The first Fragment header says more fragments follow; the second says none do.
+        frame[14 + 40 + 3] |= 1;
+        frame[14 + 40 + 8 + 3] &= !1;
+        assert_verdict(&guard, &frame, XDP_DROP, Counter::Fragment);
     });
 }
