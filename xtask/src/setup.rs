@@ -27,7 +27,7 @@ const PACKAGES: &[&str] = &[
 /// against.
 const CARGO_DEB_VERSION: &str = "3.8.0";
 
-/// bpf-linker 0.13 is the release that links for aya 0.14 with LLVM 22.
+/// bpf-linker 0.13 is the release that links for aya-ebpf 0.2 with LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13";
 const NIGHTLY: &str = "nightly";
 /// The Prometheus project's own Python client, whose text-format parser the end-to-end tests
