@@ -89,8 +89,8 @@ impl FlowKey {
         let mut hash: u32 = 0x811c_9dc5;
         let mut mix = |word: u32| hash = (hash ^ word).wrapping_mul(0x0100_0193);
         for address in [&self.client_addr, &self.server_addr] {
-            for word in address.chunks_exact(4) {
-                mix(u32::from_ne_bytes([word[0], word[1], word[2], word[3]]));
+            for word in address.as_chunks::<4>().0 {
+                mix(u32::from_ne_bytes(*word));
             }
         }
         let client = self.client_port.to_ne_bytes();

@@ -4,6 +4,7 @@
 
 use std::{
     collections::BTreeSet,
+    ffi::CString,
     fmt, fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
@@ -218,7 +219,7 @@ impl Guard {
                 off
             };
             protected
-                .set(port, entry, 0)
+                .set(port, &entry, 0)
                 .map_err(map_error(maps::PROTECTED_PORTS))?;
         }
         Ok(())
@@ -226,7 +227,7 @@ impl Guard {
 
     pub fn set_syn_cookie_config(&mut self, config: SynCookieConfig) -> Result<(), GuardError> {
         let mut map: Array<_, SynCookieConfig> = self.map_mut(maps::SYN_COOKIE_CONFIG)?;
-        map.set(0, config, 0)
+        map.set(0, &config, 0)
             .map_err(map_error(maps::SYN_COOKIE_CONFIG))
     }
 
@@ -253,7 +254,7 @@ impl Guard {
         let mut map: Array<_, Policy> = self.map_mut(maps::POLICY)?;
         map.set(
             0,
-            Policy {
+            &Policy {
                 lists,
                 _pad: [0; 7],
             },
@@ -292,7 +293,7 @@ impl Guard {
             let _ = trie.remove(key);
         }
         for key in keys {
-            trie.insert(&key, 1, 0).map_err(map_error(name))?;
+            trie.insert(&key, &1, 0).map_err(map_error(name))?;
         }
         Ok(())
     }
@@ -300,7 +301,7 @@ impl Guard {
     /// Tells the data plane the protected interface's MAC.
     pub fn set_interface(&mut self, config: InterfaceConfig) -> Result<(), GuardError> {
         let mut map: Array<_, InterfaceConfig> = self.map_mut(maps::INTERFACE)?;
-        map.set(0, config, 0).map_err(map_error(maps::INTERFACE))
+        map.set(0, &config, 0).map_err(map_error(maps::INTERFACE))
     }
 
     /// Makes the host-address map hold exactly `addresses`: new ones are added and gone ones
@@ -315,7 +316,7 @@ impl Guard {
         let added: Vec<HostAddress> = addresses.difference(&held).copied().collect();
         let removed: Vec<HostAddress> = held.difference(addresses).copied().collect();
         for address in &added {
-            map.insert(address, 1, 0)
+            map.insert(address, &1, 0)
                 .map_err(map_error(maps::HOST_ADDRESSES))?;
         }
         for address in &removed {
@@ -336,7 +337,7 @@ impl Guard {
     pub fn set_source_full(&mut self, source: &SourceKey, full: bool) -> Result<(), GuardError> {
         let mut map: HashMap<_, SourceKey, u8> = self.map_mut(maps::FULL_SOURCES)?;
         if full {
-            map.insert(source, 1, 0)
+            map.insert(source, &1, 0)
                 .map_err(map_error(maps::FULL_SOURCES))
         } else {
             match map.remove(source) {
@@ -383,9 +384,12 @@ impl Guard {
         interface: &str,
         mode: AttachMode,
     ) -> Result<Attachment, GuardError> {
+        // aya takes interface names as C strings; one with a NUL byte names no interface.
+        let interface_name = CString::new(interface)
+            .map_err(|_| GuardError::UnknownInterface(interface.to_owned()))?;
         let xdp: &mut Xdp = program_mut(&mut self.ebpf, XDP_PROGRAM)?;
         let attempt = |xdp: &mut Xdp, xdp_mode: XdpMode, name: &'static str| {
-            xdp.attach(interface, xdp_mode)
+            xdp.attach(&interface_name, xdp_mode)
                 .and_then(|id| xdp.take_link(id))
                 .map(|link| (link, name))
                 .map_err(|source| GuardError::Attach {
@@ -417,7 +421,7 @@ impl Guard {
             source,
         };
         let tc_link = tc
-            .attach(interface, TcAttachType::Egress)
+            .attach(&interface_name, TcAttachType::Egress)
             .and_then(|id| tc.take_link(id))
             .map_err(|source| tc_error(source.into()))?;
         let tc_link = FdLink::try_from(tc_link).map_err(|source| tc_error(source.into()))?;

@@ -3,6 +3,7 @@
 //! XDP program on the client's end so that frames sent back with XDP_TX reach it.
 
 use std::{
+    ffi::CString,
     io::{BufRead, BufReader},
     net::Ipv4Addr,
     os::unix::process::CommandExt as _,
@@ -63,8 +64,9 @@ impl Rig {
         let client_xdp = client.within(|| {
             let mut ebpf = crate::xdp::load_pass();
             let program: &mut Xdp = ebpf.program_mut("xdp_pass").unwrap().try_into().unwrap();
+            let interface = CString::new(CLIENT_IF).expect("an interface name without NUL");
             program
-                .attach(CLIENT_IF, XdpMode::Driver)
+                .attach(&interface, XdpMode::Driver)
                 .expect("attaching xdp_pass to the client's veth end");
             ebpf
         });

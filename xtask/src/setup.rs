@@ -27,7 +27,7 @@ const PACKAGES: &[&str] = &[
 /// against.
 const CARGO_DEB_VERSION: &str = "3.8.0";
 
-/// bpf-linker 0.13 is the release that links for aya 0.14 with LLVM 22.
+/// bpf-linker 0.13 is the release that links for aya-ebpf 0.2 with LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13";
 const NIGHTLY: &str = "nightly";
 /// The Prometheus project's own Python client, whose text-format parser the end-to-end tests
@@ -35,12 +35,70 @@ const NIGHTLY: &str = "nightly";
 const PROMETHEUS_CLIENT: &str = "prometheus_client==0.21.1";
 
 pub fn run() -> anyhow::Result<()> {
+    pinned_toolchain()?;
     nightly_rust_src()?;
     debian_packages()?;
     bpf_linker()?;
     python_packages()?;
     cargo_deb()?;
     println!("setup: all prerequisites are present");
+    Ok(())
+}
+
+/// The toolchain file that pins the compiler for everything but the eBPF crate.
+const TOOLCHAIN_FILE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../rust-toolchain.toml");
+
+/// Installs the toolchain rust-toolchain.toml names, with its components, when the toolchain or
+/// one of them is missing. rustup 1.29 does this itself when a proxy (cargo, rustc) runs in the
+/// workspace, unless RUSTUP_AUTO_INSTALL=0: then cargo refuses to start without the toolchain
+/// and runs without the components, so `cargo fmt` and `cargo clippy` fail later.
+fn pinned_toolchain() -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(TOOLCHAIN_FILE)
+        .with_context(|| format!("cannot read {TOOLCHAIN_FILE}"))?;
+    let file: toml::Table = text
+        .parse()
+        .with_context(|| format!("{TOOLCHAIN_FILE} is not valid TOML"))?;
+    let toolchain = file.get("toolchain").and_then(toml::Value::as_table);
+    let field = |name: &str| toolchain.and_then(|table| table.get(name));
+    let channel = field("channel")
+        .and_then(toml::Value::as_str)
+        .with_context(|| format!("{TOOLCHAIN_FILE} names no [toolchain] channel"))?;
+    let profile = field("profile")
+        .and_then(toml::Value::as_str)
+        .unwrap_or("default");
+    let components: Vec<&str> = field("components")
+        .and_then(toml::Value::as_array)
+        .map(|list| list.iter().filter_map(toml::Value::as_str).collect())
+        .unwrap_or_default();
+    // Fails when the toolchain is not installed; then everything is missing.
+    let installed = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        channel,
+    ]))
+    .unwrap_or_default();
+    let has = |component: &str| {
+        installed
+            .lines()
+            .any(|line| line == component || line.starts_with(&format!("{component}-")))
+    };
+    if has("rustc") && components.iter().all(|component| has(component)) {
+        return Ok(());
+    }
+    println!(
+        "setup: installing Rust {channel} with {} (pinned by rust-toolchain.toml)",
+        components.join(", ")
+    );
+    let mut install = Command::new("rustup");
+    install.args(["toolchain", "install", channel, "--profile", profile]);
+    for component in &components {
+        install.args(["--component", component]);
+    }
+    if !succeeds(&mut install) {
+        bail!("could not install Rust {channel}; run `rustup toolchain install` in the repository");
+    }
     Ok(())
 }
 
