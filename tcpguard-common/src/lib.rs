@@ -3,6 +3,7 @@
 
 mod config;
 pub mod cookie;
+mod cookie_ack;
 mod counter;
 mod flow;
 mod host;
@@ -12,6 +13,10 @@ pub use config::{
     Policy, ProtectedPort, SynCookieConfig,
 };
 pub use cookie::{COOKIE_PERIOD_S, CookieOptions, CookieReject, CookieSecrets, SynCookie};
+pub use cookie_ack::{
+    COOKIE_ACK_ECN, COOKIE_ACK_LEN, COOKIE_ACK_MAGIC, COOKIE_ACK_SACK, COOKIE_ACK_TIMESTAMPS,
+    COOKIE_ACK_WSCALE, CookieAck,
+};
 pub use counter::{Counter, CounterKind};
 pub use flow::{
     CLIENT_FIN, CLIENT_FIN_ACKED, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_RING_BYTES,
