@@ -31,8 +31,24 @@ pub struct SynCookieConfig {
     pub sack: u8,
     /// TTL / hop limit of the SYN-ACK.
     pub ttl: u8,
-    pub _pad: u8,
+    /// [`COOKIE_MODE_KERNEL`] or [`COOKIE_MODE_OWN`].
+    pub mode: u8,
+    /// Own cookies: whether ECN is accepted when a client asks for it (`net.ipv4.tcp_ecn`
+    /// is not 0).
+    pub ecn: u8,
+    /// Own cookies: whether timestamps are answered (`net.ipv4.tcp_timestamps` is not 0).
+    pub timestamps: u8,
+    /// Own cookies: the MSS an IPv4 SYN-ACK advertises (the interface's MTU less 40); IPv6
+    /// advertises 20 less.
+    pub mss: u16,
 }
+
+/// [`SynCookieConfig::mode`]: the kernel's cookies through the listener-mode helpers
+/// (`tcp_syncookies=2`, options only through timestamps).
+pub const COOKIE_MODE_KERNEL: u8 = 0;
+/// [`SynCookieConfig::mode`]: tcpguard's own cookie (see [`crate::cookie`]), turned into a
+/// socket by the TC ingress program through `bpf_sk_assign_tcp_reqsk`.
+pub const COOKIE_MODE_OWN: u8 = 1;
 
 impl Default for SynCookieConfig {
     fn default() -> Self {
@@ -41,14 +57,18 @@ impl Default for SynCookieConfig {
             window_scale: 7,
             sack: 1,
             ttl: 64,
-            _pad: 0,
+            mode: COOKIE_MODE_KERNEL,
+            ecn: 1,
+            timestamps: 1,
+            mss: 1460,
         }
     }
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: both are #[repr(C)], made of integers only, with no padding bytes.
+    // SAFETY: both are #[repr(C)], made of integers only, with no padding bytes (asserted
+    // below for SynCookieConfig).
     unsafe impl aya::Pod for super::ProtectedPort {}
     unsafe impl aya::Pod for super::SynCookieConfig {}
 }
@@ -72,3 +92,5 @@ pub struct Policy {
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)], integers only, padding spelled out.
 unsafe impl aya::Pod for Policy {}
+
+const _: () = assert!(core::mem::size_of::<SynCookieConfig>() == 8);

@@ -77,6 +77,9 @@ counters! {
     MartianAddress = "martian_address", Pass, "A segment from or to a martian address (loopback, multicast, broadcast, unspecified, IPv4-mapped, or the host's own address as source); the kernel drops it as without tcpguard.";
     SourceRouted = "source_routed", Pass, "A segment with an IPv4 source-route option or an IPv6 routing header with segments left: not for a local socket; the kernel handles it as without tcpguard.";
     BadIpOptions = "bad_ip_options", Pass, "A SYN whose IPv4 options are malformed; the kernel drops it as without tcpguard.";
+    CookieBadTimestamp = "cookie_bad_timestamp", Drop, "An ACK for no known connection whose own-cookie ISN checks but whose echoed timestamp does not.";
+    CookieRetiredKey = "cookie_retired_key", Drop, "An ACK whose own cookie was made with a key retired since (older than two cookie periods after a rotation).";
+    CookieHandoverFailed = "cookie_handover_failed", Drop, "An ACK with a valid own cookie that XDP could not hand to the TC ingress program (the driver keeps no XDP metadata); without it the kernel would answer with a RST.";
     BadChecksum = "bad_checksum", Pass, "A SYN whose IPv4 header or TCP checksum is wrong; the kernel drops it as without tcpguard.";
 }
 

@@ -9,8 +9,8 @@ mod flow;
 mod host;
 
 pub use config::{
-    FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT,
-    Policy, ProtectedPort, SynCookieConfig,
+    COOKIE_MODE_KERNEL, COOKIE_MODE_OWN, FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW,
+    POLICY_DENY, POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SynCookieConfig,
 };
 pub use cookie::{COOKIE_PERIOD_S, CookieOptions, CookieReject, CookieSecrets, SynCookie};
 pub use cookie_ack::{
@@ -53,6 +53,8 @@ pub mod maps {
     pub const DENY_V6: &str = "DENY_V6";
     /// `HashMap<SourceKey, u8>`: sources at their limit of tracked connections.
     pub const FULL_SOURCES: &str = "FULL_SOURCES";
+    /// `Array<CookieSecrets>` with a single entry: the keys of tcpguard's own cookie.
+    pub const COOKIE_SECRETS: &str = "COOKIE_SECRETS";
     /// `HashMap<HostAddress, u8>`: the unicast addresses the host owns; SYNs to any other
     /// destination go to the kernel untouched.
     pub const HOST_ADDRESSES: &str = "HOST_ADDRESSES";
@@ -76,6 +78,7 @@ pub mod maps {
         FULL_SOURCES,
         HOST_ADDRESSES,
         INTERFACE,
+        COOKIE_SECRETS,
     ];
 }
 
@@ -99,6 +102,9 @@ pub mod tcp_flags {
     pub const PSH: u8 = 0x08;
     pub const ACK: u8 = 0x10;
     pub const URG: u8 = 0x20;
+    /// ECN-Echo; with CWR on a SYN, the client asks for ECN (RFC 3168 §6.1.1).
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
 }
 
 /// Name of the XDP program in the eBPF object.

@@ -14,6 +14,7 @@ mod flow;
 mod frame;
 mod host;
 mod integrity;
+mod own_cookie;
 mod parse;
 mod policy;
 mod socket;
@@ -28,8 +29,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use tcpguard_common::{
-    Counter, CounterKind, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, FAMILY_IPV4, FAMILY_IPV6,
-    FlowKey, PORT_COUNT, ProtectedPort, SynCookieConfig,
+    COOKIE_MODE_OWN, Counter, CounterKind, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, FAMILY_IPV4,
+    FAMILY_IPV6, FlowKey, PORT_COUNT, ProtectedPort, SynCookieConfig,
     tcp_flags::{ACK, FIN, RST, SYN},
 };
 
@@ -137,7 +138,7 @@ fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, policy: Lists)
     }
     // One clock read serves the cookie's timestamp and the handshake timer.
     let now_ns = flow::now_ns();
-    let counter = answer_syn(ctx, segment, now_ns);
+    let counter = answer_syn(ctx, segment, key, now_ns);
     if counter == Counter::SynCookieSent {
         flow::syn_answered(key, now_ns);
     }
@@ -146,7 +147,7 @@ fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, policy: Lists)
 
 /// See [`handle_syn`].
 #[inline(always)]
-fn answer_syn(ctx: &XdpContext, segment: &Segment, now_ns: u64) -> Counter {
+fn answer_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, now_ns: u64) -> Counter {
     let Some(slot) = SYN_SCRATCH.get_ptr_mut(0) else {
         return Counter::CookieUnavailable;
     };
@@ -170,7 +171,7 @@ fn answer_syn(ctx: &XdpContext, segment: &Segment, now_ns: u64) -> Counter {
     let Some(config) = SYN_COOKIE_CONFIG.get(0) else {
         return Counter::CookieUnavailable;
     };
-    syn::answer(ctx, segment, &socket, config, now_ns)
+    syn::answer(ctx, segment, key, &socket, config, now_ns)
 }
 
 /// An ACK (or SYN-ACK) of an untracked flow with no connection behind it must carry a valid
@@ -178,9 +179,15 @@ fn answer_syn(ctx: &XdpContext, segment: &Segment, now_ns: u64) -> Counter {
 /// (opened before tcpguard started, say) pass on the kernel's word.
 #[inline(always)]
 fn handle_ack(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> Counter {
+    let Some(config) = SYN_COOKIE_CONFIG.get(0) else {
+        return Counter::CookieUnavailable;
+    };
     match Socket::lookup(ctx, segment) {
         None => Counter::NoConnection,
         Some(socket) if !socket.is_listener() => Counter::KnownSocket,
+        Some(_) if config.mode == COOKIE_MODE_OWN => {
+            own_cookie::check_ack(ctx, segment, key, config)
+        }
         Some(listener) if listener.cookie_is_valid(ctx, segment) => {
             flow::start(key, segment, EVENT_COOKIE_HANDSHAKE);
             Counter::CookieAccepted

@@ -6,14 +6,19 @@ use core::mem::MaybeUninit;
 use aya_ebpf::{
     EbpfContext as _,
     helpers::generated::{bpf_xdp_adjust_tail, bpf_xdp_load_bytes},
+    macros::map,
+    maps::PerCpuArray,
     programs::XdpContext,
 };
-use tcpguard_common::{Counter, NO_WINDOW_SCALE, SynCookieConfig};
+use tcpguard_common::{
+    COOKIE_MODE_OWN, Counter, FlowKey, NO_WINDOW_SCALE, SynCookieConfig,
+    tcp_flags::{ACK, ECE, SYN},
+};
 
 use crate::{
     checksum,
     frame::{at, len},
-    integrity,
+    integrity, own_cookie,
     parse::{Family, Segment},
     socket::Socket,
     zero,
@@ -36,31 +41,59 @@ const TS_SACK: u32 = 1 << 4;
 
 /// A TCP header (at most 60 bytes), with room for an option that claims to run past its end:
 /// the option walk reads up to 6 bytes from any position below 60 without a check.
-type Header = [u8; 66];
+pub type Header = [u8; 66];
 
 /// The longest SYN-ACK TCP header: MSS 4, SACK-permitted + timestamps 12, window scale 4.
 const SYNACK_MAX_HLEN: usize = 40;
 const SYNACK_TTL_DEFAULT: u8 = 64;
 
-/// The options of a client's SYN that survive a cookie. Plain fields, not `Option`s: the
+/// The options of a segment that matter to a cookie. Plain fields, not `Option`s: the
 /// payload of a `None` is undefined, and LLVM may fill it with whatever a register holds,
 /// a pointer included, which the verifier rejects.
-struct SynOptions {
-    /// The SYN carried options at all.
-    any: bool,
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TcpOptions {
+    /// The segment carried options at all.
+    pub any: bool,
+    /// The MSS offered, or 0 when the option is absent.
+    pub mss: u16,
     /// The client's window scale, or [`NO_WINDOW_SCALE`].
-    window_scale: u8,
-    sack_permitted: bool,
-    has_timestamp: bool,
-    /// The client's TSval, echoed as TSecr.
-    timestamp: u32,
+    pub window_scale: u8,
+    pub sack_permitted: bool,
+    pub has_timestamp: bool,
+    /// The sender's TSval.
+    pub timestamp: u32,
+    /// The sender's TSecr: on a cookie ACK, the TSval of the SYN-ACK.
+    pub timestamp_echo: u32,
 }
 
-/// Answers the SYN in `segment` sent to `listener`.
+/// Where [`tcp_options`] puts its result before handing it back; see there.
+#[map(name = "OPTIONS_SCRATCH")]
+static OPTIONS_SCRATCH: PerCpuArray<TcpOptions> = PerCpuArray::with_max_entries(1, 0);
+
+/// What a SYN-ACK says, decided by the cookie mode and written by [`write_synack_header`].
+pub struct SynAckPlan {
+    /// The SYN carried options; without any, the SYN-ACK carries none.
+    pub options: bool,
+    pub isn: u32,
+    pub mss: u16,
+    /// The window scale advertised, or [`NO_WINDOW_SCALE`] for no option.
+    pub window_scale: u8,
+    pub sack: bool,
+    pub timestamps: bool,
+    pub tsval: u32,
+    pub tsecr: u32,
+    /// ECN agreed: the SYN-ACK carries ECE (RFC 3168 §6.1.1).
+    pub ecn: bool,
+}
+
+/// Answers the SYN in `segment` (of connection `key`) sent to `listener`, with a cookie of the
+/// configured mode.
 #[inline(always)]
 pub fn answer(
     ctx: &XdpContext,
     segment: &Segment,
+    key: &FlowKey,
     listener: &Socket,
     config: &SynCookieConfig,
     now_ns: u64,
@@ -70,9 +103,45 @@ pub fn answer(
     // SYN-ACK's TCP header, which keeps the program within the 512-byte BPF stack.
     let mut header = MaybeUninit::uninit();
     let header: &mut Header = zero::zeroed_in(&mut header);
+    let header_len = match load_header(ctx, segment, header) {
+        Ok(len) => len,
+        Err(counter) => return counter,
+    };
+    // What the kernel would check before answering this SYN itself.
+    if let Err(counter) = integrity::ipv4_header(ctx, segment)
+        .and_then(|()| integrity::tcp_checksum(ctx, segment, header, header_len as usize))
+    {
+        return counter;
+    }
+    let options = tcp_options(header, header_len as usize);
+    let plan = if config.mode == COOKIE_MODE_OWN {
+        let Some(plan) = own_cookie::plan(segment, key, &options, config) else {
+            return Counter::CookieUnavailable;
+        };
+        plan
+    } else {
+        let Some((cookie, mss)) = listener.syn_cookie(ctx, segment, header, header_len) else {
+            return Counter::CookieUnavailable;
+        };
+        kernel_plan(cookie, mss, &options, config, now_ns)
+    };
+    let tcp_len = write_synack_header(header, &plan);
+    if rewrite(ctx, segment, header, tcp_len, config).is_none() {
+        return Counter::SynAckFailed;
+    }
+    Counter::SynCookieSent
+}
+
+/// Copies the segment's TCP header into `header` and returns its length.
+#[inline(always)]
+pub fn load_header(
+    ctx: &XdpContext,
+    segment: &Segment,
+    header: &mut Header,
+) -> Result<u32, Counter> {
     let header_len = (u32::from(segment.data_offset) & 0xf) * 4;
     if header_len < 20 {
-        return Counter::BadDataOffset;
+        return Err(Counter::BadDataOffset);
     }
     // SAFETY: header has room for the 60 bytes a 4-bit data offset allows.
     if unsafe {
@@ -84,26 +153,48 @@ pub fn answer(
         )
     } != 0
     {
-        return Counter::Truncated;
+        return Err(Counter::Truncated);
     }
-    // What the kernel would check before answering this SYN itself.
-    if let Err(counter) = integrity::ipv4_header(ctx, segment)
-        .and_then(|()| integrity::tcp_checksum(ctx, segment, header, header_len as usize))
-    {
-        return counter;
-    }
-    let Some((cookie, mss)) = listener.syn_cookie(ctx, segment, header, header_len) else {
-        return Counter::CookieUnavailable;
-    };
-    let options = syn_options(header, header_len as usize);
-    let tcp_len = write_synack_header(header, cookie, mss, &options, config, now_ns);
-    if rewrite(ctx, segment, header, tcp_len, config).is_none() {
-        return Counter::SynAckFailed;
-    }
-    Counter::SynCookieSent
+    Ok(header_len)
 }
 
-/// Walks the options of a SYN's TCP header, copied into `header`, the way the kernel's
+/// The kernel's cookie (listener-mode helper): options survive only through the timestamp,
+/// encoded the way the kernel decodes them.
+#[inline(always)]
+fn kernel_plan(
+    cookie: u32,
+    mss: u16,
+    options: &TcpOptions,
+    config: &SynCookieConfig,
+    now_ns: u64,
+) -> SynAckPlan {
+    // The client's scale, when both ends scale windows.
+    let client_scale = if config.window_scale == NO_WINDOW_SCALE {
+        NO_WINDOW_SCALE
+    } else {
+        options.window_scale
+    };
+    // Without a timestamp to carry them, window scaling and SACK cannot survive the cookie.
+    let timestamps = options.has_timestamp;
+    let sack = timestamps && options.sack_permitted && config.sack != 0;
+    SynAckPlan {
+        options: options.any,
+        isn: cookie,
+        mss,
+        window_scale: if timestamps && client_scale != NO_WINDOW_SCALE {
+            config.window_scale
+        } else {
+            NO_WINDOW_SCALE
+        },
+        sack,
+        timestamps,
+        tsval: cookie_timestamp(client_scale, sack, now_ns),
+        tsecr: options.timestamp,
+        ecn: false,
+    }
+}
+
+/// Walks the options of a TCP header, copied into `header`, the way the kernel's
 /// `tcp_parse_options` does: option by option to the end of the header, stopping at an
 /// end-of-list option or at a length that is too short or runs past the header.
 ///
@@ -112,16 +203,18 @@ pub fn answer(
 /// an address. (A loop indexed by the option start makes the verifier follow each option
 /// layout separately, past its limit.)
 #[inline(always)]
-fn syn_options(header: &Header, header_len: usize) -> SynOptions {
+pub fn tcp_options(header: &Header, header_len: usize) -> TcpOptions {
     let mut walk = OptionWalk {
         next: OptionWalk::DONE,
         end: header_len,
-        options: SynOptions {
+        options: TcpOptions {
             any: header_len > 20,
+            mss: 0,
             window_scale: NO_WINDOW_SCALE,
             sack_permitted: false,
             has_timestamp: false,
             timestamp: 0,
+            timestamp_echo: 0,
         },
     };
     walk.advance(20);
@@ -130,14 +223,25 @@ fn syn_options(header: &Header, header_len: usize) -> SynOptions {
     }
     at_positions!(20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39
                   40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59);
-    walk.options
+    // Read back through a per-CPU slot, the options are values the verifier knows nothing
+    // about, so it checks what follows once rather than once per option layout it walked;
+    // without this the SYN path of both cookie modes exceeds its 1M-instruction budget.
+    let Some(slot) = OPTIONS_SCRATCH.get_ptr_mut(0) else {
+        return walk.options;
+    };
+    // SAFETY: a per-CPU slot, used only within this invocation; volatile so that LLVM does not
+    // forward the stored values past the load.
+    unsafe {
+        slot.write_volatile(walk.options);
+        slot.read_volatile()
+    }
 }
 
 struct OptionWalk {
     /// Where the next option starts, or [`OptionWalk::DONE`].
     next: usize,
     end: usize,
-    options: SynOptions,
+    options: TcpOptions,
 }
 
 impl OptionWalk {
@@ -160,6 +264,9 @@ impl OptionWalk {
             return;
         }
         match (kind, length) {
+            (TCPOPT_MSS, 4) => {
+                self.options.mss = be32(&[0, 0, header[position + 2], header[position + 3]]) as u16;
+            }
             (TCPOPT_WINDOW, 3) => {
                 self.options.window_scale = header[position + 2].min(MAX_WINDOW_SCALE);
             }
@@ -167,6 +274,7 @@ impl OptionWalk {
             (TCPOPT_TIMESTAMP, 10) => {
                 self.options.has_timestamp = true;
                 self.options.timestamp = be32(&header[position + 2..position + 6]);
+                self.options.timestamp_echo = be32(&header[position + 6..position + 10]);
             }
             _ => {}
         }
@@ -191,64 +299,68 @@ fn be32(bytes: &[u8]) -> u32 {
     }))
 }
 
-/// Turns the SYN's TCP header in `header` into the SYN-ACK's (checksum left zero) and returns
-/// its length. Bytes past that length, up to [`SYNACK_MAX_HLEN`], are zero.
+/// Turns the SYN's TCP header in `header` into the SYN-ACK `plan` describes (checksum left zero)
+/// and returns its length. Bytes past that length, up to [`SYNACK_MAX_HLEN`], are zero. Every
+/// option is written at a constant offset: the layouts are Linux's (MSS; SACK-permitted and
+/// timestamps, or NOP NOP SACK-permitted; NOP and window scale).
 #[inline(always)]
-fn write_synack_header(
-    header: &mut Header,
-    cookie: u32,
-    mss: u16,
-    options: &SynOptions,
-    config: &SynCookieConfig,
-    now_ns: u64,
-) -> usize {
+fn write_synack_header(header: &mut Header, plan: &SynAckPlan) -> usize {
     let client_ports = [header[0], header[1], header[2], header[3]];
     let client_seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
     zero::clear_words(&mut header[12..SYNACK_MAX_HLEN]);
     let b = header;
     b[0..2].copy_from_slice(&client_ports[2..4]);
     b[2..4].copy_from_slice(&client_ports[0..2]);
-    b[4..8].copy_from_slice(&cookie.to_be_bytes());
+    b[4..8].copy_from_slice(&plan.isn.to_be_bytes());
     b[8..12].copy_from_slice(&client_seq.wrapping_add(1).to_be_bytes());
-    b[13] = 0x12; // SYN | ACK
-    let mut len = 20;
+    b[13] = SYN | ACK | if plan.ecn { ECE } else { 0 };
     // A SYN without options is answered without options, in a frame of the same size: the MSS
-    // the helper gives it is the family's minimum, which the client assumes without the
-    // option anyway, and growing the frame fails where it has no tailroom (veth, for one).
-    if !options.any {
+    // it is given is the family's minimum, which the client assumes without the option anyway,
+    // and growing the frame fails where it has no tailroom (veth, for one).
+    if !plan.options {
         b[12] = 5 << 4;
-        b[14..16].copy_from_slice(&(65535 - 65535 % u32::from(mss).max(1)).to_be_bytes()[2..4]);
-        return len;
+        b[14..16]
+            .copy_from_slice(&(65535 - 65535 % u32::from(plan.mss).max(1)).to_be_bytes()[2..4]);
+        return 20;
     }
+    let mss = plan.mss;
     b[20..24].copy_from_slice(&[TCPOPT_MSS, 4, (mss >> 8) as u8, mss as u8]);
-    len = 24;
-    // Without a timestamp to carry them, window scaling and SACK cannot survive the cookie.
-    if options.has_timestamp {
-        // The client's scale, when both ends scale windows.
-        let window_scale = if config.window_scale == NO_WINDOW_SCALE {
-            NO_WINDOW_SCALE
-        } else {
-            options.window_scale
-        };
-        let sack = options.sack_permitted && config.sack != 0;
-        b[24..26].copy_from_slice(&if sack {
+    let scale = plan.window_scale;
+    let scale_option = [TCPOPT_NOP, TCPOPT_WINDOW, 3, scale];
+    let scales = scale != NO_WINDOW_SCALE;
+    let len = if plan.timestamps {
+        b[24..26].copy_from_slice(&if plan.sack {
             [TCPOPT_SACK_PERM, 2]
         } else {
             [TCPOPT_NOP, TCPOPT_NOP]
         });
         b[26..28].copy_from_slice(&[TCPOPT_TIMESTAMP, 10]);
-        b[28..32].copy_from_slice(&cookie_timestamp(window_scale, sack, now_ns).to_be_bytes());
-        b[32..36].copy_from_slice(&options.timestamp.to_be_bytes());
-        len = 36;
-        if window_scale != NO_WINDOW_SCALE {
-            b[36..40].copy_from_slice(&[TCPOPT_NOP, TCPOPT_WINDOW, 3, config.window_scale]);
-            len = 40;
+        b[28..32].copy_from_slice(&plan.tsval.to_be_bytes());
+        b[32..36].copy_from_slice(&plan.tsecr.to_be_bytes());
+        if scales {
+            b[36..40].copy_from_slice(&scale_option);
+            40
+        } else {
+            36
         }
-    }
+    } else if plan.sack {
+        b[24..28].copy_from_slice(&[TCPOPT_NOP, TCPOPT_NOP, TCPOPT_SACK_PERM, 2]);
+        if scales {
+            b[28..32].copy_from_slice(&scale_option);
+            32
+        } else {
+            28
+        }
+    } else if scales {
+        b[24..28].copy_from_slice(&scale_option);
+        28
+    } else {
+        24
+    };
     b[12] = ((len / 4) as u8) << 4;
     // As the kernel's SYN-ACK: the space a socket starts with, a whole number of segments,
     // unscaled (RFC 7323: a SYN's window is never scaled).
-    let segment_size = u32::from(mss).saturating_sub(if len > 24 { 12 } else { 0 });
+    let segment_size = u32::from(mss).saturating_sub(if plan.timestamps { 12 } else { 0 });
     let window = 65535 - 65535 % segment_size.max(1);
     b[14..16].copy_from_slice(&(window as u16).to_be_bytes());
     len

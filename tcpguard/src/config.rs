@@ -58,6 +58,9 @@ pub struct File {
     pub stats_interval: u64,
     pub pin_dir: PathBuf,
     pub flow_capacity: u32,
+    pub cookie_mode: String,
+    pub cookie_secret_file: PathBuf,
+    pub cookie_key_rotation: u64,
     pub metrics: MetricsSection,
     pub control: ControlSection,
     pub policy: PolicySection,
@@ -75,6 +78,9 @@ impl Default for File {
             stats_interval: 60,
             pin_dir: PathBuf::from("/sys/fs/bpf/tcpguard"),
             flow_capacity: tcpguard_common::DEFAULT_FLOW_CAPACITY,
+            cookie_mode: "auto".to_owned(),
+            cookie_secret_file: PathBuf::new(),
+            cookie_key_rotation: DEFAULT_KEY_ROTATION_SECS,
             metrics: MetricsSection::default(),
             control: ControlSection::default(),
             policy: PolicySection::default(),
@@ -171,7 +177,54 @@ pub struct Overrides {
     pub metrics_listen: Option<String>,
     pub control_socket: Option<PathBuf>,
     pub pin_dir: Option<PathBuf>,
+    pub cookie_mode: Option<String>,
 }
+
+/// Which SYN cookies tcpguard answers with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CookieMode {
+    /// Own cookies where the kernel has `bpf_sk_assign_tcp_reqsk` (6.9 and later), the
+    /// kernel's otherwise.
+    #[default]
+    Auto,
+    /// tcpguard's own cookie; the kernel builds the socket through `bpf_sk_assign_tcp_reqsk`.
+    Own,
+    /// The kernel's cookie through the listener-mode helpers (`tcp_syncookies=2`,
+    /// `tcp_timestamps=2`).
+    Kernel,
+}
+
+impl std::str::FromStr for CookieMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "own" => Ok(Self::Own),
+            "kernel" => Ok(Self::Kernel),
+            other => Err(format!(
+                "cookie_mode {other:?} is not one of auto, own, kernel"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CookieMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Own => "own",
+            Self::Kernel => "kernel",
+        })
+    }
+}
+
+/// How often the own cookie's key changes unless configured: hourly.
+pub const DEFAULT_KEY_ROTATION_SECS: u64 = 3600;
+/// Rotation can be no quicker than a cookie's lifetime: two keys are held, and the one a
+/// rotation overwrites must have no live cookies left.
+const KEY_ROTATION_RANGE: std::ops::RangeInclusive<u64> =
+    tcpguard_common::cookie::COOKIE_LIFETIME_S..=MAX_TIMEOUT_SECS;
 
 /// The configuration the daemon runs with: every value checked.
 #[derive(Clone, Debug, PartialEq)]
@@ -184,6 +237,11 @@ pub struct Config {
     pub stats_interval: Duration,
     pub pin_dir: Option<PathBuf>,
     pub flow_capacity: u32,
+    pub cookie_mode: CookieMode,
+    /// A secret shared by the hosts behind one address, so that each accepts the others'
+    /// cookies; `None`: a random key of this host's own.
+    pub cookie_secret_file: Option<PathBuf>,
+    pub cookie_key_rotation: Duration,
     pub metrics_listen: Option<SocketAddr>,
     pub control_socket: PathBuf,
     pub policy: SourcePolicy,
@@ -242,6 +300,9 @@ impl Config {
         if let Some(dir) = &overrides.pin_dir {
             file.pin_dir = dir.clone();
         }
+        if let Some(mode) = &overrides.cookie_mode {
+            file.cookie_mode = mode.clone();
+        }
         validate(file)
     }
 
@@ -252,6 +313,7 @@ impl Config {
             ("xdp_mode", self.xdp_mode.to_string()),
             ("pin_dir", format!("{:?}", self.pin_dir)),
             ("flow_capacity", self.flow_capacity.to_string()),
+            ("cookie_mode", self.cookie_mode.to_string()),
             ("metrics.listen", format!("{:?}", self.metrics_listen)),
             ("control.socket", self.control_socket.display().to_string()),
         ]
@@ -300,6 +362,25 @@ fn validate(file: File) -> Result<Config, ConfigError> {
             file.flow_capacity,
             FLOW_CAPACITY_RANGE.start(),
             FLOW_CAPACITY_RANGE.end()
+        )));
+    }
+    let cookie_mode = file.cookie_mode.parse::<CookieMode>().map_err(invalid)?;
+    let cookie_secret_file = match file.cookie_secret_file.as_os_str().is_empty() {
+        true => None,
+        false if file.cookie_secret_file.is_absolute() => Some(file.cookie_secret_file),
+        false => {
+            return Err(invalid(format!(
+                "cookie_secret_file {:?} is not an absolute path (empty: a random key of this host's own)",
+                file.cookie_secret_file
+            )));
+        }
+    };
+    if !KEY_ROTATION_RANGE.contains(&file.cookie_key_rotation) {
+        return Err(invalid(format!(
+            "cookie_key_rotation = {} is not a number of seconds from {} to {}",
+            file.cookie_key_rotation,
+            KEY_ROTATION_RANGE.start(),
+            KEY_ROTATION_RANGE.end()
         )));
     }
     let metrics_listen = match file.metrics.listen.as_str() {
@@ -361,6 +442,9 @@ fn validate(file: File) -> Result<Config, ConfigError> {
         stats_interval: Duration::from_secs(file.stats_interval),
         pin_dir,
         flow_capacity: file.flow_capacity,
+        cookie_mode,
+        cookie_secret_file,
+        cookie_key_rotation: Duration::from_secs(file.cookie_key_rotation),
         metrics_listen,
         control_socket: file.control.socket,
         policy: SourcePolicy {

@@ -49,6 +49,10 @@ pub struct Status {
     pub allow: Vec<String>,
     pub deny: Vec<String>,
     pub max_connections_per_source: u32,
+    /// "own" or "kernel": whose SYN cookies answer.
+    pub cookie_mode: String,
+    /// Why that path runs.
+    pub cookie_mode_reason: String,
 }
 
 /// One line of `tcpguard flows`.

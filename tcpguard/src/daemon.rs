@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn};
-use tcpguard_common::{Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey};
+use tcpguard_common::{COOKIE_MODE_OWN, Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -25,6 +25,7 @@ use crate::{
     Guard,
     config::{Config, OnExit, Overrides},
     control::{self, Asked, Request},
+    cookies::{self, KeyRing},
     guard::{Counters, FlowMap, LoadOptions},
     http,
     metrics::Metrics,
@@ -59,15 +60,31 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
             config.interface
         );
     }
-    for required in [TCP_SYNCOOKIES, TCP_TIMESTAMPS] {
-        if let Outcome::Changed { from } = required.ensure(!config.keep_sysctls)? {
-            info!(
-                "set {} from {from} to {} (SYN cookies from XDP need it)",
-                required.name, required.required
-            );
+    let choice = cookies::choose(config.cookie_mode)?;
+    let mut cookie = sysctl::syn_cookie_config()?;
+    if choice.own {
+        // The host's TCP sysctls stay as they are; the kernel only has to take cookies at all.
+        if sysctl::read(TCP_SYNCOOKIES.name)?[0] == 0 {
+            return Err(cookies::CookieError::SyncookiesOff.into());
         }
+        cookie.mode = COOKIE_MODE_OWN;
+        cookie.mss = sysctl::interface_mss(&config.interface);
+    } else {
+        for required in [TCP_SYNCOOKIES, TCP_TIMESTAMPS] {
+            if let Outcome::Changed { from } = required.ensure(!config.keep_sysctls)? {
+                info!(
+                    "set {} from {from} to {} (the kernel's SYN cookies from XDP need it)",
+                    required.name, required.required
+                );
+            }
+        }
+        // Read again: the timestamp setting may have changed.
+        cookie = sysctl::syn_cookie_config()?;
     }
-    let cookie = sysctl::syn_cookie_config()?;
+    let mut keys = KeyRing::new(
+        config.cookie_secret_file.as_deref(),
+        config.cookie_key_rotation,
+    )?;
     let mut guard = Guard::load_with(&LoadOptions {
         pin_dir: config.pin_dir.clone(),
         flow_capacity: config.flow_capacity,
@@ -75,6 +92,9 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     guard.set_ports(&config.ports)?;
     guard.set_syn_cookie_config(cookie)?;
     guard.set_policy(&config.policy)?;
+    if choice.own {
+        refresh_keys(&mut guard, &mut keys)?;
+    }
     guard.set_interface(crate::host::interface_config(&config.interface)?)?;
     let (owned, _) = guard.set_host_addresses(&crate::host::addresses()?)?;
     info!(
@@ -89,7 +109,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     // Logged once the daemon answers on its sockets too, as READY=1 is sent: tests and
     // operators may take it as the sign that everything is up.
     let protecting = format!(
-        "protecting TCP ports {:?} on {} in {} mode{} (SYN-ACK window scale {}, SACK {})",
+        "protecting TCP ports {:?} on {} in {} mode{} with {} cookies because {}{} (SYN-ACK window scale {}, SACK {})",
         config.ports,
         attachment.interface,
         attachment.mode,
@@ -97,6 +117,13 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
             ", adopted from the previous daemon"
         } else {
             ""
+        },
+        if choice.own { "own" } else { "the kernel's" },
+        choice.reason,
+        match (choice.own, keys.shared()) {
+            (false, _) => "",
+            (true, true) => ", key shared through cookie_secret_file",
+            (true, false) => ", key of this host's own",
         },
         cookie.window_scale,
         if cookie.sack != 0 { "on" } else { "off" },
@@ -108,7 +135,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the event loop")?;
-    let mut daemon = Daemon::new(source, config, guard, flows);
+    let mut daemon = Daemon::new(source, config, guard, flows, choice, keys);
     let outcome = runtime.block_on(daemon.serve(events, &protecting));
     daemon.stop()?;
     outcome
@@ -127,10 +154,32 @@ struct Daemon {
     heartbeat: http::Heartbeat,
     /// Counters at the last stats log line.
     logged: Counters,
+    cookies: cookies::Choice,
+    keys: KeyRing,
+}
+
+/// Writes the own cookie's keys when they are missing or due to change. Errors never show a
+/// key.
+fn refresh_keys(guard: &mut Guard, keys: &mut KeyRing) -> anyhow::Result<()> {
+    let held = guard.cookie_secrets()?;
+    if let Some(new) = keys.update(&held, cookies::tai_now_s())? {
+        guard.set_cookie_secrets(&new)?;
+        if held.generation != 0 {
+            info!("cookie key generation {} in use", new.generation);
+        }
+    }
+    Ok(())
 }
 
 impl Daemon {
-    fn new(source: ConfigSource, config: Config, guard: Guard, flows: FlowMap) -> Self {
+    fn new(
+        source: ConfigSource,
+        config: Config,
+        guard: Guard,
+        flows: FlowMap,
+        cookies: cookies::Choice,
+        keys: KeyRing,
+    ) -> Self {
         let start_time = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0.0, |since| since.as_secs_f64());
@@ -141,12 +190,14 @@ impl Daemon {
             config,
             guard: Some(guard),
             flows,
-            metrics: Metrics::new(start_time),
+            metrics: Metrics::new(start_time, if cookies.own { "own" } else { "kernel" }),
             started: Instant::now(),
             sources_full: HashSet::new(),
             effects: Vec::new(),
             heartbeat: Arc::new(AtomicU64::new(crate::clock::monotonic_secs())),
             logged,
+            cookies,
+            keys,
         };
         let adopted = daemon.flows.entries();
         if !adopted.is_empty() {
@@ -218,6 +269,7 @@ impl Daemon {
                     self.heartbeat.store(crate::clock::monotonic_secs(), Ordering::Relaxed);
                     self.expire();
                     self.follow_host_addresses();
+                    self.rotate_keys();
                     self.refresh_metrics();
                     let interval = self.config.stats_interval;
                     if !interval.is_zero() && last_log.elapsed() >= interval {
@@ -228,6 +280,17 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    fn rotate_keys(&mut self) {
+        if !self.cookies.own {
+            return;
+        }
+        let mut guard = self.guard.take().expect("the guard lives until stop");
+        if let Err(err) = refresh_keys(&mut guard, &mut self.keys) {
+            warn!("cannot update the cookie keys, the current ones stay: {err:#}");
+        }
+        self.guard = Some(guard);
     }
 
     /// Keeps the data plane's view of the host current: addresses that come and go (DHCP,
@@ -389,6 +452,9 @@ impl Daemon {
         new.flow_capacity = self.config.flow_capacity;
         new.metrics_listen = self.config.metrics_listen;
         new.control_socket = self.config.control_socket.clone();
+        // A changed or rewritten secret file takes effect at once; a bad one keeps the keys.
+        let keys = KeyRing::new(new.cookie_secret_file.as_deref(), new.cookie_key_rotation)?;
+        new.cookie_mode = self.config.cookie_mode;
         let guard = self.guard();
         guard.set_ports(&new.ports)?;
         guard.set_policy(&new.policy)?;
@@ -402,6 +468,8 @@ impl Daemon {
         );
         self.apply_effects();
         self.config = new;
+        self.keys = keys;
+        self.rotate_keys();
         Ok(())
     }
 
@@ -478,6 +546,8 @@ impl Daemon {
                 .map(ToString::to_string)
                 .collect(),
             max_connections_per_source: self.config.max_connections_per_source,
+            cookie_mode: if self.cookies.own { "own" } else { "kernel" }.to_owned(),
+            cookie_mode_reason: self.cookies.reason.clone(),
         }
     }
 

@@ -26,7 +26,7 @@ use tcpguard_common::{
     Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST, EVENTS_SENT, FAMILY_IPV4,
     FAMILY_IPV6, Flow, FlowKey, HostAddress, InterfaceConfig, POLICY_ALLOW, POLICY_DENY,
     POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey, SynCookieConfig,
-    XDP_PROGRAM, maps,
+    XDP_PROGRAM, cookie::CookieSecrets, maps,
 };
 
 use crate::{bpffs, ebpf::TCPGUARD_OBJECT, prefix::Prefix};
@@ -296,6 +296,23 @@ impl Guard {
             trie.insert(&key, &1, 0).map_err(map_error(name))?;
         }
         Ok(())
+    }
+
+    /// The own cookie's keys as the data plane holds them (all zero until written).
+    pub fn cookie_secrets(&self) -> Result<CookieSecrets, GuardError> {
+        let map = self
+            .ebpf
+            .map(maps::COOKIE_SECRETS)
+            .ok_or(GuardError::MissingMap(maps::COOKIE_SECRETS))?;
+        let array: Array<_, CookieSecrets> =
+            Array::try_from(map).map_err(map_error(maps::COOKIE_SECRETS))?;
+        array.get(&0, 0).map_err(map_error(maps::COOKIE_SECRETS))
+    }
+
+    pub fn set_cookie_secrets(&mut self, secrets: &CookieSecrets) -> Result<(), GuardError> {
+        let mut map: Array<_, CookieSecrets> = self.map_mut(maps::COOKIE_SECRETS)?;
+        map.set(0, secrets, 0)
+            .map_err(map_error(maps::COOKIE_SECRETS))
     }
 
     /// Tells the data plane the protected interface's MAC.

@@ -6,6 +6,7 @@ mod clock;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod cookies;
 pub mod daemon;
 pub mod ebpf;
 pub mod guard;

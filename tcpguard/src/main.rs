@@ -73,6 +73,10 @@ struct RunArgs {
     /// Where maps, programs and links are pinned (on a BPF filesystem); empty: not pinned.
     #[arg(long, value_name = "DIR")]
     pin_dir: Option<PathBuf>,
+    /// auto: tcpguard's own cookies where the kernel allows them (6.9+), the kernel's
+    /// otherwise; own; kernel.
+    #[arg(long = "cookie-mode", value_name = "MODE")]
+    cookie_mode: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -131,6 +135,7 @@ fn config_source(args: RunArgs) -> ConfigSource {
             metrics_listen: args.metrics_address,
             control_socket: args.control_socket,
             pin_dir: args.pin_dir,
+            cookie_mode: args.cookie_mode,
         },
     }
 }
@@ -160,6 +165,10 @@ fn print_status(status: &control::Status) {
         duration_text(status.uptime_seconds as f64),
     );
     println!("protected ports: {}", ports.join(", "));
+    println!(
+        "SYN cookies: {} ({})",
+        status.cookie_mode, status.cookie_mode_reason
+    );
     println!(
         "connections: {} tracked, flow table holds {}",
         status.tracked_connections, status.flow_capacity

@@ -45,7 +45,8 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registr
 }
 
 impl Metrics {
-    pub fn new(start_time_seconds: f64) -> Self {
+    /// `cookie_mode`: "own" or "kernel", the SYN cookies that answer.
+    pub fn new(start_time_seconds: f64, cookie_mode: &str) -> Self {
         let registry = Registry::new();
         let packets = register(
             &registry,
@@ -197,6 +198,22 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let cookies = register(
+            &registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "tcpguard_cookie_mode",
+                    "1 for the SYN cookies that answer: own (tcpguard's, through bpf_sk_assign_tcp_reqsk) or kernel (the listener-mode helpers).",
+                ),
+                &["mode"],
+            )
+            .expect("valid metric"),
+        );
+        for mode in ["own", "kernel"] {
+            cookies
+                .with_label_values(&[mode])
+                .set(i64::from(mode == cookie_mode));
+        }
         let start_time = register(
             &registry,
             Gauge::new(

@@ -2,7 +2,7 @@
 
 use std::{fs, io, path::PathBuf};
 
-use tcpguard_common::{NO_WINDOW_SCALE, SynCookieConfig};
+use tcpguard_common::{COOKIE_MODE_KERNEL, NO_WINDOW_SCALE, SynCookieConfig};
 
 /// `bpf_tcp_gen_syncookie` answers -ENOENT unless this is 2 (cookies always), and with 1 the
 /// kernel would only accept cookie ACKs while its SYN queue is full.
@@ -128,8 +128,25 @@ pub fn syn_cookie_config() -> Result<SynCookieConfig, SysctlError> {
         window_scale,
         sack: u8::from(read_one("net.ipv4.tcp_sack")? != 0),
         ttl: read_one("net.ipv4.ip_default_ttl")?.clamp(1, 255) as u8,
-        _pad: 0,
+        mode: COOKIE_MODE_KERNEL,
+        ecn: u8::from(read_one("net.ipv4.tcp_ecn")? != 0),
+        timestamps: u8::from(read_one("net.ipv4.tcp_timestamps")? != 0),
+        mss: DEFAULT_MSS,
     })
+}
+
+/// The MSS an IPv4 SYN-ACK advertises on a 1500-byte Ethernet MTU.
+pub const DEFAULT_MSS: u16 = 1460;
+
+/// The MSS the kernel advertises on `interface` for IPv4: its MTU less the IPv4 and TCP
+/// headers (`tcp_mss_to_mtu`'s inverse), or [`DEFAULT_MSS`] when the MTU cannot be read.
+pub fn interface_mss(interface: &str) -> u16 {
+    fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok())
+        .map_or(DEFAULT_MSS, |mtu| {
+            mtu.saturating_sub(40).clamp(536, 65_495) as u16
+        })
 }
 
 /// The receive window scale the kernel gives a socket whose listener sets no window clamp:

@@ -170,6 +170,47 @@ pub fn ensure_bpffs() {
     }
 }
 
+/// The environment variable that picks the cookie path every daemon a test starts runs
+/// (`own`, `kernel` or `auto`); `cargo xtask test` runs the end-to-end suites once per path.
+pub const COOKIE_MODE_ENV: &str = "TCPGUARD_TEST_COOKIE_MODE";
+
+/// `--cookie-mode` for a daemon started with `args`, unless they choose one themselves.
+fn cookie_mode_args(args: &[&str]) -> Vec<String> {
+    match std::env::var(COOKIE_MODE_ENV) {
+        Ok(mode) if !args.contains(&"--cookie-mode") => vec!["--cookie-mode".to_owned(), mode],
+        _ => Vec::new(),
+    }
+}
+
+/// Whether the daemons of this run answer with tcpguard's own cookies (the kernel's
+/// `SyncookiesRecv` moves only on the kernel's path).
+pub fn own_cookies() -> bool {
+    match std::env::var(COOKIE_MODE_ENV).as_deref() {
+        Ok("own") => true,
+        Ok("kernel") => false,
+        _ => tcpguard::cookies::kfunc_available(),
+    }
+}
+
+/// Connections built from cookies between two readings of the server's kernel counters and
+/// the daemon's totals: the kernel counts those it built from its own cookie; tcpguard counts
+/// the ACKs whose own cookie it accepted.
+pub fn cookie_connections(
+    before: &std::collections::HashMap<String, u64>,
+    after: &std::collections::HashMap<String, u64>,
+    totals: &[(String, u64)],
+) -> u64 {
+    if own_cookies() {
+        totals
+            .iter()
+            .find(|(name, _)| name == "cookie_accepted")
+            .map_or(0, |(_, value)| *value)
+    } else {
+        after.get("TcpExtSyncookiesRecv").copied().unwrap_or(0)
+            - before.get("TcpExtSyncookiesRecv").copied().unwrap_or(0)
+    }
+}
+
 /// A running `tcpguard run` in a namespace, stopped with SIGINT when dropped; whatever it left
 /// pinned is removed then too.
 pub struct Daemon {
@@ -220,6 +261,7 @@ impl Daemon {
             .arg(tcpguard_binary())
             .arg("run")
             .args(args)
+            .args(cookie_mode_args(args))
             .arg("--pin-dir")
             .arg(&paths.pin_dir)
             .arg("--control-socket")

@@ -74,7 +74,15 @@ fn keep_sysctls_refuses_to_change_them() {
     namespace.sysctl("net.ipv4.tcp_syncookies", "1");
     let (succeeded, stderr) = run_in(
         &namespace,
-        &["--iface", "lo", "--port", "80", "--keep-sysctls"],
+        &[
+            "--iface",
+            "lo",
+            "--port",
+            "80",
+            "--keep-sysctls",
+            "--cookie-mode",
+            "kernel",
+        ],
     );
     assert!(!succeeded);
     assert!(

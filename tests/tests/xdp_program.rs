@@ -6,7 +6,10 @@ use std::net::TcpListener;
 
 use etherparse::{LinkExtHeader, NetHeaders, PacketHeaders, TcpOptionElement, TransportHeader};
 use tcpguard::Guard;
-use tcpguard_common::{Counter, SynCookieConfig};
+use tcpguard_common::{
+    COOKIE_MODE_OWN, Counter, FLOW_IPV4, FLOW_IPV6, FlowKey, HostAddress, SynCookieConfig,
+    cookie::{self, CookieOptions, CookieSecrets},
+};
 use tcpguard_tests::{
     frame::*,
     netns::in_fresh_netns,
@@ -787,4 +790,218 @@ fn a_chain_of_ipv6_fragment_headers_is_a_fragment() {
         frame[14 + 40 + 8 + 3] &= !1;
         assert_verdict(&guard, &frame, XDP_DROP, Counter::Fragment);
     });
+}
+
+/// A known key, written as the daemon writes its keys.
+const OWN_SECRETS: CookieSecrets = CookieSecrets {
+    keys: [[0x0706_0504_0302_0100, 0x0f0e_0d0c_0b0a_0908], [0; 2]],
+    generation: 2,
+    previous_until_s: 0,
+};
+
+/// tcpguard in own-cookie mode with [`OWN_SECRETS`], as the daemon configures it.
+fn own_listener_and_guard() -> (TcpListener, Guard, SynCookieConfig) {
+    let (listener, mut guard) = listener_and_guard();
+    let config = SynCookieConfig {
+        mode: COOKIE_MODE_OWN,
+        mss: 1460,
+        ..tcpguard::sysctl::syn_cookie_config().unwrap()
+    };
+    guard.set_syn_cookie_config(config).unwrap();
+    guard.set_cookie_secrets(&OWN_SECRETS).unwrap();
+    (listener, guard, config)
+}
+
+fn flow_key(syn: &TcpFrame) -> FlowKey {
+    let (client_addr, server_addr, family) = match &syn.ip {
+        Ip::V4 {
+            source,
+            destination,
+            ..
+        } => (
+            HostAddress::v4(source.octets()).address,
+            HostAddress::v4(destination.octets()).address,
+            FLOW_IPV4,
+        ),
+        Ip::V6 {
+            source,
+            destination,
+            ..
+        } => (source.octets(), destination.octets(), FLOW_IPV6),
+    };
+    FlowKey {
+        client_addr,
+        server_addr,
+        client_port: syn.source_port,
+        server_port: syn.destination_port,
+        family,
+        _pad: [0; 3],
+    }
+}
+
+/// What an own-cookie SYN-ACK carried.
+#[derive(Debug, PartialEq)]
+struct OwnSynAck {
+    isn: u32,
+    mss: Option<u16>,
+    window_scale: Option<u8>,
+    sack: bool,
+    timestamp: Option<(u32, u32)>,
+    ece: bool,
+}
+
+fn own_synack(answer: &[u8]) -> OwnSynAck {
+    let headers = PacketHeaders::from_ethernet_slice(answer).expect("etherparse parses it");
+    let Some(TransportHeader::Tcp(tcp)) = &headers.transport else {
+        panic!("a TCP segment");
+    };
+    let mut seen = OwnSynAck {
+        isn: tcp.sequence_number,
+        mss: None,
+        window_scale: None,
+        sack: false,
+        timestamp: None,
+        ece: tcp.ece,
+    };
+    for option in tcp.options_iterator() {
+        match option.expect("well-formed options") {
+            TcpOptionElement::MaximumSegmentSize(value) => seen.mss = Some(value),
+            TcpOptionElement::SelectiveAcknowledgementPermitted => seen.sack = true,
+            TcpOptionElement::WindowScale(value) => seen.window_scale = Some(value),
+            TcpOptionElement::Timestamp(value, echo) => seen.timestamp = Some((value, echo)),
+            TcpOptionElement::Noop => {}
+            other => panic!("unexpected option {other:?}"),
+        }
+    }
+    seen
+}
+
+/// An own-cookie handshake: the SYN-ACK offers exactly `expected` options, the host's build of
+/// the cookie code accepts its ISN with them, the ACK built from it is accepted in XDP, and
+/// forged ACKs are dropped under their reasons.
+fn own_handshake(syn: TcpFrame, expected: CookieOptions, ece: bool) {
+    in_fresh_netns(move || {
+        let (_listener, guard, config) = own_listener_and_guard();
+        let answer = assert_verdict(&guard, &syn.bytes(), XDP_TX, Counter::SynCookieSent);
+        let seen = own_synack(&answer);
+        let key = flow_key(&syn);
+        let offered = client_options(&syn.options);
+        let v6 = matches!(syn.ip, Ip::V6 { .. });
+        assert_eq!(
+            seen.mss,
+            Some(if v6 { 1440 } else { 1460 }),
+            "the interface's MSS"
+        );
+        assert_eq!(seen.sack, expected.sack, "SACK-permitted");
+        assert_eq!(
+            seen.window_scale,
+            (expected.window_scale != cookie::WSCALE_NONE).then_some(config.window_scale),
+            "the server's own window scale, without timestamps too"
+        );
+        assert_eq!(seen.ece, ece, "ECN answered iff asked for");
+        assert_eq!(
+            seen.timestamp.map(|(_, echo)| echo),
+            offered.tsval,
+            "timestamps answered iff offered, echoing the client's"
+        );
+        let tsval = seen.timestamp.map(|(tsval, _)| tsval);
+        let decoded = cookie::check(
+            &OWN_SECRETS,
+            tcpguard::cookies::tai_now_s(),
+            &key,
+            syn.seq.wrapping_add(1),
+            seen.isn.wrapping_add(1),
+            tsval.is_some(),
+            tsval.unwrap_or(0),
+        )
+        .expect("the host's cookie code accepts what XDP made");
+        assert_eq!(decoded, expected, "the options the cookie carries");
+
+        let ack = ack_for(
+            &syn,
+            &SynAck {
+                cookie: seen.isn,
+                tsval,
+            },
+        );
+        let mut forged = ack.clone();
+        forged.ack ^= 0x0055_5500;
+        assert_verdict(&guard, &forged.bytes(), XDP_DROP, Counter::CookieRejected);
+        if let Some(tsval) = tsval {
+            let mut bad_echo = ack.clone();
+            bad_echo.options[8..12].copy_from_slice(&(tsval ^ 1).to_be_bytes());
+            assert_verdict(
+                &guard,
+                &bad_echo.bytes(),
+                XDP_DROP,
+                Counter::CookieBadTimestamp,
+            );
+        }
+        assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::CookieAccepted);
+        assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::TrackedFlow);
+    });
+}
+
+/// Windows' default SYN: MSS, window scale and SACK-permitted, no timestamps.
+fn windows_syn_options(mss: u16, window_scale: u8) -> Vec<u8> {
+    let mut options = vec![2, 4];
+    options.extend_from_slice(&mss.to_be_bytes());
+    options.extend_from_slice(&[1, 3, 3, window_scale, 1, 1, 4, 2]);
+    options
+}
+
+fn expected(
+    mss_index: u8,
+    window_scale: u8,
+    sack: bool,
+    ecn: bool,
+    timestamps: bool,
+) -> CookieOptions {
+    CookieOptions {
+        mss_index,
+        window_scale,
+        sack,
+        ecn,
+        timestamps,
+    }
+}
+
+#[test]
+fn own_cookies_keep_window_scale_and_sack_without_timestamps() {
+    own_handshake(
+        TcpFrame::syn_v4(PORT).with_options(windows_syn_options(1460, 8)),
+        expected(7, 8, true, false, false),
+        false,
+    );
+}
+
+#[test]
+fn own_cookies_carry_timestamps_and_the_mss_table() {
+    own_handshake(
+        TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1400, 0xdead_beef, 7)),
+        expected(4, 7, true, false, true),
+        false,
+    );
+}
+
+#[test]
+fn own_cookies_answer_ecn_when_asked() {
+    own_handshake(
+        TcpFrame::syn_v4(PORT)
+            .with_options(linux_syn_options(1460, 5, 7))
+            .with_flags(SYN | ECE | CWR),
+        expected(7, 7, true, true, true),
+        true,
+    );
+}
+
+#[test]
+fn own_cookies_over_ipv6_without_sack() {
+    let mut options = windows_syn_options(1440, 2);
+    options[10..12].copy_from_slice(&[1, 1]); // SACK-permitted replaced by NOPs
+    own_handshake(
+        TcpFrame::syn_v6(PORT).with_options(options),
+        expected(7, 2, false, false, false),
+        false,
+    );
 }

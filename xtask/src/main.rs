@@ -63,7 +63,21 @@ fn main() -> anyhow::Result<()> {
             require_root("the tests load BPF programs and make network namespaces")?;
             setup::run()?;
             cargo(&["build", "--bins"])?;
-            cargo(&["test", "--workspace", "--exclude", "tcpguard-ebpf"])
+            // Every daemon the tests start takes the cookie path the kernel offers (own
+            // cookies on 6.9 and later); then the end-to-end suites run again on the kernel's
+            // cookies, so that both paths pass the same tests.
+            cargo(&["test", "--workspace", "--exclude", "tcpguard-ebpf"])?;
+            println!("test: the end-to-end suites again, on the kernel's cookies");
+            let mut kernel_path =
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+            kernel_path
+                .args(["test", "-p", "tcpguard-tests"])
+                .args(END_TO_END_SUITES.iter().flat_map(|suite| ["--test", suite]))
+                .env("TCPGUARD_TEST_COOKIE_MODE", "kernel");
+            if !succeeds(&mut kernel_path) {
+                bail!("the end-to-end tests failed on the kernel's cookies");
+            }
+            Ok(())
         }
         Task::Demo => {
             require_root("the demo makes network namespaces and attaches XDP")?;
@@ -156,6 +170,9 @@ fn require_root(why: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The test suites that drive the real daemon, run once per cookie path.
+const END_TO_END_SUITES: &[&str] = &["flood", "operation", "lifecycle", "host"];
 
 pub(crate) fn cargo(args: &[&str]) -> anyhow::Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
