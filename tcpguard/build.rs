@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 
 const PACKAGE: &str = "tcpguard-ebpf";
 /// The binaries of tcpguard-ebpf that src/ebpf.rs includes.
-const PROGRAMS: [&str; 3] = ["tcpguard", "xdp-pass", "xdp-syn-flood"];
+const PROGRAMS: [&str; 4] = ["tcpguard", "xdp-pass", "xdp-syn-flood", "xdp-cookie-ack"];
 const TOOLCHAIN: &str = "nightly";
 
 fn main() -> anyhow::Result<()> {

@@ -17,3 +17,8 @@ pub static XDP_SYN_FLOOD_OBJECT: &[u8] =
 /// The TC ingress classifier that turns an ACK carrying the XDP program's cookie record into a
 /// connection through the kfunc `bpf_sk_assign_tcp_reqsk` (`tcpguard-ebpf/c/reqsk.c`).
 pub static REQSK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reqsk.o"));
+
+/// Test only (`tcpguard-ebpf/src/bin/xdp_cookie_ack.rs`): puts a given cookie record in front
+/// of bare IPv4 ACKs as XDP metadata, standing in for tcpguard's XDP program.
+pub static XDP_COOKIE_ACK_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-cookie-ack"));
