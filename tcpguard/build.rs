@@ -8,6 +8,9 @@
 //! verifier accepts misaligned packet and map-value accesses on architectures with efficient
 //! unaligned access (x86-64, arm64); stack accesses must stay aligned, which the program keeps
 //! them (see `tcpguard-ebpf/src/zero.rs`).
+//!
+//! The one program written in C, `tcpguard-ebpf/c/reqsk.c` (it calls a kfunc, which Rust eBPF
+//! code cannot yet), is compiled here too, with clang-22 and Debian's libbpf-dev headers.
 
 use std::{
     env,
@@ -19,7 +22,7 @@ use anyhow::{Context as _, bail};
 
 const PACKAGE: &str = "tcpguard-ebpf";
 /// The binaries of tcpguard-ebpf that src/ebpf.rs includes.
-const PROGRAMS: [&str; 3] = ["tcpguard", "xdp-pass", "xdp-syn-flood"];
+const PROGRAMS: [&str; 4] = ["tcpguard", "xdp-pass", "xdp-syn-flood", "xdp-cookie-ack"];
 const TOOLCHAIN: &str = "nightly";
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +81,45 @@ fn main() -> anyhow::Result<()> {
         let built = target_dir.join(target).join("release").join(program);
         std::fs::copy(&built, out_dir.join(program))
             .with_context(|| format!("cannot copy {}", built.display()))?;
+    }
+    build_reqsk(&root, &out_dir)
+}
+
+/// The C program's source, inside tcpguard-ebpf, and the object src/ebpf.rs includes.
+const REQSK_SOURCE: &str = "c/reqsk.c";
+const REQSK_OBJECT: &str = "reqsk.o";
+const CLANG: &str = "clang-22";
+
+fn build_reqsk(root: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    let source = root.join(REQSK_SOURCE);
+    println!("cargo:rerun-if-changed={}", source.display());
+    // linux/bpf.h includes asm/types.h, which Debian keeps under the multiarch directory; a
+    // bpf target has no multiarch directory of its own for clang to search.
+    let arch = env::var("CARGO_CFG_TARGET_ARCH")?;
+    let object = out_dir.join(REQSK_OBJECT);
+    let mut clang = Command::new(CLANG);
+    clang
+        .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+        .arg(format!("-I/usr/include/{arch}-linux-gnu"))
+        .arg("-c")
+        .arg(&source)
+        .arg("-o")
+        .arg(&object)
+        .stdout(Stdio::null());
+    let status = match clang.status() {
+        Ok(status) => status,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{CLANG} is not installed, and it compiles {}; run `cargo xtask setup`",
+            source.display()
+        ),
+        Err(err) => return Err(err).with_context(|| format!("cannot run {CLANG}")),
+    };
+    if !status.success() {
+        bail!(
+            "compiling {} failed ({status}), see clang's messages above (a missing \
+             bpf/bpf_helpers.h means libbpf-dev is not installed: `cargo xtask setup`): {clang:?}",
+            source.display()
+        );
     }
     Ok(())
 }

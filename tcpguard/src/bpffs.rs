@@ -20,7 +20,7 @@ pub fn is_bpffs(dir: &Path) -> bool {
 
 /// Detaches the pinned link at `path` from its hook, whoever else holds it open (a running
 /// daemon, say), and removes the pin.
-fn detach_pinned_link(path: &Path) -> io::Result<()> {
+pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
     let name = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     let mut attr = [0u64; 16];
     attr[0] = name.as_ptr() as u64;

@@ -13,3 +13,12 @@ pub static XDP_PASS_OBJECT: &[u8] =
 /// BPF_PROG_TEST_RUN in live-frames mode.
 pub static XDP_SYN_FLOOD_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-syn-flood"));
+
+/// The TC ingress classifier that turns an ACK carrying the XDP program's cookie record into a
+/// connection through the kfunc `bpf_sk_assign_tcp_reqsk` (`tcpguard-ebpf/c/reqsk.c`).
+pub static REQSK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/reqsk.o"));
+
+/// Test only (`tcpguard-ebpf/src/bin/xdp_cookie_ack.rs`): puts a given cookie record in front
+/// of bare IPv4 ACKs as XDP metadata, standing in for tcpguard's XDP program.
+pub static XDP_COOKIE_ACK_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-cookie-ack"));

@@ -15,6 +15,7 @@ mod http;
 pub mod metrics;
 mod notify;
 pub mod prefix;
+pub mod reqsk;
 pub mod sysctl;
 pub mod tcp_state;
 pub mod tracker;

@@ -16,6 +16,9 @@ const PACKAGES: &[&str] = &[
     "libzstd-dev",
     "zlib1g-dev",
     "libxml2-dev",
+    // clang compiles the one C eBPF program (tcpguard-ebpf/c/reqsk.c) against libbpf's headers.
+    "clang-22",
+    "libbpf-dev",
     "hping3",
     "iproute2",
     "ethtool",
