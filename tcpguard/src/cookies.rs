@@ -10,10 +10,12 @@ use std::{
 
 use tcpguard_common::cookie::{COOKIE_LIFETIME_S, CookieSecrets, siphash24};
 
-use crate::config::CookieMode;
+use crate::{
+    config::CookieMode,
+    reqsk::{KFUNC, kfunc_available},
+};
 
-/// The kernel function own cookies need, and the release that brought it.
-pub const KFUNC: &str = "bpf_sk_assign_tcp_reqsk";
+/// The release that brought the kernel function own cookies need.
 pub const KFUNC_SINCE: &str = "6.9";
 /// The most a secret file may hold; a key is 32 hex digits.
 const SECRET_FILE_LIMIT: u64 = 4096;
@@ -70,17 +72,6 @@ pub fn choose(mode: CookieMode) -> Result<Choice, CookieError> {
             ),
         }),
     }
-}
-
-/// Whether the running kernel exports the kfunc: its name is in the kernel's BTF, which is
-/// where the loader resolves it.
-pub fn kfunc_available() -> bool {
-    fs::read("/sys/kernel/btf/vmlinux").is_ok_and(|btf| {
-        let name = KFUNC.as_bytes();
-        btf.windows(name.len() + 2).any(|window| {
-            window[0] == 0 && &window[1..=name.len()] == name && window[name.len() + 1] == 0
-        })
-    })
 }
 
 pub fn kernel_release() -> String {

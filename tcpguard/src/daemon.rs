@@ -30,6 +30,7 @@ use crate::{
     http,
     metrics::Metrics,
     notify::notify,
+    reqsk::Reqsk,
     sysctl::{self, Outcome, TCP_SYNCOOKIES, TCP_TIMESTAMPS},
     tracker::{Effect, Tracker},
 };
@@ -105,6 +106,15 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    // The TC program that turns an accepted own-cookie ACK into a socket goes first: an ACK
+    // XDP accepts before it is there would draw a RST.
+    let reqsk = if choice.own {
+        let mut reqsk = Reqsk::load(config.pin_dir.as_deref())?;
+        reqsk.attach(&config.interface)?;
+        Some(reqsk)
+    } else {
+        None
+    };
     let attachment = guard.attach(&config.interface, config.xdp_mode)?;
     // Logged once the daemon answers on its sockets too, as READY=1 is sent: tests and
     // operators may take it as the sign that everything is up.
@@ -136,6 +146,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         .build()
         .context("cannot start the event loop")?;
     let mut daemon = Daemon::new(source, config, guard, flows, choice, keys);
+    daemon.reqsk = reqsk;
     let outcome = runtime.block_on(daemon.serve(events, &protecting));
     daemon.stop()?;
     outcome
@@ -156,6 +167,8 @@ struct Daemon {
     logged: Counters,
     cookies: cookies::Choice,
     keys: KeyRing,
+    /// The TC ingress program of the own-cookie path.
+    reqsk: Option<Reqsk>,
 }
 
 /// Writes the own cookie's keys when they are missing or due to change. Errors never show a
@@ -198,6 +211,7 @@ impl Daemon {
             logged,
             cookies,
             keys,
+            reqsk: None,
         };
         let adopted = daemon.flows.entries();
         if !adopted.is_empty() {
@@ -591,6 +605,9 @@ impl Daemon {
         }
         match self.config.on_exit {
             OnExit::Keep => {
+                if let Some(reqsk) = self.reqsk.take() {
+                    reqsk.release()?;
+                }
                 guard.release()?;
                 info!(
                     "left attached to {} through {}; `tcpguard detach` removes it",
@@ -603,6 +620,9 @@ impl Daemon {
                 );
             }
             OnExit::Detach => {
+                if let Some(reqsk) = self.reqsk.take() {
+                    reqsk.detach()?;
+                }
                 guard.detach()?;
                 info!("detached from {}", self.config.interface);
             }

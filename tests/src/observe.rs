@@ -125,3 +125,48 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// What the kernel negotiated for a connection, from TCP_INFO: the ground truth the tests
+/// compare tcpguard's connections with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Negotiated {
+    /// `tcpi_state` (1: ESTABLISHED).
+    pub state: u8,
+    /// `tcpi_options`: [`TCPI_OPT_TIMESTAMPS`], [`TCPI_OPT_SACK`], [`TCPI_OPT_WSCALE`],
+    /// [`TCPI_OPT_ECN`], and others.
+    pub options: u8,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    pub snd_mss: u32,
+}
+
+pub const TCPI_OPT_TIMESTAMPS: u8 = 1;
+pub const TCPI_OPT_SACK: u8 = 2;
+pub const TCPI_OPT_WSCALE: u8 = 4;
+pub const TCPI_OPT_ECN: u8 = 8;
+
+/// TCP_INFO of `stream`.
+pub fn negotiated(stream: &std::net::TcpStream) -> Negotiated {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain old data.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: info has len bytes; the fd is the stream's.
+    let status = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(status, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    Negotiated {
+        state: info.tcpi_state,
+        options: info.tcpi_options,
+        snd_wscale: info.tcpi_snd_rcv_wscale & 0x0f,
+        rcv_wscale: info.tcpi_snd_rcv_wscale >> 4,
+        snd_mss: info.tcpi_snd_mss,
+    }
+}

@@ -188,7 +188,7 @@ pub fn own_cookies() -> bool {
     match std::env::var(COOKIE_MODE_ENV).as_deref() {
         Ok("own") => true,
         Ok("kernel") => false,
-        _ => tcpguard::cookies::kfunc_available(),
+        _ => tcpguard::reqsk::kfunc_available(),
     }
 }
 
