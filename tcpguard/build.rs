@@ -22,7 +22,13 @@ use anyhow::{Context as _, bail};
 
 const PACKAGE: &str = "tcpguard-ebpf";
 /// The binaries of tcpguard-ebpf that src/ebpf.rs includes.
-const PROGRAMS: [&str; 4] = ["tcpguard", "xdp-pass", "xdp-syn-flood", "xdp-cookie-ack"];
+const PROGRAMS: [&str; 5] = [
+    "tcpguard",
+    "xdp-pass",
+    "xdp-syn-flood",
+    "xdp-cookie-ack",
+    "xdp-synack-floor",
+];
 const TOOLCHAIN: &str = "nightly";
 
 fn main() -> anyhow::Result<()> {

@@ -22,3 +22,8 @@ pub static REQSK_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_D
 /// of bare IPv4 ACKs as XDP metadata, standing in for tcpguard's XDP program.
 pub static XDP_COOKIE_ACK_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-cookie-ack"));
+
+/// Benchmark only (`tcpguard-ebpf/src/bin/xdp_synack_floor.rs`): answers every SYN with a
+/// SYN-ACK without a cookie or a lookup, the floor `bench flood` measures the defences against.
+pub static XDP_SYNACK_FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-synack-floor"));

@@ -81,7 +81,7 @@ pub enum GuardError {
         name: &'static str,
         source: MapError,
     },
-    #[error("the kernel rejected program {name}: {source}")]
+    #[error("the kernel rejected program {name}: {}", rejection(.source))]
     Verifier {
         name: &'static str,
         source: aya::programs::ProgramError,
@@ -711,6 +711,30 @@ where
         .ok_or(GuardError::MissingProgram(name))?
         .try_into()
         .map_err(verifier(name))
+}
+
+/// Why a program did not load, in a few lines: the error, and the last lines of the verifier's
+/// log, which say why it refused. The whole log can run to a hundred thousand lines, more than
+/// journald keeps from one burst.
+pub fn rejection(error: &aya::programs::ProgramError) -> String {
+    const LAST_LINES: usize = 25;
+    match error {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LAST_LINES)..];
+            format!(
+                "{io_error}; the last {} of the verifier's {} log lines:\n{}",
+                tail.len(),
+                lines.len(),
+                tail.join("\n")
+            )
+        }
+        other => other.to_string(),
+    }
 }
 
 fn verifier(name: &'static str) -> impl Fn(aya::programs::ProgramError) -> GuardError {

@@ -48,7 +48,7 @@ pub enum ReqskError {
     Load(#[from] EbpfError),
     #[error("the reqsk object has no {0}")]
     Missing(&'static str),
-    #[error("the verifier refused {PROGRAM}: {0}")]
+    #[error("the kernel rejected program {PROGRAM}: {}", crate::guard::rejection(.0))]
     Verifier(#[source] ProgramError),
     #[error("no interface {0:?} in this network namespace")]
     UnknownInterface(String),

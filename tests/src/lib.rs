@@ -5,5 +5,6 @@ pub mod frame;
 pub mod generator;
 pub mod netns;
 pub mod observe;
+pub mod raw;
 pub mod rig;
 pub mod xdp;

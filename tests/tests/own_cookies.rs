@@ -337,3 +337,135 @@ fn unprotected_ports_are_as_without_tcpguard_during_a_flood_at_a_protected_one()
         server.join().unwrap();
     }
 }
+
+/// A key shared as an operator would share it: one file, the same on every host.
+fn shared_secret_file() -> (std::path::PathBuf, String) {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(
+        &mut std::fs::File::open("/dev/urandom").unwrap(),
+        &mut bytes,
+    )
+    .unwrap();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let path = std::env::temp_dir().join(format!("tcpguard-shared-{}.key", std::process::id()));
+    std::fs::write(&path, format!("{hex}\n")).unwrap();
+    (path, hex)
+}
+
+fn config_with_secret(rig: &Rig, secret: &std::path::Path) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", rig.server.name));
+    std::fs::write(
+        &path,
+        format!(
+            "interface = \"{SERVER_IF}\"\nports = [8080]\ncookie_mode = \"own\"\ncookie_secret_file = \"{}\"\n",
+            secret.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Two hosts behind one address (ECMP, anycast) sharing a secret file: host A answers the SYN,
+/// the client's ACK reaches host B, and B's kernel builds the connection and acknowledges
+/// data on it. The secret appears in nothing either daemon shows.
+#[test]
+fn a_host_sharing_the_secret_completes_a_handshake_another_answered() {
+    use tcpguard_common::tcp_flags::{ACK, PSH, SYN};
+    use tcpguard_tests::{
+        observe::{flows, scrape, status},
+        raw::{RawTcp, Segment},
+    };
+    if !tcpguard::reqsk::kfunc_available() {
+        eprintln!("skipped: this kernel has no bpf_sk_assign_tcp_reqsk (Linux 6.9+)");
+        return;
+    }
+    let (secret, hex) = shared_secret_file();
+    let (a, b) = (Rig::new(), Rig::new());
+    let (config_a, config_b) = (
+        config_with_secret(&a, &secret),
+        config_with_secret(&b, &secret),
+    );
+    let daemon_a = Daemon::start(&a.server, &["--config", config_a.to_str().unwrap()]);
+    let daemon_b = Daemon::start(&b.server, &["--config", config_b.to_str().unwrap()]);
+    // Both hosts run the service; A's listener is what makes its XDP answer.
+    let _listener_a = a
+        .server
+        .within(|| TcpListener::bind(("0.0.0.0", PROTECTED)).unwrap());
+    let listener_b = b
+        .server
+        .within(|| TcpListener::bind(("0.0.0.0", PROTECTED)).unwrap());
+
+    let client = std::net::SocketAddrV4::new(tcpguard_tests::rig::CLIENT, 40_200);
+    let server = std::net::SocketAddrV4::new(SERVER, PROTECTED);
+    let client_isn = 0x3000_0000u32;
+    // MSS 1460, NOP, window scale 7, NOP, NOP, SACK-permitted: no timestamps.
+    let syn_options = vec![2, 4, 0x05, 0xb4, 1, 3, 3, 7, 1, 1, 4, 2];
+    let synack = a.client.within(move || {
+        let raw = RawTcp::open();
+        raw.send(&Segment {
+            flags: SYN,
+            options: syn_options,
+            ..Segment::ack(client, server, client_isn, 0)
+        });
+        raw.receive(Duration::from_secs(3), |s| {
+            s.source == server && s.destination == client && s.flags & (SYN | ACK) == SYN | ACK
+        })
+    });
+    let synack = synack.expect("host A answers the SYN");
+    assert_eq!(synack.ack, client_isn + 1);
+    let acked = b.client.within(move || {
+        let raw = RawTcp::open();
+        let (seq, ack) = (client_isn + 1, synack.seq.wrapping_add(1));
+        raw.send(&Segment::ack(client, server, seq, ack));
+        raw.send(&Segment {
+            flags: PSH | ACK,
+            payload: b"ping".to_vec(),
+            ..Segment::ack(client, server, seq, ack)
+        });
+        raw.receive(Duration::from_secs(3), |s| {
+            s.source == server && s.destination == client && s.ack == seq + 4
+        })
+    });
+    let acked = acked.expect("host B acknowledges the data: it holds the connection");
+    assert_eq!(
+        acked.seq,
+        synack.seq.wrapping_add(1),
+        "B continues A's sequence space"
+    );
+    let accepted = b.server.within(move || {
+        listener_b.set_nonblocking(true).unwrap();
+        let (mut stream, peer) = listener_b
+            .accept()
+            .expect("B's listener has the connection");
+        let mut data = [0u8; 4];
+        stream
+            .read_exact(&mut data)
+            .expect("the data reached B's application");
+        (peer, data)
+    });
+    assert_eq!(accepted, (std::net::SocketAddr::V4(client), *b"ping"));
+
+    // The secret is in nothing an operator or another user can see.
+    let shown = [
+        status(&daemon_b.paths).to_string(),
+        serde_json::to_string(&flows(&daemon_b.paths)).unwrap(),
+        format!("{:?}", scrape(&b.server)),
+        daemon_a.log.join("\n"),
+        daemon_b.log.join("\n"),
+    ];
+    for text in &shown {
+        assert!(!text.contains(&hex), "the secret leaked: {text}");
+    }
+    let totals_b = daemon_b.stop();
+    let totals_a = daemon_a.stop();
+    assert!(total(&totals_a, "syn_cookie_sent") >= 1, "{totals_a:?}");
+    assert_eq!(
+        total(&totals_b, "syn_cookie_sent"),
+        0,
+        "B never saw the SYN: {totals_b:?}"
+    );
+    assert_eq!(total(&totals_b, "cookie_accepted"), 1, "{totals_b:?}");
+    for path in [secret, config_a, config_b] {
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -26,6 +26,10 @@ use tcpguard_common::{
 };
 use tcpguard_tests::{
     netns::Namespace,
+    observe::{
+        Negotiated, TCPI_OPT_ECN, TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE, negotiated,
+    },
+    raw::{RawTcp, Segment},
     rig::{self, CLIENT, Rig, SERVER, SERVER_IF},
 };
 
@@ -138,86 +142,6 @@ fn loads_attaches_pins_adopts_and_detaches() {
     drop(pins);
 }
 
-/// A TCP header (no options) with a valid checksum for `source` → `destination`.
-fn bare_ack(source: SocketAddrV4, destination: SocketAddrV4, seq: u32, ack: u32) -> [u8; 20] {
-    let mut header = [0u8; 20];
-    header[0..2].copy_from_slice(&source.port().to_be_bytes());
-    header[2..4].copy_from_slice(&destination.port().to_be_bytes());
-    header[4..8].copy_from_slice(&seq.to_be_bytes());
-    header[8..12].copy_from_slice(&ack.to_be_bytes());
-    header[12] = 5 << 4;
-    header[13] = 0x10; // ACK
-    header[14..16].copy_from_slice(&502u16.to_be_bytes());
-    let mut sum: u32 = 0;
-    let mut add = |bytes: &[u8]| {
-        for pair in bytes.chunks(2) {
-            sum += u32::from(u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]));
-        }
-    };
-    add(&source.ip().octets());
-    add(&destination.ip().octets());
-    add(&[0, libc::IPPROTO_TCP as u8, 0, header.len() as u8]);
-    add(&header);
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    header[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    header
-}
-
-/// Sends `segment` from a raw socket: the client's kernel adds the IP header and knows
-/// nothing of the connection.
-fn send_raw(destination: SocketAddrV4, segment: &[u8]) {
-    // SAFETY: plain socket calls on a socket this function owns and closes.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP);
-        assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
-        let address = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(destination.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let sent = libc::sendto(
-            fd,
-            segment.as_ptr().cast(),
-            segment.len(),
-            0,
-            (&raw const address).cast(),
-            size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        let error = io::Error::last_os_error();
-        libc::close(fd);
-        assert_eq!(sent, segment.len() as isize, "sendto: {error}");
-    }
-}
-
-/// TCP_INFO of `stream`: (state, options, snd_wscale, rcv_wscale, snd_mss).
-fn tcp_info(stream: &TcpStream) -> (u8, u8, u8, u8, u32) {
-    // SAFETY: tcp_info is plain old data; the fd is the stream's.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    let status = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(status, 0, "TCP_INFO: {}", io::Error::last_os_error());
-    (
-        info.tcpi_state,
-        info.tcpi_options,
-        info.tcpi_snd_rcv_wscale & 0x0f,
-        info.tcpi_snd_rcv_wscale >> 4,
-        info.tcpi_snd_mss,
-    )
-}
-
 fn out_rsts(namespace: &Namespace) -> u64 {
     rig::kernel_counters(namespace)
         .get("TcpOutRsts")
@@ -241,10 +165,6 @@ fn accept_within(listener: &TcpListener, timeout: Duration) -> Option<TcpStream>
     }
 }
 
-const TCPI_OPT_TIMESTAMPS: u8 = 1;
-const TCPI_OPT_SACK: u8 = 2;
-const TCPI_OPT_WSCALE: u8 = 4;
-const TCPI_OPT_ECN: u8 = 8;
 const TCP_ESTABLISHED: u8 = 1;
 
 #[test]
@@ -298,13 +218,16 @@ fn an_ack_with_the_record_becomes_a_connection_and_without_it_draws_a_reset() {
     // never chose (the kernel takes it from ack - 1).
     let client = SocketAddrV4::new(CLIENT, 40_001);
     let server = SocketAddrV4::new(SERVER, PORT);
-    let segment = bare_ack(client, server, 0x1000_0000, 0x2000_0001);
+    let segment = Segment::ack(client, server, 0x1000_0000, 0x2000_0001);
 
     // Without the record: the kernel's own cookie check (tcp_syncookies=1, no recent overflow)
     // finds no request, and the listener answers the ACK with a reset.
     let rsts = out_rsts(&rig.server);
     let before = classifier.results().unwrap();
-    rig.client.within(move || send_raw(server, &segment));
+    rig.client.within({
+        let segment = segment.clone();
+        move || RawTcp::open().send(&segment)
+    });
     let deadline = Instant::now() + Duration::from_secs(3);
     while out_rsts(&rig.server) == rsts && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
@@ -333,11 +256,20 @@ fn an_ack_with_the_record_becomes_a_connection_and_without_it_draws_a_reset() {
     });
     let rsts = out_rsts(&rig.server);
     let before = classifier.results().unwrap();
-    rig.client.within(move || send_raw(server, &segment));
+    rig.client.within({
+        let segment = segment.clone();
+        move || RawTcp::open().send(&segment)
+    });
     let stream =
         accept_within(&listener, Duration::from_secs(3)).expect("accept() returns the connection");
     let peer = stream.peer_addr().unwrap();
-    let (state, options, snd_wscale, rcv_wscale, snd_mss) = tcp_info(&stream);
+    let Negotiated {
+        state,
+        options,
+        snd_wscale,
+        rcv_wscale,
+        snd_mss,
+    } = negotiated(&stream);
     // Give a reset, if the kernel were to send one, time to be counted.
     thread::sleep(Duration::from_millis(200));
     let reset = out_rsts(&rig.server) - rsts;

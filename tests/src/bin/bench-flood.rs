@@ -1,6 +1,10 @@
 //! What a SYN flood costs the protected host, and what it does to real clients, with the
-//! kernel's own defence (`tcp_syncookies = 2`, no XDP) and with tcpguard, measured side by side
-//! in one run over the same veth rig, in several rounds.
+//! kernel's own defence (`tcp_syncookies = 2`, no XDP), with tcpguard on each of its cookie
+//! paths (own cookies; the kernel's through the listener-mode helpers), and with the rig's
+//! floor (an XDP program that turns each SYN into a SYN-ACK with no cookie and no lookup: what
+//! any XDP answer pays here), measured side by side in one run over the same veth rig, in
+//! several rounds. The floor answers clients with SYN-ACKs no socket stands behind, so it is
+//! measured for cost only.
 //!
 //! Cost. Generator: `tcpguard_tests::generator`, BPF_PROG_TEST_RUN in live-frames mode, on one
 //! core of the client namespace; hping3 (one thread, about 80k SYN/s here) does not load the
@@ -26,6 +30,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use aya::{
+    Ebpf,
+    maps::PerCpuArray,
+    programs::{Xdp, XdpMode},
+};
 use tcpguard_tests::{
     generator::Sent,
     netns::Namespace,
@@ -51,14 +60,34 @@ const CLIENT_CPU: usize = 0;
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Defence {
     Kernel,
-    Tcpguard,
+    TcpguardOwn,
+    TcpguardKernelCookies,
+    Floor,
 }
 
 impl Defence {
+    const ALL: [Self; 4] = [
+        Self::Kernel,
+        Self::TcpguardOwn,
+        Self::TcpguardKernelCookies,
+        Self::Floor,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Self::Kernel => "kernel SYN cookies (tcp_syncookies=2)",
-            Self::Tcpguard => "tcpguard (XDP cookies)",
+            Self::TcpguardOwn => "tcpguard, own cookies",
+            Self::TcpguardKernelCookies => "tcpguard, kernel's cookies",
+            Self::Floor => "floor (SYN-ACK, no cookie)",
+        }
+    }
+
+    /// `--cookie-mode` of the daemon, for tcpguard.
+    fn cookie_mode(self) -> Option<&'static str> {
+        match self {
+            Self::TcpguardOwn => Some("own"),
+            Self::TcpguardKernelCookies => Some("kernel"),
+            Self::Kernel | Self::Floor => None,
         }
     }
 }
@@ -118,10 +147,10 @@ impl Run {
 }
 
 fn main() {
-    let rounds: Vec<[Run; 2]> = (1..=ROUNDS)
+    let rounds: Vec<[Run; 4]> = (1..=ROUNDS)
         .map(|round| {
             eprintln!("== round {round} of {ROUNDS}");
-            [run(Defence::Kernel), run(Defence::Tcpguard)]
+            Defence::ALL.map(run)
         })
         .collect();
     let mut report = String::new();
@@ -135,21 +164,28 @@ fn main() {
     .unwrap();
     writeln!(
         report,
-        "| round | defence | SYNs offered/s | SYNs received | SYNs answered | server NAPI thread busy | daemon CPU | CPU per SYN answered | × kernel |"
+        "| round | defence | SYNs offered/s | SYNs received | SYNs answered | server NAPI thread busy | daemon CPU | CPU per SYN answered | × kernel | × floor |"
     )
     .unwrap();
     writeln!(
         report,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     .unwrap();
-    let mut ratios = Vec::new();
-    for (round, [kernel, tcpguard]) in rounds.iter().enumerate() {
-        ratios.push(tcpguard.cost_ns() / kernel.cost_ns());
-        for run in [kernel, tcpguard] {
+    // Per defence: its cost against the kernel's and against the floor, round by round.
+    let mut ratios: [(Vec<f64>, Vec<f64>); 4] = Default::default();
+    for (round, runs) in rounds.iter().enumerate() {
+        let [kernel, .., floor] = runs;
+        for (index, run) in runs.iter().enumerate() {
+            let (to_kernel, to_floor) = (
+                run.cost_ns() / kernel.cost_ns(),
+                run.cost_ns() / floor.cost_ns(),
+            );
+            ratios[index].0.push(to_kernel);
+            ratios[index].1.push(to_floor);
             writeln!(
                 report,
-                "| {} | {} | {:.0} k | {} | {} | {:.0}% | {:.0} ms | {:.0} ns | {:.2} |",
+                "| {} | {} | {:.0} k | {} | {} | {:.0}% | {:.0} ms | {:.0} ns | {to_kernel:.2} | {to_floor:.2} |",
                 round + 1,
                 run.defence.name(),
                 run.sent.rate() / 1000.0,
@@ -158,27 +194,36 @@ fn main() {
                 run.napi_busy(),
                 run.daemon_seconds * 1000.0,
                 run.cost_ns(),
-                run.cost_ns() / kernel.cost_ns()
             )
             .unwrap();
         }
     }
-    ratios.sort_by(f64::total_cmp);
-    writeln!(
-        report,
-        "\ntcpguard's CPU per SYN against the kernel's: median {:.2}, range {:.2}–{:.2} over {ROUNDS} rounds.",
-        ratios[ratios.len() / 2],
-        ratios[0],
-        ratios[ratios.len() - 1]
-    )
-    .unwrap();
+    writeln!(report).unwrap();
+    for (defence, (to_kernel, to_floor)) in Defence::ALL.iter().zip(&mut ratios) {
+        if matches!(defence, Defence::Kernel | Defence::Floor) {
+            continue;
+        }
+        let (k, f) = (median_and_range(to_kernel), median_and_range(to_floor));
+        writeln!(
+            report,
+            "{}: CPU per SYN {:.2}× the kernel's ({:.2}–{:.2}) and {:.2}× the floor ({:.2}–{:.2}), median and range over {ROUNDS} rounds.",
+            defence.name(),
+            k.0,
+            k.1,
+            k.2,
+            f.0,
+            f.1,
+            f.2
+        )
+        .unwrap();
+    }
     writeln!(
         report,
         "\nClients (connect() every 20 ms from the client namespace, all rounds together):\n\n| defence | phase | connects | success | p50 | p99 |\n| --- | --- | --- | --- | --- | --- |"
     )
     .unwrap();
-    let totals = [Defence::Kernel, Defence::Tcpguard].map(|defence| Totals::of(defence, &rounds));
-    for totals in &totals {
+    let totals = Defence::ALL.map(|defence| Totals::of(defence, &rounds));
+    for totals in totals.iter().filter(|t| t.defence != Defence::Floor) {
         for (phase, clients) in totals.phases() {
             writeln!(
                 report,
@@ -210,7 +255,7 @@ struct Totals {
 }
 
 impl Totals {
-    fn of(defence: Defence, rounds: &[[Run; 2]]) -> Self {
+    fn of(defence: Defence, rounds: &[[Run; 4]]) -> Self {
         let mut totals = Self {
             defence,
             idle: Clients::default(),
@@ -251,13 +296,16 @@ fn run(defence: Defence) -> Run {
         "ip",
         &["route", "add", "default", "via", &CLIENT.to_string()],
     );
-    rig.server.sysctl("net.ipv4.tcp_syncookies", "2");
-    rig.server.sysctl("net.ipv4.tcp_timestamps", "2");
+    // The kernel's cookies need these; own cookies leave the host's defaults alone.
+    if defence != Defence::TcpguardOwn {
+        rig.server.sysctl("net.ipv4.tcp_syncookies", "2");
+        rig.server.sysctl("net.ipv4.tcp_timestamps", "2");
+    }
     let listener = rig
         .server
         .within(|| TcpListener::bind(("0.0.0.0", PORT)).unwrap());
     std::thread::spawn(move || for _ in listener.incoming() {});
-    let daemon = (defence == Defence::Tcpguard).then(|| {
+    let daemon = defence.cookie_mode().map(|mode| {
         Daemon::start(
             &rig.server,
             &[
@@ -267,13 +315,23 @@ fn run(defence: Defence) -> Run {
                 "8080",
                 "--stats-interval",
                 "0",
+                "--cookie-mode",
+                mode,
             ],
         )
     });
+    let floor = (defence == Defence::Floor).then(|| rig.server.within(attach_floor));
     let flood = rig.syn_flood(PORT);
 
-    let idle = measure_clients(&rig.client, IDLE);
-    let hping = {
+    let measured = defence != Defence::Floor;
+    let idle = if measured {
+        measure_clients(&rig.client, IDLE)
+    } else {
+        Clients::default()
+    };
+    let hping = if !measured {
+        Clients::default()
+    } else {
         let flood = Flood::start(
             &rig.client,
             &["-S", "--rand-source"],
@@ -291,7 +349,7 @@ fn run(defence: Defence) -> Run {
     let client_napi = threaded_napi(&rig.client, CLIENT_IF);
     pin(server_napi, SERVER_CPU);
     pin(client_napi, CLIENT_CPU);
-    let answered_before = cookies_sent(&rig.server, daemon.as_ref());
+    let answered_before = answered(&rig.server, daemon.as_ref(), floor.as_ref());
     let received_before = interface_counter(&rig.server, SERVER_IF, "rx_packets");
     let napi_before = cpu_seconds(server_napi);
     let daemon_before = daemon.as_ref().map_or(0.0, |d| cpu_seconds(d.pid()));
@@ -300,7 +358,7 @@ fn run(defence: Defence) -> Run {
         let stop = stop.clone();
         rig.client.spawn(move || {
             let mut clients = Clients::default();
-            while !stop.load(Ordering::Relaxed) {
+            while measured && !stop.load(Ordering::Relaxed) {
                 connect_once(&mut clients);
             }
             clients
@@ -316,7 +374,7 @@ fn run(defence: Defence) -> Run {
     let napi_seconds = cpu_seconds(server_napi) - napi_before;
     let daemon_seconds = daemon.as_ref().map_or(0.0, |d| cpu_seconds(d.pid())) - daemon_before;
     let received = interface_counter(&rig.server, SERVER_IF, "rx_packets") - received_before;
-    let answered = cookies_sent(&rig.server, daemon.as_ref()) - answered_before;
+    let answered = answered(&rig.server, daemon.as_ref(), floor.as_ref()) - answered_before;
     stop.store(true, Ordering::Relaxed);
     let flood_clients = clients.join().unwrap();
     if let Some(daemon) = daemon {
@@ -335,15 +393,44 @@ fn run(defence: Defence) -> Run {
     }
 }
 
-/// SYN-ACKs with a cookie the server has sent so far: by tcpguard's count when it runs, else by
-/// the kernel's.
-fn cookies_sent(server: &Namespace, daemon: Option<&Daemon>) -> u64 {
-    match daemon {
-        Some(daemon) => observe::status(&daemon.paths)["packets"]["syn_cookie_sent"]
+/// SYN-ACKs the server has sent so far: by tcpguard's count when it runs, by the floor's when
+/// it does, else by the kernel's.
+fn answered(server: &Namespace, daemon: Option<&Daemon>, floor: Option<&Ebpf>) -> u64 {
+    if let Some(daemon) = daemon {
+        return observe::status(&daemon.paths)["packets"]["syn_cookie_sent"]
             .as_u64()
-            .expect("tcpguard's status counts syn_cookie_sent"),
-        None => kernel_counters(server)["TcpExtSyncookiesSent"],
+            .expect("tcpguard's status counts syn_cookie_sent");
     }
+    if let Some(floor) = floor {
+        let counts: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(floor.map("ANSWERED").expect("the floor's ANSWERED map"))
+                .expect("a per-CPU array");
+        return counts.get(&0, 0).expect("reading ANSWERED").iter().sum();
+    }
+    kernel_counters(server)["TcpExtSyncookiesSent"]
+}
+
+/// The floor program attached to the server's veth in native mode, in the calling thread's
+/// namespace; detached when the returned object is dropped.
+fn attach_floor() -> Ebpf {
+    let mut ebpf = Ebpf::load(tcpguard::ebpf::XDP_SYNACK_FLOOR_OBJECT).expect("floor object");
+    let program: &mut Xdp = ebpf
+        .program_mut("xdp_synack_floor")
+        .expect("xdp_synack_floor")
+        .try_into()
+        .expect("an XDP program");
+    program.load().expect("loading the floor");
+    let interface = std::ffi::CString::new(SERVER_IF).unwrap();
+    program
+        .attach(interface.as_c_str(), XdpMode::Driver)
+        .expect("attaching the floor to the server's veth");
+    ebpf
+}
+
+/// Median, lowest and highest of `values`.
+fn median_and_range(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (values[values.len() / 2], values[0], values[values.len() - 1])
 }
 
 /// Turns on threaded NAPI for `interface` and returns the pid of its one NAPI thread.
@@ -449,6 +536,7 @@ fn plot(totals: &[Totals]) -> String {
             "client connect p99 (ms): idle, hping3 flood",
             totals
                 .iter()
+                .filter(|totals| totals.defence != Defence::Floor)
                 .flat_map(|totals| {
                     [
                         (
@@ -497,6 +585,8 @@ fn plot(totals: &[Totals]) -> String {
 fn short(defence: Defence) -> &'static str {
     match defence {
         Defence::Kernel => "kernel",
-        Defence::Tcpguard => "tcpguard",
+        Defence::TcpguardOwn => "tcpguard own",
+        Defence::TcpguardKernelCookies => "tcpguard kernel",
+        Defence::Floor => "floor",
     }
 }

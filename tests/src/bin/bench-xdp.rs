@@ -3,12 +3,13 @@
 //! same run. Prints ns per packet and the ratio to that baseline.
 
 use std::{
-    net::{Ipv4Addr, TcpListener, TcpStream},
+    net::{TcpListener, TcpStream},
     process::Command,
 };
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use tcpguard_common::Counter;
+use tcpguard::Guard;
+use tcpguard_common::{COOKIE_MODE_OWN, Counter, SynCookieConfig, cookie::CookieSecrets};
 use tcpguard_tests::{frame::*, netns::in_fresh_netns, xdp};
 
 const PORT: u16 = 8080;
@@ -25,7 +26,7 @@ fn main() {
             .status();
         assert!(lo.is_ok_and(|s| s.success()), "bringing loopback up");
         let listener = TcpListener::bind(("0.0.0.0", PORT)).expect("listener");
-        let guard = xdp::load(&[PORT]);
+        let mut guard = xdp::load(&[PORT]);
         let mut baseline_object = xdp::load_pass();
         let baseline: &mut Xdp = baseline_object
             .program_mut("xdp_pass")
@@ -33,45 +34,65 @@ fn main() {
             .try_into()
             .unwrap();
 
-        // An established connection over loopback, for the "established" path.
-        let client = TcpStream::connect((Ipv4Addr::LOCALHOST, PORT)).expect("connect");
+        // An established connection to the server's own address (on loopback), for the
+        // "established" path: loopback addresses are martian, and pass untouched.
+        let client = TcpStream::connect((SERVER_V4, PORT)).expect("connect");
         let (_server_side, _) = listener.accept().expect("accept");
         let mut established = TcpFrame::syn_v4(PORT).with_flags(ACK);
         established.ip = Ip::V4 {
-            source: Ipv4Addr::LOCALHOST,
-            destination: Ipv4Addr::LOCALHOST,
+            source: SERVER_V4,
+            destination: SERVER_V4,
             options: Vec::new(),
         };
         established.source_port = client.local_addr().unwrap().port();
         established.payload = vec![0x42; 64];
 
         let syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 1, 7));
-        let answer = xdp::run(&guard, &syn.bytes());
-        let cookie = u32::from_be_bytes(answer.frame[38..42].try_into().unwrap());
-        let mut valid_ack = syn.clone().with_flags(ACK);
-        valid_ack.seq = syn.seq.wrapping_add(1);
-        valid_ack.ack = cookie.wrapping_add(1);
-        let mut bad_ack = valid_ack.clone();
-        bad_ack.ack ^= 0x0055_5500;
-        // A 4-tuple of its own: valid_ack's becomes tracked below.
-        bad_ack.source_port = 50_000;
-
-        // The cookie ACK starts tracking its flow, so each one is timed once, on a 4-tuple of
-        // its own; repeated, the same ACK takes the tracked-flow path.
-        let fresh_cookie_acks: Vec<Vec<u8>> = (0..SINGLE_CALLS)
-            .map(|n| {
-                let mut syn = syn.clone();
-                syn.source_port = 20_000 + n as u16;
-                let answer = xdp::run(&guard, &syn.bytes());
-                let cookie = u32::from_be_bytes(answer.frame[38..42].try_into().unwrap());
-                let mut ack = syn.clone().with_flags(ACK);
-                ack.seq = syn.seq.wrapping_add(1);
-                ack.ack = cookie.wrapping_add(1);
-                ack.bytes()
+        let repeated_baseline = repeated(baseline, &syn.bytes());
+        let single_baseline = single(baseline, &syn.bytes());
+        println!("tcpguard XDP path costs, BPF_PROG_TEST_RUN on this machine");
+        println!(
+            "verifier: {} instructions processed for the XDP program",
+            guard
+                .program()
+                .info()
+                .ok()
+                .and_then(|info| info.verified_instruction_count())
+                .map_or("?".to_owned(), |count| count.to_string())
+        );
+        println!(
+            "baseline XDP_PASS: {repeated_baseline:.1} ns/packet (repeat {REPEAT}), \
+             {single_baseline:.1} ns/packet (repeat 1, mean of {SINGLE_CALLS})"
+        );
+        println!("| path | verdict | ns/packet | × baseline |");
+        println!("| --- | --- | --- | --- |");
+        let kernel_config = tcpguard::sysctl::syn_cookie_config().expect("reading sysctls");
+        let own_config = SynCookieConfig {
+            mode: COOKIE_MODE_OWN,
+            ..kernel_config
+        };
+        guard
+            .set_cookie_secrets(&CookieSecrets {
+                keys: [[1, 2], [3, 4]],
+                generation: 1,
+                previous_until_s: 0,
             })
-            .collect();
-        let paths: [(&str, Vec<u8>, Counter); 5] = [
-            ("bad cookie ACK", bad_ack.bytes(), Counter::CookieRejected),
+            .expect("writing cookie keys");
+        let mut base_port = 20_000;
+        for (mode, config) in [("kernel's cookies", kernel_config), ("own cookies", own_config)] {
+            guard.set_syn_cookie_config(config).expect("writing the cookie mode");
+            cookie_rows(&guard, &syn, mode, single_baseline, repeated_baseline, base_port);
+            base_port += 2 * SINGLE_CALLS as u16 + 1;
+        }
+
+        let mut valid_ack = syn.clone().with_flags(ACK);
+        let answer = xdp::run(&guard, &syn.bytes());
+        valid_ack.seq = syn.seq.wrapping_add(1);
+        valid_ack.ack = u32::from_be_bytes(answer.frame[38..42].try_into().unwrap()).wrapping_add(1);
+        // Track valid_ack's flow, for the tracked-flow row.
+        let (first, _) = xdp::run_counted(&guard, &valid_ack.bytes());
+        assert_eq!(first.action, xdp::XDP_PASS);
+        let paths: [(&str, Vec<u8>, Counter); 4] = [
             (
                 "established, kernel socket lookup (untracked)",
                 established.bytes(),
@@ -93,60 +114,89 @@ fn main() {
                 Counter::NullFlags,
             ),
         ];
-        // Track valid_ack's flow, for the tracked-flow row.
-        let (first, _) = xdp::run_counted(&guard, &valid_ack.bytes());
-        assert_eq!(first.action, xdp::XDP_PASS);
-
-        let repeated_baseline = repeated(baseline, &syn.bytes());
-        let single_baseline = single(baseline, &syn.bytes());
-        println!("tcpguard XDP path costs, BPF_PROG_TEST_RUN on this machine");
-        println!(
-            "baseline XDP_PASS: {repeated_baseline:.1} ns/packet (repeat {REPEAT}), \
-             {single_baseline:.1} ns/packet (repeat 1, mean of {SINGLE_CALLS})"
-        );
-        println!("| path | verdict | ns/packet | × baseline |");
-        println!("| --- | --- | --- | --- |");
-        let syn_cost = single(guard.program(), &syn.bytes());
-        let (check, _) = xdp::run_counted(&guard, &syn.bytes());
-        assert_eq!(check.action, xdp::XDP_TX, "the SYN is answered");
-        println!(
-            "| SYN → SYN-ACK (repeat 1) | {} | {syn_cost:.1} | {:.2} |",
-            Counter::SynCookieSent.name(),
-            syn_cost / single_baseline
-        );
-        let before = guard.counters().expect("reading counters");
-        let cookie_cost = fresh_cookie_acks
-            .iter()
-            .map(|frame| once(guard.program(), frame))
-            .sum::<f64>()
-            / fresh_cookie_acks.len() as f64;
-        let moved = guard.counters().expect("reading counters").since(&before);
-        assert_eq!(
-            moved.get(Counter::CookieAccepted),
-            fresh_cookie_acks.len() as u64,
-            "every fresh ACK took the cookie path"
-        );
-        println!(
-            "| valid cookie ACK (repeat 1, fresh 4-tuples) | {} | {cookie_cost:.1} | {:.2} |",
-            Counter::CookieAccepted.name(),
-            cookie_cost / single_baseline
-        );
         for (name, frame, counter) in paths {
-            let (outcome, moved) = xdp::run_counted(&guard, &frame);
-            assert_eq!(
-                moved.nonzero().map(|(c, _)| c).collect::<Vec<_>>(),
-                vec![counter],
-                "{name} takes the {counter:?} path (action {})",
-                outcome.action
-            );
-            let cost = repeated(guard.program(), &frame);
-            println!(
-                "| {name} | {} | {cost:.1} | {:.2} |",
-                counter.name(),
-                cost / repeated_baseline
-            );
+            row(&guard, name, &frame, counter, repeated_baseline);
         }
     });
+}
+
+/// The rows of the cookie paths in the configured mode: SYN → SYN-ACK, a valid cookie ACK on a
+/// fresh 4-tuple (it starts tracking, so each is timed once), and a bad one. Source ports from
+/// `base_port` on keep the modes' 4-tuples apart.
+fn cookie_rows(
+    guard: &Guard,
+    syn: &TcpFrame,
+    mode: &str,
+    single_baseline: f64,
+    repeated_baseline: f64,
+    base_port: u16,
+) {
+    let syn_cost = single(guard.program(), &syn.bytes());
+    let (check, _) = xdp::run_counted(guard, &syn.bytes());
+    assert_eq!(check.action, xdp::XDP_TX, "the SYN is answered");
+    println!(
+        "| {mode}: SYN → SYN-ACK (repeat 1) | {} | {syn_cost:.1} | {:.2} |",
+        Counter::SynCookieSent.name(),
+        syn_cost / single_baseline
+    );
+    let ack_for = |port: u16| {
+        let mut syn = syn.clone();
+        syn.source_port = port;
+        let answer = xdp::run(guard, &syn.bytes());
+        let cookie = u32::from_be_bytes(answer.frame[38..42].try_into().unwrap());
+        let mut ack = syn.clone().with_flags(ACK);
+        ack.seq = syn.seq.wrapping_add(1);
+        ack.ack = cookie.wrapping_add(1);
+        // The timestamp the SYN-ACK carried (MSS, SACK-permitted, then timestamps: TSval at
+        // byte 62 of the frame), echoed.
+        let tsval: [u8; 4] = answer.frame[62..66].try_into().unwrap();
+        ack.options = [1, 1, 8, 10, 0, 0, 0, 1].into_iter().chain(tsval).collect();
+        ack
+    };
+    let fresh: Vec<Vec<u8>> = (0..SINGLE_CALLS as u16)
+        .map(|n| ack_for(base_port + n).bytes())
+        .collect();
+    let before = guard.counters().expect("reading counters");
+    let cookie_cost =
+        fresh.iter().map(|frame| once(guard.program(), frame)).sum::<f64>() / fresh.len() as f64;
+    let moved = guard.counters().expect("reading counters").since(&before);
+    assert_eq!(
+        moved.get(Counter::CookieAccepted),
+        fresh.len() as u64,
+        "{mode}: every fresh ACK took the cookie path: {:?}",
+        moved.nonzero().collect::<Vec<_>>()
+    );
+    println!(
+        "| {mode}: valid cookie ACK (repeat 1, fresh 4-tuples) | {} | {cookie_cost:.1} | {:.2} |",
+        Counter::CookieAccepted.name(),
+        cookie_cost / single_baseline
+    );
+    let mut bad = ack_for(base_port + SINGLE_CALLS as u16);
+    bad.ack ^= 0x0055_5500;
+    row(
+        guard,
+        &format!("{mode}: bad cookie ACK"),
+        &bad.bytes(),
+        Counter::CookieRejected,
+        repeated_baseline,
+    );
+}
+
+/// One repeated path: checks the counter it moves, then times it.
+fn row(guard: &Guard, name: &str, frame: &[u8], counter: Counter, repeated_baseline: f64) {
+    let (outcome, moved) = xdp::run_counted(guard, frame);
+    assert_eq!(
+        moved.nonzero().map(|(c, _)| c).collect::<Vec<_>>(),
+        vec![counter],
+        "{name} takes the {counter:?} path (action {})",
+        outcome.action
+    );
+    let cost = repeated(guard.program(), frame);
+    println!(
+        "| {name} | {} | {cost:.1} | {:.2} |",
+        counter.name(),
+        cost / repeated_baseline
+    );
 }
 
 /// Mean ns per run over REPEAT runs of one BPF_PROG_TEST_RUN call (the kernel averages).

@@ -460,7 +460,9 @@ impl Guest {
 fn wait_for(guest: &Guest, what: &str, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + BOOT_TIMEOUT;
     while !ready() {
-        if Instant::now() > deadline || guest.qemu_exited() {
+        let setup_failed = fs::read_to_string(&guest.console)
+            .is_ok_and(|console| console.contains("vm-setup: failed"));
+        if Instant::now() > deadline || guest.qemu_exited() || setup_failed {
             let console = fs::read_to_string(&guest.console).unwrap_or_default();
             let tail: Vec<&str> = console.lines().rev().take(60).collect();
             panic!(
@@ -494,7 +496,13 @@ sed -i -e 's/^# interface = "eth0"/interface = "eth0"/' \
        -e 's/^# xdp_mode = "auto"/xdp_mode = "native"/' \
        -e 's/^# listen = "127.0.0.1:9877"/listen = "0.0.0.0:9877"/' /etc/tcpguard/tcpguard.toml
 tcpguard check-config
-systemctl restart tcpguard
+if ! systemctl restart tcpguard; then
+    # Straight to the serial console: journald rate-limits what it forwards.
+    sleep 2
+    journalctl -u tcpguard -b --no-pager -o cat | tail -n 60 > /dev/ttyS0 2>&1
+    echo "vm-setup: failed" > /dev/ttyS0
+    exit 1
+fi
 systemctl is-active tcpguard
 echo "vm-setup: tcpguard running"
 "#;
