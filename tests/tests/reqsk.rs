@@ -13,7 +13,6 @@ use std::{
     ffi::CString,
     io,
     net::{SocketAddrV4, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
