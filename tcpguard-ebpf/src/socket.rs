@@ -116,7 +116,8 @@ impl Socket {
         // from LLVM, so the mask it would drop as redundant stays, and the verifier derives the
         // range 1..=64 from it afresh (header_len is 20..=60; the buffer holds 66 bytes).
         // SAFETY: a read of a local.
-        let header_len = (unsafe { core::ptr::read_volatile(&header_len) }.wrapping_sub(1) & 0x3f) + 1;
+        let header_len =
+            (unsafe { core::ptr::read_volatile(&header_len) }.wrapping_sub(1) & 0x3f) + 1;
         // SAFETY: ip points at ip_len bytes inside the frame; header holds header_len bytes.
         let value = unsafe {
             bpf_tcp_gen_syncookie(

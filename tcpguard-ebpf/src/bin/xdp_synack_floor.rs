@@ -46,12 +46,24 @@ pub fn xdp_synack_floor(ctx: XdpContext) -> u32 {
         swap(frame, TCP, TCP + 2, 2);
         // Sequence and acknowledgment numbers and flags change; the checksum follows them
         // incrementally (RFC 1624). The swaps leave every sum as it was.
-        let old = [word(frame, TCP + 4), word(frame, TCP + 6), word(frame, TCP + 8), word(frame, TCP + 10), word(frame, TCP + 12)];
+        let old = [
+            word(frame, TCP + 4),
+            word(frame, TCP + 6),
+            word(frame, TCP + 8),
+            word(frame, TCP + 10),
+            word(frame, TCP + 12),
+        ];
         let seq = u32::from_be_bytes([byte(TCP + 4), byte(TCP + 5), byte(TCP + 6), byte(TCP + 7)]);
         put32(frame, TCP + 8, seq.wrapping_add(1));
         put32(frame, TCP + 4, ISN);
         *frame.add(TCP + 13) = SYN | ACK;
-        let new = [word(frame, TCP + 4), word(frame, TCP + 6), word(frame, TCP + 8), word(frame, TCP + 10), word(frame, TCP + 12)];
+        let new = [
+            word(frame, TCP + 4),
+            word(frame, TCP + 6),
+            word(frame, TCP + 8),
+            word(frame, TCP + 10),
+            word(frame, TCP + 12),
+        ];
         let mut sum = u32::from(!word(frame, TCP + 16));
         for i in 0..5 {
             sum += u32::from(!old[i]) + u32::from(new[i]);

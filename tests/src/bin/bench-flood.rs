@@ -430,7 +430,11 @@ fn attach_floor() -> Ebpf {
 /// Median, lowest and highest of `values`.
 fn median_and_range(values: &mut [f64]) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
-    (values[values.len() / 2], values[0], values[values.len() - 1])
+    (
+        values[values.len() / 2],
+        values[0],
+        values[values.len() - 1],
+    )
 }
 
 /// Turns on threaded NAPI for `interface` and returns the pid of its one NAPI thread.

@@ -79,16 +79,29 @@ fn main() {
             })
             .expect("writing cookie keys");
         let mut base_port = 20_000;
-        for (mode, config) in [("kernel's cookies", kernel_config), ("own cookies", own_config)] {
-            guard.set_syn_cookie_config(config).expect("writing the cookie mode");
-            cookie_rows(&guard, &syn, mode, single_baseline, repeated_baseline, base_port);
+        for (mode, config) in [
+            ("kernel's cookies", kernel_config),
+            ("own cookies", own_config),
+        ] {
+            guard
+                .set_syn_cookie_config(config)
+                .expect("writing the cookie mode");
+            cookie_rows(
+                &guard,
+                &syn,
+                mode,
+                single_baseline,
+                repeated_baseline,
+                base_port,
+            );
             base_port += 2 * SINGLE_CALLS as u16 + 1;
         }
 
         let mut valid_ack = syn.clone().with_flags(ACK);
         let answer = xdp::run(&guard, &syn.bytes());
         valid_ack.seq = syn.seq.wrapping_add(1);
-        valid_ack.ack = u32::from_be_bytes(answer.frame[38..42].try_into().unwrap()).wrapping_add(1);
+        valid_ack.ack =
+            u32::from_be_bytes(answer.frame[38..42].try_into().unwrap()).wrapping_add(1);
         // Track valid_ack's flow, for the tracked-flow row.
         let (first, _) = xdp::run_counted(&guard, &valid_ack.bytes());
         assert_eq!(first.action, xdp::XDP_PASS);
@@ -157,8 +170,11 @@ fn cookie_rows(
         .map(|n| ack_for(base_port + n).bytes())
         .collect();
     let before = guard.counters().expect("reading counters");
-    let cookie_cost =
-        fresh.iter().map(|frame| once(guard.program(), frame)).sum::<f64>() / fresh.len() as f64;
+    let cookie_cost = fresh
+        .iter()
+        .map(|frame| once(guard.program(), frame))
+        .sum::<f64>()
+        / fresh.len() as f64;
     let moved = guard.counters().expect("reading counters").since(&before);
     assert_eq!(
         moved.get(Counter::CookieAccepted),
