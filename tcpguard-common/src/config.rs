@@ -31,8 +31,7 @@ pub struct SynCookieConfig {
     pub sack: u8,
     /// TTL / hop limit of the SYN-ACK.
     pub ttl: u8,
-    /// [`COOKIE_MODE_KERNEL`] or [`COOKIE_MODE_OWN`].
-    pub mode: u8,
+    pub _pad: u8,
     /// Own cookies: whether ECN is accepted when a client asks for it (`net.ipv4.tcp_ecn`
     /// is not 0).
     pub ecn: u8,
@@ -43,13 +42,6 @@ pub struct SynCookieConfig {
     pub mss: u16,
 }
 
-/// [`SynCookieConfig::mode`]: the kernel's cookies through the listener-mode helpers
-/// (`tcp_syncookies=2`, options only through timestamps).
-pub const COOKIE_MODE_KERNEL: u8 = 0;
-/// [`SynCookieConfig::mode`]: tcpguard's own cookie (see [`crate::cookie`]), turned into a
-/// socket by the TC ingress program through `bpf_sk_assign_tcp_reqsk`.
-pub const COOKIE_MODE_OWN: u8 = 1;
-
 impl Default for SynCookieConfig {
     fn default() -> Self {
         // Linux defaults: tcp_rmem[2] = 6 MiB gives window scale 7; SACK on; TTL 64.
@@ -57,7 +49,7 @@ impl Default for SynCookieConfig {
             window_scale: 7,
             sack: 1,
             ttl: 64,
-            mode: COOKIE_MODE_KERNEL,
+            _pad: 0,
             ecn: 1,
             timestamps: 1,
             mss: 1460,

@@ -9,8 +9,8 @@ mod flow;
 mod host;
 
 pub use config::{
-    COOKIE_MODE_KERNEL, COOKIE_MODE_OWN, FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW,
-    POLICY_DENY, POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SynCookieConfig,
+    FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT,
+    Policy, ProtectedPort, SynCookieConfig,
 };
 pub use cookie::{COOKIE_PERIOD_S, CookieOptions, CookieReject, CookieSecrets, SynCookie};
 pub use cookie_ack::{
@@ -107,8 +107,22 @@ pub mod tcp_flags {
     pub const CWR: u8 = 0x80;
 }
 
-/// Name of the XDP program in the eBPF object.
+/// Name of the XDP program in the eBPF object that answers with the kernel's cookies
+/// (listener-mode helpers).
 pub const XDP_PROGRAM: &str = "tcpguard";
+/// Name of the XDP program that answers with tcpguard's own cookies ([`cookie`]). The two
+/// share every map; the daemon loads the one its cookie mode needs, so that the verifier checks
+/// one cookie path per program.
+pub const XDP_OWN_COOKIES_PROGRAM: &str = "tcpguard_own";
+
+/// The XDP program for a cookie mode.
+pub const fn xdp_program(own_cookies: bool) -> &'static str {
+    if own_cookies {
+        XDP_OWN_COOKIES_PROGRAM
+    } else {
+        XDP_PROGRAM
+    }
+}
 /// Name of the TC egress program in the eBPF object.
 pub const EGRESS_PROGRAM: &str = "tcpguard_egress";
 

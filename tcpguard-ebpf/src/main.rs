@@ -29,8 +29,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use tcpguard_common::{
-    COOKIE_MODE_OWN, Counter, CounterKind, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, FAMILY_IPV4,
-    FAMILY_IPV6, FlowKey, PORT_COUNT, ProtectedPort, SynCookieConfig,
+    Counter, CounterKind, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, FAMILY_IPV4, FAMILY_IPV6,
+    FlowKey, PORT_COUNT, ProtectedPort, SynCookieConfig,
     tcp_flags::{ACK, FIN, RST, SYN},
 };
 
@@ -55,9 +55,22 @@ static SYN_COOKIE_CONFIG: Array<SynCookieConfig> = Array::with_max_entries(1, 0)
 #[map(name = "SYN_SCRATCH")]
 static SYN_SCRATCH: PerCpuArray<Segment> = PerCpuArray::with_max_entries(1, 0);
 
+/// Answers SYNs with the kernel's cookies (listener-mode helpers).
 #[xdp]
 pub fn tcpguard(ctx: XdpContext) -> u32 {
-    let counter = judge(&ctx);
+    verdict::<false>(&ctx)
+}
+
+/// Answers SYNs with tcpguard's own cookies; accepted ACKs go on to the TC ingress program.
+#[xdp]
+pub fn tcpguard_own(ctx: XdpContext) -> u32 {
+    verdict::<true>(&ctx)
+}
+
+/// `OWN`: the cookie mode, fixed per program so that the verifier checks one cookie path.
+#[inline(always)]
+fn verdict<const OWN: bool>(ctx: &XdpContext) -> u32 {
+    let counter = judge::<OWN>(ctx);
     count(counter);
     match counter.kind() {
         CounterKind::Pass => xdp_action::XDP_PASS,
@@ -67,7 +80,7 @@ pub fn tcpguard(ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn judge(ctx: &XdpContext) -> Counter {
+fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
     let segment = match parse::segment(ctx) {
         Ok(segment) => segment,
         Err(counter) => return counter,
@@ -93,13 +106,13 @@ fn judge(ctx: &XdpContext) -> Counter {
     }
     let flags = segment.flags;
     if flags & (SYN | ACK) == SYN {
-        handle_syn(ctx, &segment, key, policy)
+        handle_syn::<OWN>(ctx, &segment, key, policy)
     } else if flow::track(key, &segment, Direction::FromClient).is_some() {
         Counter::TrackedFlow
     } else if flags & (FIN | RST) != 0 {
         handle_fin_or_rst(ctx, &segment)
     } else {
-        handle_ack(ctx, &segment, key)
+        handle_ack::<OWN>(ctx, &segment, key)
     }
 }
 
@@ -123,7 +136,12 @@ fn is_protected(segment: &Segment) -> bool {
 /// options, IPv6 extension headers), so it checks the SYN path, the longest one, once rather
 /// than once per layout; without this the program exceeds the verifier's 1M-instruction budget.
 #[inline(always)]
-fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, policy: Lists) -> Counter {
+fn handle_syn<const OWN: bool>(
+    ctx: &XdpContext,
+    segment: &Segment,
+    key: &FlowKey,
+    policy: Lists,
+) -> Counter {
     if policy.allowed(key) {
         if flow::track(key, segment, Direction::FromClient).is_none() {
             flow::start(key, segment, EVENT_ALLOWED_SYN);
@@ -138,7 +156,7 @@ fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, policy: Lists)
     }
     // One clock read serves the cookie's timestamp and the handshake timer.
     let now_ns = flow::now_ns();
-    let counter = answer_syn(ctx, segment, key, now_ns);
+    let counter = answer_syn::<OWN>(ctx, segment, key, now_ns);
     if counter == Counter::SynCookieSent {
         flow::syn_answered(key, now_ns);
     }
@@ -147,7 +165,12 @@ fn handle_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, policy: Lists)
 
 /// See [`handle_syn`].
 #[inline(always)]
-fn answer_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, now_ns: u64) -> Counter {
+fn answer_syn<const OWN: bool>(
+    ctx: &XdpContext,
+    segment: &Segment,
+    key: &FlowKey,
+    now_ns: u64,
+) -> Counter {
     let Some(slot) = SYN_SCRATCH.get_ptr_mut(0) else {
         return Counter::CookieUnavailable;
     };
@@ -171,23 +194,21 @@ fn answer_syn(ctx: &XdpContext, segment: &Segment, key: &FlowKey, now_ns: u64) -
     let Some(config) = SYN_COOKIE_CONFIG.get(0) else {
         return Counter::CookieUnavailable;
     };
-    syn::answer(ctx, segment, key, &socket, config, now_ns)
+    syn::answer::<OWN>(ctx, segment, key, &socket, config, now_ns)
 }
 
 /// An ACK (or SYN-ACK) of an untracked flow with no connection behind it must carry a valid
 /// cookie; the connection it opens is tracked from then on. Connections the kernel already has
 /// (opened before tcpguard started, say) pass on the kernel's word.
 #[inline(always)]
-fn handle_ack(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> Counter {
+fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> Counter {
     let Some(config) = SYN_COOKIE_CONFIG.get(0) else {
         return Counter::CookieUnavailable;
     };
     match Socket::lookup(ctx, segment) {
         None => Counter::NoConnection,
         Some(socket) if !socket.is_listener() => Counter::KnownSocket,
-        Some(_) if config.mode == COOKIE_MODE_OWN => {
-            own_cookie::check_ack(ctx, segment, key, config)
-        }
+        Some(_) if OWN => own_cookie::check_ack(ctx, segment, key, config),
         Some(listener) if listener.cookie_is_valid(ctx, segment) => {
             flow::start(key, segment, EVENT_COOKIE_HANDSHAKE);
             Counter::CookieAccepted

@@ -11,7 +11,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use tcpguard_common::{
-    COOKIE_MODE_OWN, Counter, FlowKey, NO_WINDOW_SCALE, SynCookieConfig,
+    Counter, FlowKey, NO_WINDOW_SCALE, SynCookieConfig,
     tcp_flags::{ACK, ECE, SYN},
 };
 
@@ -90,7 +90,7 @@ pub struct SynAckPlan {
 /// Answers the SYN in `segment` (of connection `key`) sent to `listener`, with a cookie of the
 /// configured mode.
 #[inline(always)]
-pub fn answer(
+pub fn answer<const OWN: bool>(
     ctx: &XdpContext,
     segment: &Segment,
     key: &FlowKey,
@@ -114,7 +114,7 @@ pub fn answer(
         return counter;
     }
     let options = tcp_options(header, header_len as usize);
-    let plan = if config.mode == COOKIE_MODE_OWN {
+    let plan = if OWN {
         let Some(plan) = own_cookie::plan(segment, key, &options, config) else {
             return Counter::CookieUnavailable;
         };

@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn};
-use tcpguard_common::{COOKIE_MODE_OWN, Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey};
+use tcpguard_common::{Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -68,7 +68,6 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         if sysctl::read(TCP_SYNCOOKIES.name)?[0] == 0 {
             return Err(cookies::CookieError::SyncookiesOff.into());
         }
-        cookie.mode = COOKIE_MODE_OWN;
         cookie.mss = sysctl::interface_mss(&config.interface);
     } else {
         for required in [TCP_SYNCOOKIES, TCP_TIMESTAMPS] {
@@ -89,6 +88,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     let mut guard = Guard::load_with(&LoadOptions {
         pin_dir: config.pin_dir.clone(),
         flow_capacity: config.flow_capacity,
+        own_cookies: choice.own,
     })?;
     guard.set_ports(&config.ports)?;
     guard.set_syn_cookie_config(cookie)?;

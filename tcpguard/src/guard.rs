@@ -26,7 +26,7 @@ use tcpguard_common::{
     Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST, EVENTS_SENT, FAMILY_IPV4,
     FAMILY_IPV6, Flow, FlowKey, HostAddress, InterfaceConfig, POLICY_ALLOW, POLICY_DENY,
     POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey, SynCookieConfig,
-    XDP_PROGRAM, cookie::CookieSecrets, maps,
+    XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, cookie::CookieSecrets, maps, xdp_program,
 };
 
 use crate::{bpffs, ebpf::TCPGUARD_OBJECT, prefix::Prefix};
@@ -115,6 +115,9 @@ pub struct LoadOptions {
     pub pin_dir: Option<PathBuf>,
     /// Entries in the flow map.
     pub flow_capacity: u32,
+    /// Load the XDP program that answers with tcpguard's own cookies rather than the
+    /// kernel's.
+    pub own_cookies: bool,
 }
 
 impl Default for LoadOptions {
@@ -122,6 +125,7 @@ impl Default for LoadOptions {
         Self {
             pin_dir: None,
             flow_capacity: DEFAULT_FLOW_CAPACITY,
+            own_cookies: false,
         }
     }
 }
@@ -129,6 +133,8 @@ impl Default for LoadOptions {
 /// The programs loaded and configured, attached to at most one interface.
 pub struct Guard {
     ebpf: Ebpf,
+    /// The XDP program loaded: one per cookie mode.
+    xdp: &'static str,
     pin_dir: Option<PathBuf>,
     attachment: Option<Attachment>,
 }
@@ -157,10 +163,18 @@ pub struct SourcePolicy {
 }
 
 impl Guard {
-    /// Loads the programs, unpinned, and writes `ports` (protected for IPv4 and IPv6) and
-    /// `config`: what BPF_PROG_TEST_RUN tests need.
-    pub fn load(ports: &BTreeSet<u16>, config: SynCookieConfig) -> Result<Self, GuardError> {
-        let mut guard = Self::load_with(&LoadOptions::default())?;
+    /// Loads the programs for the kernel's cookies or (`own_cookies`) tcpguard's, unpinned, and
+    /// writes `ports` (protected for IPv4 and IPv6) and `config`: what BPF_PROG_TEST_RUN tests
+    /// need.
+    pub fn load(
+        ports: &BTreeSet<u16>,
+        config: SynCookieConfig,
+        own_cookies: bool,
+    ) -> Result<Self, GuardError> {
+        let mut guard = Self::load_with(&LoadOptions {
+            own_cookies,
+            ..LoadOptions::default()
+        })?;
         guard.set_ports(ports)?;
         guard.set_syn_cookie_config(config)?;
         Ok(guard)
@@ -185,12 +199,14 @@ impl Guard {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(TCPGUARD_OBJECT)?;
-        let xdp: &mut Xdp = program_mut(&mut ebpf, XDP_PROGRAM)?;
-        xdp.load().map_err(verifier(XDP_PROGRAM))?;
+        let xdp_name = xdp_program(options.own_cookies);
+        let xdp: &mut Xdp = program_mut(&mut ebpf, xdp_name)?;
+        xdp.load().map_err(verifier(xdp_name))?;
         let tc: &mut SchedClassifier = program_mut(&mut ebpf, EGRESS_PROGRAM)?;
         tc.load().map_err(verifier(EGRESS_PROGRAM))?;
         Ok(Self {
             ebpf,
+            xdp: xdp_name,
             pin_dir: options.pin_dir.clone(),
             attachment: None,
         })
@@ -199,7 +215,7 @@ impl Guard {
     /// The loaded XDP program, for BPF_PROG_TEST_RUN.
     pub fn program(&self) -> &Xdp {
         self.ebpf
-            .program(XDP_PROGRAM)
+            .program(self.xdp)
             .and_then(|program| program.try_into().ok())
             .expect("Guard::load_with checked the program exists and is XDP")
     }
@@ -404,7 +420,7 @@ impl Guard {
         // aya takes interface names as C strings; one with a NUL byte names no interface.
         let interface_name = CString::new(interface)
             .map_err(|_| GuardError::UnknownInterface(interface.to_owned()))?;
-        let xdp: &mut Xdp = program_mut(&mut self.ebpf, XDP_PROGRAM)?;
+        let xdp: &mut Xdp = program_mut(&mut self.ebpf, self.xdp)?;
         let attempt = |xdp: &mut Xdp, xdp_mode: XdpMode, name: &'static str| {
             xdp.attach(&interface_name, xdp_mode)
                 .and_then(|id| xdp.take_link(id))
@@ -478,7 +494,7 @@ impl Guard {
         let xdp_link = PinnedLink::from_pin(&found.xdp)
             .map(FdLink::from)
             .map_err(|source| error("XDP", source.into()))?;
-        let xdp: &mut Xdp = program_mut(&mut self.ebpf, XDP_PROGRAM)?;
+        let xdp: &mut Xdp = program_mut(&mut self.ebpf, self.xdp)?;
         let xdp_link = XdpLink::try_from(xdp_link).map_err(|source| error("XDP", source.into()))?;
         let xdp_link = xdp
             .attach_to_link(xdp_link)
@@ -510,14 +526,17 @@ impl Guard {
             dir: path.to_owned(),
             source,
         };
-        for name in [XDP_PROGRAM, EGRESS_PROGRAM] {
+        // An earlier daemon's programs, of either cookie mode: no longer attached anywhere.
+        for name in [XDP_PROGRAM, XDP_OWN_COOKIES_PROGRAM, EGRESS_PROGRAM] {
             let path = dir.join(format!("prog_{name}"));
-            // An earlier daemon's program: it is no longer attached anywhere.
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(pin_error(&path, err)),
             }
+        }
+        for name in [self.xdp, EGRESS_PROGRAM] {
+            let path = dir.join(format!("prog_{name}"));
             let program = self
                 .ebpf
                 .program_mut(name)

@@ -2,7 +2,7 @@
 
 use std::{fs, io, path::PathBuf};
 
-use tcpguard_common::{COOKIE_MODE_KERNEL, NO_WINDOW_SCALE, SynCookieConfig};
+use tcpguard_common::{NO_WINDOW_SCALE, SynCookieConfig};
 
 /// `bpf_tcp_gen_syncookie` answers -ENOENT unless this is 2 (cookies always), and with 1 the
 /// kernel would only accept cookie ACKs while its SYN queue is full.
@@ -128,7 +128,7 @@ pub fn syn_cookie_config() -> Result<SynCookieConfig, SysctlError> {
         window_scale,
         sack: u8::from(read_one("net.ipv4.tcp_sack")? != 0),
         ttl: read_one("net.ipv4.ip_default_ttl")?.clamp(1, 255) as u8,
-        mode: COOKIE_MODE_KERNEL,
+        _pad: 0,
         ecn: u8::from(read_one("net.ipv4.tcp_ecn")? != 0),
         timestamps: u8::from(read_one("net.ipv4.tcp_timestamps")? != 0),
         mss: DEFAULT_MSS,

@@ -28,10 +28,16 @@ pub const XDP_TX: u32 = 3;
 /// namespace that owns the server's addresses ([`SERVER_V4`], [`SERVER_V6`], on loopback) and
 /// whose protected interface has [`SERVER_MAC`], as the frames of [`crate::frame`] expect.
 pub fn load(ports: &[u16]) -> Guard {
+    load_for(ports, false)
+}
+
+/// As [`load`], with the XDP program of the cookie mode `own_cookies` names.
+pub fn load_for(ports: &[u16], own_cookies: bool) -> Guard {
     own_server_addresses();
     let ports: BTreeSet<u16> = ports.iter().copied().collect();
     let config = tcpguard::sysctl::syn_cookie_config().expect("reading sysctls");
-    let mut guard = Guard::load(&ports, config).expect("loading tcpguard's XDP program");
+    let mut guard =
+        Guard::load(&ports, config, own_cookies).expect("loading tcpguard's XDP program");
     guard
         .set_interface(InterfaceConfig {
             mac: SERVER_MAC,

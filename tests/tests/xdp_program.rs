@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use etherparse::{LinkExtHeader, NetHeaders, PacketHeaders, TcpOptionElement, TransportHeader};
 use tcpguard::Guard;
 use tcpguard_common::{
-    COOKIE_MODE_OWN, Counter, FLOW_IPV4, FLOW_IPV6, FlowKey, HostAddress, SynCookieConfig,
+    Counter, FLOW_IPV4, FLOW_IPV6, FlowKey, HostAddress, SynCookieConfig,
     cookie::{self, CookieOptions, CookieSecrets},
 };
 use tcpguard_tests::{
@@ -801,9 +801,9 @@ const OWN_SECRETS: CookieSecrets = CookieSecrets {
 
 /// tcpguard in own-cookie mode with [`OWN_SECRETS`], as the daemon configures it.
 fn own_listener_and_guard() -> (TcpListener, Guard, SynCookieConfig) {
-    let (listener, mut guard) = listener_and_guard();
+    let listener = TcpListener::bind(("::", PORT)).expect("listening on [::]:8080");
+    let mut guard = xdp::load_for(&[PORT], true);
     let config = SynCookieConfig {
-        mode: COOKIE_MODE_OWN,
         mss: 1460,
         ..tcpguard::sysctl::syn_cookie_config().unwrap()
     };

@@ -9,7 +9,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use tcpguard::Guard;
-use tcpguard_common::{COOKIE_MODE_OWN, Counter, SynCookieConfig, cookie::CookieSecrets};
+use tcpguard_common::{Counter, cookie::CookieSecrets};
 use tcpguard_tests::{frame::*, netns::in_fresh_netns, xdp};
 
 const PORT: u16 = 8080;
@@ -26,7 +26,8 @@ fn main() {
             .status();
         assert!(lo.is_ok_and(|s| s.success()), "bringing loopback up");
         let listener = TcpListener::bind(("0.0.0.0", PORT)).expect("listener");
-        let mut guard = xdp::load(&[PORT]);
+        let guard = xdp::load(&[PORT]);
+        let mut own = xdp::load_for(&[PORT], true);
         let mut baseline_object = xdp::load_pass();
         let baseline: &mut Xdp = baseline_object
             .program_mut("xdp_pass")
@@ -51,14 +52,18 @@ fn main() {
         let repeated_baseline = repeated(baseline, &syn.bytes());
         let single_baseline = single(baseline, &syn.bytes());
         println!("tcpguard XDP path costs, BPF_PROG_TEST_RUN on this machine");
-        println!(
-            "verifier: {} instructions processed for the XDP program",
+        let verified = |guard: &Guard| {
             guard
                 .program()
                 .info()
                 .ok()
                 .and_then(|info| info.verified_instruction_count())
                 .map_or("?".to_owned(), |count| count.to_string())
+        };
+        println!(
+            "verifier: {} instructions processed for the kernel's-cookies XDP program, {} for the own-cookies one",
+            verified(&guard),
+            verified(&own)
         );
         println!(
             "baseline XDP_PASS: {repeated_baseline:.1} ns/packet (repeat {REPEAT}), \
@@ -66,42 +71,25 @@ fn main() {
         );
         println!("| path | verdict | ns/packet | × baseline |");
         println!("| --- | --- | --- | --- |");
-        let kernel_config = tcpguard::sysctl::syn_cookie_config().expect("reading sysctls");
-        let own_config = SynCookieConfig {
-            mode: COOKIE_MODE_OWN,
-            ..kernel_config
-        };
-        guard
-            .set_cookie_secrets(&CookieSecrets {
-                keys: [[1, 2], [3, 4]],
-                generation: 1,
-                previous_until_s: 0,
-            })
-            .expect("writing cookie keys");
-        let mut base_port = 20_000;
-        for (mode, config) in [
-            ("kernel's cookies", kernel_config),
-            ("own cookies", own_config),
-        ] {
-            guard
-                .set_syn_cookie_config(config)
-                .expect("writing the cookie mode");
+        own.set_cookie_secrets(&CookieSecrets {
+            keys: [[1, 2], [3, 4]],
+            generation: 1,
+            previous_until_s: 0,
+        })
+        .expect("writing cookie keys");
+        for (mode, guard) in [("kernel's cookies", &guard), ("own cookies", &own)] {
             cookie_rows(
-                &guard,
+                guard,
                 &syn,
                 mode,
                 single_baseline,
                 repeated_baseline,
-                base_port,
+                20_000,
             );
-            base_port += 2 * SINGLE_CALLS as u16 + 1;
         }
+        drop(own);
 
-        let mut valid_ack = syn.clone().with_flags(ACK);
-        let answer = xdp::run(&guard, &syn.bytes());
-        valid_ack.seq = syn.seq.wrapping_add(1);
-        valid_ack.ack =
-            u32::from_be_bytes(answer.frame[38..42].try_into().unwrap()).wrapping_add(1);
+        let valid_ack = cookie_ack(&guard, &syn, syn.source_port);
         // Track valid_ack's flow, for the tracked-flow row.
         let (first, _) = xdp::run_counted(&guard, &valid_ack.bytes());
         assert_eq!(first.action, xdp::XDP_PASS);
@@ -152,20 +140,7 @@ fn cookie_rows(
         Counter::SynCookieSent.name(),
         syn_cost / single_baseline
     );
-    let ack_for = |port: u16| {
-        let mut syn = syn.clone();
-        syn.source_port = port;
-        let answer = xdp::run(guard, &syn.bytes());
-        let cookie = u32::from_be_bytes(answer.frame[38..42].try_into().unwrap());
-        let mut ack = syn.clone().with_flags(ACK);
-        ack.seq = syn.seq.wrapping_add(1);
-        ack.ack = cookie.wrapping_add(1);
-        // The timestamp the SYN-ACK carried (MSS, SACK-permitted, then timestamps: TSval at
-        // byte 62 of the frame), echoed.
-        let tsval: [u8; 4] = answer.frame[62..66].try_into().unwrap();
-        ack.options = [1, 1, 8, 10, 0, 0, 0, 1].into_iter().chain(tsval).collect();
-        ack
-    };
+    let ack_for = |port: u16| cookie_ack(guard, syn, port);
     let fresh: Vec<Vec<u8>> = (0..SINGLE_CALLS as u16)
         .map(|n| ack_for(base_port + n).bytes())
         .collect();
@@ -196,6 +171,22 @@ fn cookie_rows(
         Counter::CookieRejected,
         repeated_baseline,
     );
+}
+
+/// The client's ACK completing the handshake `syn` (from source port `port`) opens: the
+/// SYN-ACK's cookie acknowledged, its timestamp echoed.
+fn cookie_ack(guard: &Guard, syn: &TcpFrame, port: u16) -> TcpFrame {
+    let mut syn = syn.clone();
+    syn.source_port = port;
+    let answer = xdp::run(guard, &syn.bytes());
+    let cookie = u32::from_be_bytes(answer.frame[38..42].try_into().unwrap());
+    let mut ack = syn.clone().with_flags(ACK);
+    ack.seq = syn.seq.wrapping_add(1);
+    ack.ack = cookie.wrapping_add(1);
+    // The SYN-ACK carries MSS, SACK-permitted, then timestamps: TSval at byte 62 of the frame.
+    let tsval: [u8; 4] = answer.frame[62..66].try_into().unwrap();
+    ack.options = [1, 1, 8, 10, 0, 0, 0, 1].into_iter().chain(tsval).collect();
+    ack
 }
 
 /// One repeated path: checks the counter it moves, then times it.
