@@ -142,6 +142,8 @@ fn total(totals: &[(String, u64)], name: &str) -> u64 {
         .map_or(0, |(_, v)| *v)
 }
 
+/// The rig with IPv6 addresses too. (VLANs end to end would need CONFIG_VLAN_8021Q, which this
+/// machine's kernel lacks; `xdp_program.rs` covers tagged frames through the XDP program.)
 fn rig_with_ipv6() -> Rig {
     let rig = Rig::new();
     for (namespace, interface, address) in [

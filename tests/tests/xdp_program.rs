@@ -1101,3 +1101,10 @@ fn own_cookies_survive_one_key_rotation_and_not_two() {
         );
     });
 }
+
+#[test]
+fn own_cookies_behind_two_vlan_tags() {
+    let mut syn = TcpFrame::syn_v4(PORT).with_options(windows_syn_options(1460, 7));
+    syn.vlans = vec![(TPID_8021AD, 10), (TPID_8021Q, 20)];
+    own_handshake(syn, expected(7, 7, true, false, false), false);
+}
