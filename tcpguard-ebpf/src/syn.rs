@@ -202,20 +202,33 @@ fn kernel_plan(
 /// position, so each read is at a constant offset; where the next option starts is data, never
 /// an address. (A loop indexed by the option start makes the verifier follow each option
 /// layout separately, past its limit.)
+///
+/// What the walk finds goes straight into a per-CPU slot, whose contents the verifier does not
+/// track: its states then differ only by where the next option starts, not by every
+/// combination of options seen so far, which on Linux 6.12 took the SYN path past the
+/// verifier's 1M-instruction budget. Read back, the options are values it knows nothing
+/// about, so it also checks what follows once rather than once per option layout.
 #[inline(always)]
 pub fn tcp_options(header: &Header, header_len: usize) -> TcpOptions {
+    let none = TcpOptions {
+        any: header_len > 20,
+        mss: 0,
+        window_scale: NO_WINDOW_SCALE,
+        sack_permitted: false,
+        has_timestamp: false,
+        timestamp: 0,
+        timestamp_echo: 0,
+    };
+    let Some(slot) = OPTIONS_SCRATCH.get_ptr_mut(0) else {
+        return none;
+    };
+    // SAFETY: a per-CPU slot, used only within this invocation; volatile so that LLVM neither
+    // keeps the fields in registers nor forwards the stored values past the load.
+    unsafe { slot.write_volatile(none) };
     let mut walk = OptionWalk {
         next: OptionWalk::DONE,
         end: header_len,
-        options: TcpOptions {
-            any: header_len > 20,
-            mss: 0,
-            window_scale: NO_WINDOW_SCALE,
-            sack_permitted: false,
-            has_timestamp: false,
-            timestamp: 0,
-            timestamp_echo: 0,
-        },
+        options: slot,
     };
     walk.advance(20);
     macro_rules! at_positions {
@@ -223,25 +236,16 @@ pub fn tcp_options(header: &Header, header_len: usize) -> TcpOptions {
     }
     at_positions!(20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39
                   40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59);
-    // Read back through a per-CPU slot, the options are values the verifier knows nothing
-    // about, so it checks what follows once rather than once per option layout it walked;
-    // without this the SYN path of both cookie modes exceeds its 1M-instruction budget.
-    let Some(slot) = OPTIONS_SCRATCH.get_ptr_mut(0) else {
-        return walk.options;
-    };
-    // SAFETY: a per-CPU slot, used only within this invocation; volatile so that LLVM does not
-    // forward the stored values past the load.
-    unsafe {
-        slot.write_volatile(walk.options);
-        slot.read_volatile()
-    }
+    // SAFETY: as above.
+    unsafe { slot.read_volatile() }
 }
 
 struct OptionWalk {
     /// Where the next option starts, or [`OptionWalk::DONE`].
     next: usize,
     end: usize,
-    options: TcpOptions,
+    /// The per-CPU slot the options found go to.
+    options: *mut TcpOptions,
 }
 
 impl OptionWalk {
@@ -263,20 +267,28 @@ impl OptionWalk {
             self.next = Self::DONE;
             return;
         }
-        match (kind, length) {
-            (TCPOPT_MSS, 4) => {
-                self.options.mss = be32(&[0, 0, header[position + 2], header[position + 3]]) as u16;
+        let options = self.options;
+        // SAFETY: `options` is the per-CPU slot tcp_options holds for this invocation.
+        unsafe {
+            match (kind, length) {
+                (TCPOPT_MSS, 4) => {
+                    let mss = be32(&[0, 0, header[position + 2], header[position + 3]]) as u16;
+                    (&raw mut (*options).mss).write_volatile(mss);
+                }
+                (TCPOPT_WINDOW, 3) => {
+                    let scale = header[position + 2].min(MAX_WINDOW_SCALE);
+                    (&raw mut (*options).window_scale).write_volatile(scale);
+                }
+                (TCPOPT_SACK_PERM, 2) => (&raw mut (*options).sack_permitted).write_volatile(true),
+                (TCPOPT_TIMESTAMP, 10) => {
+                    (&raw mut (*options).has_timestamp).write_volatile(true);
+                    let tsval = be32(&header[position + 2..position + 6]);
+                    (&raw mut (*options).timestamp).write_volatile(tsval);
+                    let tsecr = be32(&header[position + 6..position + 10]);
+                    (&raw mut (*options).timestamp_echo).write_volatile(tsecr);
+                }
+                _ => {}
             }
-            (TCPOPT_WINDOW, 3) => {
-                self.options.window_scale = header[position + 2].min(MAX_WINDOW_SCALE);
-            }
-            (TCPOPT_SACK_PERM, 2) => self.options.sack_permitted = true,
-            (TCPOPT_TIMESTAMP, 10) => {
-                self.options.has_timestamp = true;
-                self.options.timestamp = be32(&header[position + 2..position + 6]);
-                self.options.timestamp_echo = be32(&header[position + 6..position + 10]);
-            }
-            _ => {}
         }
         self.advance(position + length);
     }
