@@ -144,9 +144,14 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
     );
 }
 
-/// Remembers that a SYN was answered with a cookie at `now_ns`, for the handshake time.
+/// Remembers that a SYN was answered with a cookie at `now_ns`, for the handshake time, and
+/// forgets an earlier connection on the same 4-tuple: the kernel had only the listener for it,
+/// so that connection is gone (its TIME-WAIT over), and its flow entry would otherwise pass the
+/// new handshake's ACK to the kernel as a tracked segment, without the cookie record the
+/// own-cookie path needs.
 #[inline(always)]
 pub fn syn_answered(key: &FlowKey, now_ns: u64) {
+    let _ = FLOWS.remove(key);
     let (index, tag) = syn_slot(key);
     if let Some(slot) = SYN_TIMES.get_ptr_mut(index) {
         // SAFETY: a slot of a shared array, written whole; a racing writer can only make the

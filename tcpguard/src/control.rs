@@ -53,6 +53,9 @@ pub struct Status {
     pub cookie_mode: String,
     /// Why that path runs.
     pub cookie_mode_reason: String,
+    /// Own cookies: what the TC ingress program made of the ACKs XDP accepted, by result.
+    #[serde(default)]
+    pub cookie_handovers: std::collections::BTreeMap<String, u64>,
 }
 
 /// One line of `tcpguard flows`.

@@ -23,10 +23,10 @@ use tokio::{
 
 use crate::{
     Guard,
-    config::{Config, OnExit, Overrides},
+    config::{Config, CookieMode, OnExit, Overrides},
     control::{self, Asked, Request},
     cookies::{self, KeyRing},
-    guard::{Counters, FlowMap, LoadOptions},
+    guard::{Counters, FlowMap, GuardError, LoadOptions},
     http,
     metrics::Metrics,
     notify::notify,
@@ -61,7 +61,36 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
             config.interface
         );
     }
-    let choice = cookies::choose(config.cookie_mode)?;
+    let mut choice = cookies::choose(config.cookie_mode)?;
+    let load = |own_cookies| {
+        Guard::load_with(&LoadOptions {
+            pin_dir: config.pin_dir.clone(),
+            flow_capacity: config.flow_capacity,
+            own_cookies,
+        })
+    };
+    let mut guard = match load(choice.own) {
+        // "auto" takes the best path the kernel accepts: an older verifier may refuse the
+        // own-cookie program that a newer one takes.
+        Err(err @ GuardError::Verifier { .. })
+            if choice.own && config.cookie_mode == CookieMode::Auto =>
+        {
+            warn!("{err}");
+            choice = cookies::Choice {
+                own: false,
+                reason: format!(
+                    "cookie_mode = \"auto\" and kernel {} refused the own-cookie program",
+                    cookies::kernel_release()
+                ),
+            };
+            warn!(
+                "falling back to the kernel's cookies because {}",
+                choice.reason
+            );
+            load(false)?
+        }
+        loaded => loaded?,
+    };
     let mut cookie = sysctl::syn_cookie_config()?;
     if choice.own {
         // The host's TCP sysctls stay as they are; the kernel only has to take cookies at all.
@@ -85,11 +114,6 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         config.cookie_secret_file.as_deref(),
         config.cookie_key_rotation,
     )?;
-    let mut guard = Guard::load_with(&LoadOptions {
-        pin_dir: config.pin_dir.clone(),
-        flow_capacity: config.flow_capacity,
-        own_cookies: choice.own,
-    })?;
     guard.set_ports(&config.ports)?;
     guard.set_syn_cookie_config(cookie)?;
     guard.set_policy(&config.policy)?;
@@ -395,6 +419,12 @@ impl Daemon {
             (Ok(counters), Ok(events)) => self.metrics.observe_data_plane(&counters, events),
             (Err(err), _) | (_, Err(err)) => warn!("cannot read the data plane's counters: {err}"),
         }
+        if let Some(reqsk) = &self.reqsk {
+            match reqsk.results() {
+                Ok(results) => self.metrics.observe_handovers(results),
+                Err(err) => warn!("cannot read the TC ingress program's counters: {err}"),
+            }
+        }
         self.metrics.observe_table(
             &self.tracker.count_by_state(),
             self.flows.capacity(),
@@ -562,6 +592,18 @@ impl Daemon {
             max_connections_per_source: self.config.max_connections_per_source,
             cookie_mode: if self.cookies.own { "own" } else { "kernel" }.to_owned(),
             cookie_mode_reason: self.cookies.reason.clone(),
+            cookie_handovers: self
+                .reqsk
+                .as_ref()
+                .and_then(|reqsk| reqsk.results().ok())
+                .map(|results| {
+                    results
+                        .by_name()
+                        .into_iter()
+                        .map(|(name, value)| (name.to_owned(), value))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 

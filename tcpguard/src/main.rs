@@ -169,6 +169,14 @@ fn print_status(status: &control::Status) {
         "SYN cookies: {} ({})",
         status.cookie_mode, status.cookie_mode_reason
     );
+    if !status.cookie_handovers.is_empty() {
+        let handovers: Vec<String> = status
+            .cookie_handovers
+            .iter()
+            .map(|(name, value)| format!("{value} {name}"))
+            .collect();
+        println!("cookie ACKs handed to the kernel: {}", handovers.join(", "));
+    }
     println!(
         "connections: {} tracked, flow table holds {}",
         status.tracked_connections, status.flow_capacity

@@ -12,6 +12,7 @@ use tcpguard_common::{Counter, CounterKind};
 use crate::{
     connection::CloseReason,
     guard::Counters,
+    reqsk::ReqskResults,
     tcp_state::TcpState,
     tracker::{Effect, Origin},
 };
@@ -32,6 +33,8 @@ pub struct Metrics {
     events_lost: IntCounter,
     sources_at_limit: IntGauge,
     reloads: IntCounterVec,
+    handovers: IntCounterVec,
+    last_handovers: ReqskResults,
     /// The data plane's cumulative counters at the last refresh, to turn them into increments.
     last_packets: Counters,
     last_events: (u64, u64),
@@ -198,6 +201,20 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let handovers = register(
+            &registry,
+            IntCounterVec::new(
+                Opts::new(
+                    "tcpguard_cookie_handovers_total",
+                    "ACKs whose own cookie XDP accepted, by what the TC ingress program made of them: assigned (the kernel builds the connection), no_listener, refused (by bpf_sk_assign_tcp_reqsk), unparsed.",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+        );
+        for (label, _) in ReqskResults::default().by_name() {
+            handovers.with_label_values(&[label]);
+        }
         let cookies = register(
             &registry,
             IntGaugeVec::new(
@@ -237,9 +254,20 @@ impl Metrics {
             events_lost,
             sources_at_limit,
             reloads,
+            handovers,
+            last_handovers: ReqskResults::default(),
             last_packets: Counters::default(),
             last_events: (0, 0),
         }
+    }
+
+    /// What the TC ingress program did with the ACKs XDP accepted as own cookies, as read now.
+    pub fn observe_handovers(&mut self, results: ReqskResults) {
+        let increase = results.since(&self.last_handovers);
+        for (label, value) in increase.by_name() {
+            self.handovers.with_label_values(&[label]).inc_by(value);
+        }
+        self.last_handovers = results;
     }
 
     /// The data plane's counters, as read now.

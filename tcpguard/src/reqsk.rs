@@ -92,6 +92,16 @@ pub struct ReqskResults {
 }
 
 impl ReqskResults {
+    /// Each count with its label: assigned, no_listener, refused, unparsed.
+    pub fn by_name(&self) -> [(&'static str, u64); 4] {
+        [
+            ("assigned", self.assigned),
+            ("no_listener", self.no_listener),
+            ("refused", self.refused),
+            ("unparsed", self.unparsed),
+        ]
+    }
+
     /// How much each count grew since `earlier`.
     pub fn since(&self, earlier: &Self) -> Self {
         Self {

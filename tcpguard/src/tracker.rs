@@ -255,7 +255,7 @@ impl Tracker {
         syn_ns: Option<u64>,
         effects: &mut Vec<Effect>,
     ) {
-        self.connections.insert(
+        let replaced = self.connections.insert(
             key,
             Tracked {
                 connection,
@@ -267,7 +267,11 @@ impl Tracker {
         effects.push(Effect::Opened { origin });
         let source = key.source();
         let count = self.per_source.entry(source).or_default();
-        *count += 1;
+        // A new connection on the 4-tuple of one the data plane has forgotten (its TIME-WAIT
+        // over): the source has as many connections as before.
+        if replaced.is_none() {
+            *count += 1;
+        }
         if self.limit != 0 && *count == self.limit {
             effects.push(Effect::SourceFull { source, full: true });
         }

@@ -109,6 +109,15 @@ fn main() {
     wait_for(&guest, "Prometheus to scrape tcpguard", || {
         query(&host, "up{job=\"tcpguard\"}").is_some_and(|v| v == 1.0)
     });
+    // Debian 13's 6.12 kernel has bpf_sk_assign_tcp_reqsk: tcpguard must run its own cookies
+    // there, not fall back to the kernel's.
+    let own = query(&host, "tcpguard_cookie_mode{mode=\"own\"}");
+    println!("vm: tcpguard_cookie_mode{{mode=\"own\"}} = {own:?}");
+    assert_eq!(
+        own,
+        Some(1.0),
+        "tcpguard answers with its own cookies in the guest"
+    );
     let guarded = scenario(&host, &guest, "with tcpguard");
 
     println!("\n| | baseline (kernel alone) | tcpguard |");
@@ -356,6 +365,12 @@ fn guest_counters(host: &Namespace) -> BTreeMap<String, f64> {
             .unwrap_or(0.0);
         counters.insert(format!("tcpguard passed: {reason}"), value);
     }
+    for result in ["assigned", "no_listener", "refused", "unparsed"] {
+        let series = format!("sum(tcpguard_cookie_handovers_total{{result=\"{result}\"}})");
+        if let Some(value) = query(host, &series) {
+            counters.insert(format!("tcpguard cookie handovers: {result}"), value);
+        }
+    }
     counters
 }
 
@@ -385,8 +400,28 @@ fn check(host: &Namespace, guarded: &BTreeMap<String, f64>) {
     // twice, read it again; what Prometheus holds lies between the two readings (late segments
     // of closing connections may still move a counter).
     let own = |reason: &str| -> f64 {
-        let text =
-            http(host, &format!("http://{GUEST}:9877/metrics")).expect("tcpguard's /metrics");
+        let url = format!("http://{GUEST}:9877/metrics");
+        let text = http(host, &url).unwrap_or_else(|| {
+            let verbose = host
+                .command("curl")
+                .args(["-sSv", "--max-time", "10", "-o", "/dev/null", &url])
+                .output()
+                .map(|out| String::from_utf8_lossy(&out.stderr).into_owned())
+                .unwrap_or_default();
+            let counters = host.run(
+                "nstat",
+                &[
+                    "-az",
+                    "TcpExtTCPSynRetrans",
+                    "TcpOutRsts",
+                    "TcpAttemptFails",
+                ],
+            );
+            panic!(
+                "tcpguard's /metrics did not answer; tried again: {verbose}\nhost: {}",
+                String::from_utf8_lossy(&counters.stdout)
+            )
+        });
         text.lines()
             .filter(|line| {
                 line.starts_with("tcpguard_xdp_packets_total")
