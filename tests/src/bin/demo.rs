@@ -139,8 +139,8 @@ fn main() {
     };
     println!(
         "server kernel: TcpExtSyncookiesSent +{} (cookies it had to make itself), \
-         TcpExtSyncookiesRecv +{} (connections built from tcpguard's cookies), \
-         TcpExtListenOverflows +{}",
+         TcpExtSyncookiesRecv +{} (connections built from the kernel's cookies; tcpguard's own \
+         cookies are counted as cookie_accepted below), TcpExtListenOverflows +{}",
         kernel("TcpExtSyncookiesSent"),
         kernel("TcpExtSyncookiesRecv"),
         kernel("TcpExtListenOverflows")
