@@ -448,14 +448,24 @@ fn threaded_napi(namespace: &Namespace, interface: &str) -> u32 {
         ],
     );
     let prefix = format!("napi/{interface}-");
-    let threads: Vec<u32> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                .is_ok_and(|comm| comm.starts_with(&prefix))
-        })
-        .collect();
+    let find = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.starts_with(&prefix))
+            })
+            .collect()
+    };
+    // The previous run's namespace (with an interface of the same name) may still be going
+    // away, its NAPI thread with it: wait for that one to end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut threads = find();
+    while threads.len() > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        threads = find();
+    }
     assert_eq!(
         threads.len(),
         1,
