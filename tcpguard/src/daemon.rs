@@ -62,6 +62,15 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         );
     }
     let mut choice = cookies::choose(config.cookie_mode)?;
+    // The sysctls first, so that a refusal comes before anything is loaded.
+    if choice.own {
+        // The host's TCP sysctls stay as they are; the kernel only has to take cookies at all.
+        if sysctl::read(TCP_SYNCOOKIES.name)?[0] == 0 {
+            return Err(cookies::CookieError::SyncookiesOff.into());
+        }
+    } else {
+        kernel_cookie_sysctls(&config)?;
+    }
     let load = |own_cookies| {
         Guard::load_with(&LoadOptions {
             pin_dir: config.pin_dir.clone(),
@@ -83,32 +92,15 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
                     cookies::kernel_release()
                 ),
             };
-            warn!(
-                "falling back to the kernel's cookies because {}",
-                choice.reason
-            );
+            warn!("falling back to the kernel's cookies because {}", choice.reason);
+            kernel_cookie_sysctls(&config)?;
             load(false)?
         }
         loaded => loaded?,
     };
     let mut cookie = sysctl::syn_cookie_config()?;
     if choice.own {
-        // The host's TCP sysctls stay as they are; the kernel only has to take cookies at all.
-        if sysctl::read(TCP_SYNCOOKIES.name)?[0] == 0 {
-            return Err(cookies::CookieError::SyncookiesOff.into());
-        }
         cookie.mss = sysctl::interface_mss(&config.interface);
-    } else {
-        for required in [TCP_SYNCOOKIES, TCP_TIMESTAMPS] {
-            if let Outcome::Changed { from } = required.ensure(!config.keep_sysctls)? {
-                info!(
-                    "set {} from {from} to {} (the kernel's SYN cookies from XDP need it)",
-                    required.name, required.required
-                );
-            }
-        }
-        // Read again: the timestamp setting may have changed.
-        cookie = sysctl::syn_cookie_config()?;
     }
     let mut keys = KeyRing::new(
         config.cookie_secret_file.as_deref(),
@@ -193,6 +185,20 @@ struct Daemon {
     keys: KeyRing,
     /// The TC ingress program of the own-cookie path.
     reqsk: Option<Reqsk>,
+}
+
+/// What the kernel's cookies need: `tcp_syncookies=2` and `tcp_timestamps=2`, set (and said so)
+/// or, with `keep_sysctls`, refused.
+fn kernel_cookie_sysctls(config: &Config) -> anyhow::Result<()> {
+    for required in [TCP_SYNCOOKIES, TCP_TIMESTAMPS] {
+        if let Outcome::Changed { from } = required.ensure(!config.keep_sysctls)? {
+            info!(
+                "set {} from {from} to {} (the kernel's SYN cookies from XDP need it)",
+                required.name, required.required
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Writes the own cookie's keys when they are missing or due to change. Errors never show a
