@@ -92,7 +92,10 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
                     cookies::kernel_release()
                 ),
             };
-            warn!("falling back to the kernel's cookies because {}", choice.reason);
+            warn!(
+                "falling back to the kernel's cookies because {}",
+                choice.reason
+            );
             kernel_cookie_sysctls(&config)?;
             load(false)?
         }
