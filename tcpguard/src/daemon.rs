@@ -116,7 +116,8 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         refresh_keys(&mut guard, &mut keys)?;
     }
     guard.set_interface(crate::host::interface_config(&config.interface)?)?;
-    let (owned, _) = guard.set_host_addresses(&crate::host::addresses()?)?;
+    let owned = crate::host::addresses()?;
+    guard.set_host_addresses(&owned)?;
     info!(
         "answering SYNs to this host's own addresses only: {}",
         owned
