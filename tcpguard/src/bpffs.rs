@@ -1,7 +1,12 @@
 //! The BPF filesystem: where tcpguard pins its maps, programs and links, and how they are
 //! taken down again, also from a process other than the daemon that pinned them.
 
-use std::{ffi::CString, fs, io, os::unix::ffi::OsStrExt as _, path::Path};
+use std::{
+    ffi::CString,
+    fs, io,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -16,6 +21,36 @@ pub fn is_bpffs(dir: &Path) -> bool {
     // SAFETY: statfs is plain old data; path is NUL-terminated.
     let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
     (unsafe { libc::statfs(path.as_ptr(), &mut stat) }) == 0 && stat.f_type as i64 == BPF_FS_MAGIC
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinDirError {
+    #[error("{dir} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NotBpffs { dir: PathBuf },
+    #[error("pinning under {dir}: {source}")]
+    Create { dir: PathBuf, source: io::Error },
+}
+
+/// Makes `dir`, where pins go; its parent must be on a BPF filesystem.
+pub fn prepare_pin_dir(dir: &Path) -> Result<(), PinDirError> {
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    if !is_bpffs(parent) {
+        return Err(PinDirError::NotBpffs {
+            dir: parent.to_owned(),
+        });
+    }
+    fs::create_dir_all(dir).map_err(|source| PinDirError::Create {
+        dir: dir.to_owned(),
+        source,
+    })
+}
+
+/// Removes the pin at `path`, if there is one (an earlier daemon's program, say).
+pub fn remove_pin(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
 }
 
 /// Detaches the pinned link at `path` from its hook, whoever else holds it open (a running

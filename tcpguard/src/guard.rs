@@ -102,8 +102,8 @@ pub enum GuardError {
         wanted: String,
         dir: PathBuf,
     },
-    #[error("{dir} is not on a BPF filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
-    NotBpffs { dir: PathBuf },
+    #[error(transparent)]
+    PinDir(#[from] bpffs::PinDirError),
     #[error("pinning under {dir}: {source}")]
     Pin { dir: PathBuf, source: io::Error },
 }
@@ -187,7 +187,7 @@ impl Guard {
         loader.map_max_entries(maps::FLOWS, options.flow_capacity);
         let map_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
-                prepare_pin_dir(dir)?;
+                bpffs::prepare_pin_dir(dir)?;
                 maps::ALL
                     .iter()
                     .map(|&name| (name, dir.join(name)))
@@ -529,11 +529,7 @@ impl Guard {
         // An earlier daemon's programs, of either cookie mode: no longer attached anywhere.
         for name in [XDP_PROGRAM, XDP_OWN_COOKIES_PROGRAM, EGRESS_PROGRAM] {
             let path = dir.join(format!("prog_{name}"));
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => return Err(pin_error(&path, err)),
-            }
+            bpffs::remove_pin(&path).map_err(|err| pin_error(&path, err))?;
         }
         for name in [self.xdp, EGRESS_PROGRAM] {
             let path = dir.join(format!("prog_{name}"));
@@ -707,19 +703,6 @@ fn pinned_links(dir: &Path) -> Result<Option<PinnedLinks>, GuardError> {
         }
     }
     Ok(None)
-}
-
-fn prepare_pin_dir(dir: &Path) -> Result<(), GuardError> {
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    if !bpffs::is_bpffs(parent) {
-        return Err(GuardError::NotBpffs {
-            dir: parent.to_owned(),
-        });
-    }
-    fs::create_dir_all(dir).map_err(|source| GuardError::Pin {
-        dir: dir.to_owned(),
-        source,
-    })
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, GuardError>

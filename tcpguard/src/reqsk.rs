@@ -66,8 +66,8 @@ pub enum ReqskError {
         wanted: String,
         dir: PathBuf,
     },
-    #[error("{dir} is not on a BPF filesystem (mount one with `mount -t bpf bpf {dir}`)")]
-    NotBpffs { dir: PathBuf },
+    #[error(transparent)]
+    PinDir(#[from] bpffs::PinDirError),
     #[error("pinning at {path} failed: {source}")]
     Pin {
         path: PathBuf,
@@ -164,7 +164,7 @@ impl Reqsk {
         }
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
-            prepare_pin_dir(dir)?;
+            bpffs::prepare_pin_dir(dir)?;
             loader.map_pin_path(RESULTS_MAP, dir.join(RESULTS_MAP));
         }
         let mut ebpf = loader.load(REQSK_OBJECT)?;
@@ -331,28 +331,12 @@ fn pinned_link(dir: &Path) -> Result<Option<(String, PathBuf)>, ReqskError> {
     }))
 }
 
-fn prepare_pin_dir(dir: &Path) -> Result<(), ReqskError> {
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    if !bpffs::is_bpffs(parent) {
-        return Err(ReqskError::NotBpffs {
-            dir: parent.to_owned(),
-        });
-    }
-    fs::create_dir_all(dir).map_err(|source| ReqskError::Pin {
-        path: dir.to_owned(),
+/// Removes the pin at `path`, if there is one.
+fn remove_if_present(path: &Path) -> Result<(), ReqskError> {
+    bpffs::remove_pin(path).map_err(|source| ReqskError::Pin {
+        path: path.to_owned(),
         source,
     })
-}
-
-fn remove_if_present(path: &Path) -> Result<(), ReqskError> {
-    match fs::remove_file(path) {
-        Ok(()) => Ok(()),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(ReqskError::Pin {
-            path: path.to_owned(),
-            source,
-        }),
-    }
 }
 
 fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, ReqskError> {
