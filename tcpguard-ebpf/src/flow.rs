@@ -151,7 +151,11 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
 /// own-cookie path needs.
 #[inline(always)]
 pub fn syn_answered(key: &FlowKey, now_ns: u64) {
-    let _ = FLOWS.remove(key);
+    // Looked up first: a flood's SYNs have no flow, and a lookup takes no lock where a delete
+    // takes the bucket's.
+    if FLOWS.get_ptr(key).is_some() {
+        let _ = FLOWS.remove(key);
+    }
     let (index, tag) = syn_slot(key);
     if let Some(slot) = SYN_TIMES.get_ptr_mut(index) {
         // SAFETY: a slot of a shared array, written whole; a racing writer can only make the

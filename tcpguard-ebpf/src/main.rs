@@ -202,13 +202,13 @@ fn answer_syn<const OWN: bool>(
 /// (opened before tcpguard started, say) pass on the kernel's word.
 #[inline(always)]
 fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> Counter {
-    let Some(config) = SYN_COOKIE_CONFIG.get(0) else {
-        return Counter::CookieUnavailable;
-    };
     match Socket::lookup(ctx, segment) {
         None => Counter::NoConnection,
         Some(socket) if !socket.is_listener() => Counter::KnownSocket,
-        Some(_) if OWN => own_cookie::check_ack(ctx, segment, key, config),
+        Some(_) if OWN => match SYN_COOKIE_CONFIG.get(0) {
+            Some(config) => own_cookie::check_ack(ctx, segment, key, config),
+            None => Counter::CookieUnavailable,
+        },
         Some(listener) if listener.cookie_is_valid(ctx, segment) => {
             flow::start(key, segment, EVENT_COOKIE_HANDSHAKE);
             Counter::CookieAccepted
