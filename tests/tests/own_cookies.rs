@@ -166,16 +166,30 @@ fn rig_with_ipv6() -> Rig {
     rig
 }
 
-#[test]
-fn every_client_keeps_the_options_the_kernel_alone_gives_it() {
-    if !tcpguard::reqsk::kfunc_available() {
+/// Whether this kernel has `bpf_sk_assign_tcp_reqsk`; says so when a test is skipped.
+fn own_cookies_possible() -> bool {
+    let possible = tcpguard::reqsk::kfunc_available();
+    if !possible {
         eprintln!("skipped: this kernel has no bpf_sk_assign_tcp_reqsk (Linux 6.9+)");
-        return;
     }
+    possible
+}
+
+/// The rig with IPv6, and the server on both ports.
+fn served_rig() -> (Rig, Arc<AtomicBool>, Seen, Vec<thread::JoinHandle<()>>) {
     let rig = rig_with_ipv6();
     let stop = Arc::new(AtomicBool::new(false));
     let seen = Seen::default();
     let servers = start_server(&rig.server, stop.clone(), seen.clone());
+    (rig, stop, seen, servers)
+}
+
+#[test]
+fn every_client_keeps_the_options_the_kernel_alone_gives_it() {
+    if !own_cookies_possible() {
+        return;
+    }
+    let (rig, stop, seen, servers) = served_rig();
     let sysctls_before = sysctls(&rig.server);
     let daemon = Daemon::start(
         &rig.server,
@@ -277,14 +291,10 @@ fn every_client_keeps_the_options_the_kernel_alone_gives_it() {
 
 #[test]
 fn unprotected_ports_are_as_without_tcpguard_during_a_flood_at_a_protected_one() {
-    if !tcpguard::reqsk::kfunc_available() {
-        eprintln!("skipped: this kernel has no bpf_sk_assign_tcp_reqsk (Linux 6.9+)");
+    if !own_cookies_possible() {
         return;
     }
-    let rig = rig_with_ipv6();
-    let stop = Arc::new(AtomicBool::new(false));
-    let seen = Seen::default();
-    let servers = start_server(&rig.server, stop.clone(), seen.clone());
+    let (rig, stop, seen, servers) = served_rig();
     // The kernel alone, for reference, on the port that stays unprotected.
     rig.client.sysctl("net.ipv4.tcp_timestamps", "0");
     let (client, ..) = exchange(&rig, SocketAddr::new(IpAddr::V4(SERVER), UNPROTECTED));
@@ -377,8 +387,7 @@ fn a_host_sharing_the_secret_completes_a_handshake_another_answered() {
         observe::{flows, scrape, status},
         raw::{RawTcp, Segment},
     };
-    if !tcpguard::reqsk::kfunc_available() {
-        eprintln!("skipped: this kernel has no bpf_sk_assign_tcp_reqsk (Linux 6.9+)");
+    if !own_cookies_possible() {
         return;
     }
     let (secret, hex) = shared_secret_file();
