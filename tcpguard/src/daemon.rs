@@ -115,8 +115,8 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     if choice.own {
         refresh_keys(&mut guard, &mut keys)?;
     }
-    guard.set_interface(crate::host::interface_config(&config.interface)?)?;
-    let owned = crate::host::addresses()?;
+    let (interface, owned) = crate::host::read(&config.interface)?;
+    guard.set_interface(interface)?;
     guard.set_host_addresses(&owned)?;
     info!(
         "answering SYNs to this host's own addresses only: {}",
@@ -334,11 +334,10 @@ impl Daemon {
         if !self.cookies.own {
             return;
         }
-        let mut guard = self.guard.take().expect("the guard lives until stop");
-        if let Err(err) = refresh_keys(&mut guard, &mut self.keys) {
+        let guard = self.guard.as_mut().expect("the guard lives until stop");
+        if let Err(err) = refresh_keys(guard, &mut self.keys) {
             warn!("cannot update the cookie keys, the current ones stay: {err:#}");
         }
-        self.guard = Some(guard);
     }
 
     /// Keeps the data plane's view of the host current: addresses that come and go (DHCP,
@@ -347,11 +346,13 @@ impl Daemon {
     /// what the host would do without tcpguard.
     fn follow_host_addresses(&mut self) {
         let interface = self.config.interface.clone();
-        let update = crate::host::interface_config(&interface)
+        let update = crate::host::read(&interface)
             .map_err(anyhow::Error::from)
-            .and_then(|config| Ok(self.guard().set_interface(config)?))
-            .and_then(|()| Ok(crate::host::addresses()?))
-            .and_then(|owned| Ok(self.guard().set_host_addresses(&owned)?));
+            .and_then(|(config, owned)| {
+                let guard = self.guard();
+                guard.set_interface(config)?;
+                Ok(guard.set_host_addresses(&owned)?)
+            });
         match update {
             Ok((added, removed)) => {
                 for address in &added {

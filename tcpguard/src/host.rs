@@ -15,16 +15,39 @@ pub enum HostError {
     NoMac(String),
 }
 
+/// The host as the data plane must know it, from one reading of the kernel's interfaces:
+/// `interface`'s MAC and the host's addresses (see [`addresses`]).
+pub fn read(interface: &str) -> Result<(InterfaceConfig, BTreeSet<HostAddress>), HostError> {
+    let (mac, owned) = scan(interface)?;
+    let mac = mac.ok_or_else(|| HostError::NoMac(interface.to_owned()))?;
+    Ok((InterfaceConfig { mac, _pad: [0; 2] }, owned))
+}
+
 /// The unicast addresses of every interface in this network namespace: Linux delivers a
 /// segment to a local socket when its destination is any of them, whichever interface it came
 /// in on. Loopback, multicast and the other martian addresses are left out.
 pub fn addresses() -> Result<BTreeSet<HostAddress>, HostError> {
+    Ok(scan("")?.1)
+}
+
+/// `interface`'s MAC (none when it has no Ethernet address) and the host's addresses.
+fn scan(interface: &str) -> Result<(Option<[u8; 6]>, BTreeSet<HostAddress>), HostError> {
+    let mut mac = None;
     let mut owned = BTreeSet::new();
-    for interface in getifaddrs()? {
-        let Some(address) = interface.address.as_ref().and_then(ip_of) else {
+    for entry in getifaddrs()? {
+        let Some(address) = entry.address.as_ref() else {
             continue;
         };
-        let host = match address {
+        if let Some(link) = address.as_link_addr() {
+            if entry.interface_name == interface {
+                mac = link.addr().filter(|mac| *mac != [0; 6]).or(mac);
+            }
+            continue;
+        }
+        let Some(ip) = ip_of(address) else {
+            continue;
+        };
+        let host = match ip {
             IpAddr::V4(v4) => HostAddress::v4(v4.octets()),
             IpAddr::V6(v6) => HostAddress::v6(v6.octets()),
         };
@@ -32,17 +55,7 @@ pub fn addresses() -> Result<BTreeSet<HostAddress>, HostError> {
             owned.insert(host);
         }
     }
-    Ok(owned)
-}
-
-/// What the data plane must know of `interface`: its MAC.
-pub fn interface_config(interface: &str) -> Result<InterfaceConfig, HostError> {
-    getifaddrs()?
-        .filter(|entry| entry.interface_name == interface)
-        .find_map(|entry| entry.address?.as_link_addr()?.addr())
-        .filter(|mac| *mac != [0; 6])
-        .map(|mac| InterfaceConfig { mac, _pad: [0; 2] })
-        .ok_or_else(|| HostError::NoMac(interface.to_owned()))
+    Ok((mac, owned))
 }
 
 fn ip_of(address: &nix::sys::socket::SockaddrStorage) -> Option<IpAddr> {
