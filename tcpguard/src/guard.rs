@@ -220,6 +220,13 @@ impl Guard {
             .expect("Guard::load_with checked the program exists and is XDP")
     }
 
+    /// The instructions the verifier processed to accept the TC egress program, if the kernel
+    /// says.
+    pub fn egress_verified_instructions(&self) -> Option<u32> {
+        let program: &SchedClassifier = self.ebpf.program(EGRESS_PROGRAM)?.try_into().ok()?;
+        program.info().ok()?.verified_instruction_count()
+    }
+
     /// Protects exactly `ports`, for IPv4 and IPv6.
     pub fn set_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), GuardError> {
         let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;

@@ -65,6 +65,13 @@ fn main() {
             verified(&guard),
             verified(&own)
         );
+        let count = |count: Option<u32>| count.map_or("?".to_owned(), |count| count.to_string());
+        let reqsk = tcpguard::reqsk::Reqsk::load(None).ok();
+        println!(
+            "verifier: {} instructions processed for the TC egress program, {} for the TC ingress (reqsk) one",
+            count(guard.egress_verified_instructions()),
+            count(reqsk.as_ref().and_then(|reqsk| reqsk.verified_instructions())),
+        );
         println!(
             "baseline XDP_PASS: {repeated_baseline:.1} ns/packet (repeat {REPEAT}), \
              {single_baseline:.1} ns/packet (repeat 1, mean of {SINGLE_CALLS})"
