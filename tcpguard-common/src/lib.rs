@@ -7,6 +7,7 @@ mod cookie_ack;
 mod counter;
 mod flow;
 mod host;
+mod rare;
 
 pub use config::{
     FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT,
@@ -24,6 +25,10 @@ pub use flow::{
     FlowKey, LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SourceKey, SynTime,
 };
 pub use host::{HostAddress, InterfaceConfig, is_for_interface, is_martian};
+pub use rare::{
+    LogLimit, RARE_ERROR, RARE_EVENT_RING_BYTES, RARE_LOG_INTERVAL_NS, RARE_WARN, RareEvent,
+    rare_event,
+};
 
 /// Names of the maps in the eBPF object, as the daemon looks them up.
 pub mod maps {
@@ -60,6 +65,10 @@ pub mod maps {
     pub const HOST_ADDRESSES: &str = "HOST_ADDRESSES";
     /// `Array<InterfaceConfig>` with a single entry.
     pub const INTERFACE: &str = "INTERFACE";
+    /// `RingBuf` of [`crate::RareEvent`]: the programs' lines for the daemon's log. Not
+    /// pinned: each daemon reads the rings of the programs it loaded. The TC ingress program
+    /// (C) has one of the same name.
+    pub const RARE_EVENTS: &str = "RARE_EVENTS";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[

@@ -82,6 +82,89 @@ struct {
 	__type(value, __u64);
 } REQSK_RESULTS SEC(".maps");
 
+/*
+ * Failures go to the daemon's log with their 4-tuple and error code, as the Rust programs'
+ * rare events do: a fixed record (tcpguard-common's RareEvent) in a ring of this object's own,
+ * RARE_EVENTS, which the daemon reads and logs through its logger. The first failure of a
+ * kind, then at most one record a second per CPU and kind, carrying how many were held back
+ * since (tcpguard-common's LogLimit). aya-log, the usual way for an aya program to log, has no
+ * C side, and its record format is internal to it.
+ */
+struct tcpguard_flow_key {
+	__u8 client_addr[16]; /* IPv4 in the first four bytes, the rest zero */
+	__u8 server_addr[16];
+	__u16 client_port; /* host byte order */
+	__u16 server_port;
+	__u8 family; /* 4 or 6 */
+	__u8 pad[3];
+} __attribute__((aligned(8)));
+
+struct tcpguard_rare_event {
+	struct tcpguard_flow_key key;
+	__s32 error;
+	__u8 kind;
+	__u8 level;
+	__u8 pad[2];
+	__u64 held_back;
+};
+_Static_assert(sizeof(struct tcpguard_rare_event) == 56, "RareEvent is 56 bytes");
+
+/* tcpguard-common: rare_event::REQSK_*, RARE_*, RARE_LOG_INTERVAL_NS, RARE_EVENT_RING_BYTES. */
+#define RARE_REQSK_NO_LISTENER 5
+#define RARE_REQSK_REFUSED 6
+#define RARE_ERROR 1
+#define RARE_WARN 2
+#define RARE_LOG_INTERVAL_NS 1000000000ULL
+
+struct log_limit {
+	__u64 last_ns;
+	__u64 unlogged;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 15);
+} RARE_EVENTS SEC(".maps");
+
+/* Indexed by kind - RARE_REQSK_NO_LISTENER. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2);
+	__type(key, __u32);
+	__type(value, struct log_limit);
+} RARE_LIMITS SEC(".maps");
+
+/* Records the event unless one of its kind went out from this CPU less than a second ago. */
+static __always_inline void record(const struct tcpguard_flow_key *key, __u8 kind, __u8 level,
+				   int error)
+{
+	__u32 index = kind - RARE_REQSK_NO_LISTENER;
+	struct log_limit *limit = bpf_map_lookup_elem(&RARE_LIMITS, &index);
+	struct tcpguard_rare_event *event;
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!limit)
+		return;
+	if (limit->last_ns != 0 && now - limit->last_ns < RARE_LOG_INTERVAL_NS) {
+		limit->unlogged += 1;
+		return;
+	}
+	event = bpf_ringbuf_reserve(&RARE_EVENTS, sizeof(*event), 0);
+	if (!event) {
+		limit->unlogged += 1; /* the daemon is behind: told with the next record */
+		return;
+	}
+	event->key = *key;
+	event->error = error;
+	event->kind = kind;
+	event->level = level;
+	event->pad[0] = event->pad[1] = 0;
+	event->held_back = limit->unlogged;
+	bpf_ringbuf_submit(event, 0);
+	limit->last_ns = now;
+	limit->unlogged = 0;
+}
+
 struct vlan_tag {
 	__be16 tci;
 	__be16 proto;
@@ -105,6 +188,7 @@ int tcpguard_reqsk(struct __sk_buff *skb)
 	struct tcpguard_cookie_ack *ack = (void *)(long)skb->data_meta;
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_tcp_req_attrs attrs = {};
+	struct tcpguard_flow_key key = {};
 	struct bpf_sock *skc;
 	struct tcp_sock *tp;
 	struct tcphdr *th;
@@ -149,6 +233,9 @@ int tcpguard_reqsk(struct __sk_buff *skb)
 		tuple.ipv4.saddr = iph->saddr;
 		tuple.ipv4.daddr = iph->daddr;
 		tuple_size = sizeof(tuple.ipv4);
+		__builtin_memcpy(key.client_addr, &iph->saddr, 4);
+		__builtin_memcpy(key.server_addr, &iph->daddr, 4);
+		key.family = 4;
 	} else if (proto == bpf_htons(ETH_P_IPV6)) {
 		struct ipv6hdr *ip6h = cursor;
 		/* XDP gives a record only to a TCP header right after the fixed header. */
@@ -158,6 +245,9 @@ int tcpguard_reqsk(struct __sk_buff *skb)
 		__builtin_memcpy(tuple.ipv6.saddr, &ip6h->saddr, sizeof(tuple.ipv6.saddr));
 		__builtin_memcpy(tuple.ipv6.daddr, &ip6h->daddr, sizeof(tuple.ipv6.daddr));
 		tuple_size = sizeof(tuple.ipv6);
+		__builtin_memcpy(key.client_addr, &ip6h->saddr, 16);
+		__builtin_memcpy(key.server_addr, &ip6h->daddr, 16);
+		key.family = 6;
 	} else {
 		return count(RESULT_UNPARSED);
 	}
@@ -173,6 +263,8 @@ int tcpguard_reqsk(struct __sk_buff *skb)
 		tuple.ipv6.sport = th->source;
 		tuple.ipv6.dport = th->dest;
 	}
+	key.client_port = bpf_ntohs(th->source);
+	key.server_port = bpf_ntohs(th->dest);
 
 	/*
 	 * The kfunc wants the listener. Any other socket for this 4-tuple (an established one, or
@@ -180,8 +272,11 @@ int tcpguard_reqsk(struct __sk_buff *skb)
 	 * flow: leave it alone.
 	 */
 	skc = bpf_skc_lookup_tcp(skb, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
-	if (!skc)
+	if (!skc) {
+		/* The listener closed after XDP checked the cookie: the kernel answers with a RST. */
+		record(&key, RARE_REQSK_NO_LISTENER, RARE_WARN, 0);
 		return count(RESULT_NO_LISTENER);
+	}
 	if (skc->state != BPF_TCP_LISTEN) {
 		bpf_sk_release(skc);
 		return count(RESULT_NO_LISTENER);
@@ -207,7 +302,11 @@ int tcpguard_reqsk(struct __sk_buff *skb)
 
 	err = bpf_sk_assign_tcp_reqsk(skb, (struct sock *)tp, &attrs, sizeof(attrs));
 	bpf_sk_release(skc);
-	return count(err < 0 ? RESULT_REFUSED : RESULT_ASSIGNED);
+	if (err < 0) {
+		record(&key, RARE_REQSK_REFUSED, RARE_ERROR, err);
+		return count(RESULT_REFUSED);
+	}
+	return count(RESULT_ASSIGNED);
 }
 
 char LICENSE[] SEC("license") = "GPL";

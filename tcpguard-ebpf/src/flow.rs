@@ -18,7 +18,7 @@ use tcpguard_common::{
 use crate::{
     frame::{Frame, read},
     parse::{Family, Segment},
-    zero,
+    rare, zero,
 };
 
 #[map(name = "FLOWS")]
@@ -131,7 +131,9 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
     // What the server has acknowledged so far: the client's next sequence number.
     flow.server_ack = segment.seq;
     // A full LRU map evicts its least recently used entry, so this only fails on allocation.
-    let _ = FLOWS.insert(key, flow, 0);
+    if let Err(error) = FLOWS.insert(key, flow, 0) {
+        rare::flow_insert_failed(key, error.into());
+    }
     let syn_time_ns = take_syn_time(key, now);
     report(
         key,
@@ -248,6 +250,7 @@ fn report(
 ) {
     let Some(mut entry) = EVENTS.reserve::<LifecycleEvent>(0) else {
         bump(EVENTS_LOST);
+        rare::event_ring_full(key);
         return;
     };
     // Written field by field into the ring: a whole record built on the stack would not fit

@@ -17,6 +17,7 @@ mod integrity;
 mod own_cookie;
 mod parse;
 mod policy;
+mod rare;
 mod socket;
 mod syn;
 mod validate;

@@ -22,6 +22,7 @@ use tcpguard_common::{
 use crate::{
     flow,
     parse::Segment,
+    rare,
     syn::{self, Header, TcpOptions},
     zero,
 };
@@ -120,7 +121,8 @@ pub fn check_ack(
         Err(CookieReject::RetiredKey) => return Counter::CookieRetiredKey,
     };
     let record = cookie_ack(key, &agreed, &options, config);
-    if hand_over(ctx, &record).is_none() {
+    if let Err(error) = hand_over(ctx, &record) {
+        rare::handover_failed(key, error);
         return Counter::CookieHandoverFailed;
     }
     flow::start(key, segment, EVENT_COOKIE_HANDSHAKE);
@@ -162,18 +164,20 @@ fn cookie_ack(
     }
 }
 
-/// Puts `record` in the metadata area in front of the packet, where TC ingress finds it.
+/// Puts `record` in the metadata area in front of the packet, where TC ingress finds it. The
+/// error is the helper's, or 0 when the area it made is not where the verifier can see it.
 #[inline(always)]
-fn hand_over(ctx: &XdpContext, record: &CookieAck) -> Option<()> {
+fn hand_over(ctx: &XdpContext, record: &CookieAck) -> Result<(), i64> {
     // SAFETY: growing the metadata area invalidates packet pointers; none are held past here.
-    if unsafe { bpf_xdp_adjust_meta(ctx.as_ptr().cast(), -(COOKIE_ACK_LEN as i32)) } != 0 {
-        return None;
+    let error = unsafe { bpf_xdp_adjust_meta(ctx.as_ptr().cast(), -(COOKIE_ACK_LEN as i32)) };
+    if error != 0 {
+        return Err(error);
     }
     let meta = ctx.metadata();
     if meta + COOKIE_ACK_LEN > ctx.data() {
-        return None;
+        return Err(0);
     }
     // SAFETY: the check above keeps the record inside the metadata area.
     unsafe { (meta as *mut CookieAck).write_unaligned(*record) };
-    Some(())
+    Ok(())
 }

@@ -100,7 +100,8 @@ impl Socket {
 
     /// A kernel-compatible cookie for the SYN in `segment`, made with the listener's secret,
     /// and the MSS it encodes. `header` holds the SYN's TCP header (with its options, which the
-    /// helper reads for the MSS); `header_len` is its length.
+    /// helper reads for the MSS); `header_len` is its length. The error is the helper's, or 0
+    /// when the IP header is not in the frame (which the parser already made sure it is).
     #[inline(always)]
     pub fn syn_cookie(
         &self,
@@ -108,8 +109,8 @@ impl Socket {
         segment: &Segment,
         header: &mut [u8; 66],
         header_len: u32,
-    ) -> Option<(u32, u16)> {
-        let (ip, ip_len) = ip_header(ctx, segment)?;
+    ) -> Result<(u32, u16), i64> {
+        let (ip, ip_len) = ip_header(ctx, segment).ok_or(0)?;
         // The length, re-bounded right at the call: Linux 6.12's verifier can lose the bounds
         // of a constant it fills from the stack ("REG INVARIANTS VIOLATION (ldx)") and then
         // refuses the helper's length as possibly negative. A volatile read hides the value
@@ -129,9 +130,9 @@ impl Socket {
             )
         };
         if value < 0 {
-            return None;
+            return Err(value);
         }
-        Some((value as u32, (value >> 32) as u16))
+        Ok((value as u32, (value >> 32) as u16))
     }
 
     /// Whether the ACK in `segment` acknowledges a SYN cookie this listener issued recently.

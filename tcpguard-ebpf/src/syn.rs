@@ -20,6 +20,7 @@ use crate::{
     frame::{at, len},
     integrity, own_cookie,
     parse::{Family, Segment},
+    rare,
     socket::Socket,
     zero,
 };
@@ -120,13 +121,18 @@ pub fn answer<const OWN: bool>(
         };
         plan
     } else {
-        let Some((cookie, mss)) = listener.syn_cookie(ctx, segment, header, header_len) else {
-            return Counter::CookieUnavailable;
+        let (cookie, mss) = match listener.syn_cookie(ctx, segment, header, header_len) {
+            Ok(cookie) => cookie,
+            Err(error) => {
+                rare::syn_cookie_failed(key, error);
+                return Counter::CookieUnavailable;
+            }
         };
         kernel_plan(cookie, mss, &options, config, now_ns)
     };
     let tcp_len = write_synack_header(header, &plan);
     if rewrite(ctx, segment, header, tcp_len, config).is_none() {
+        rare::syn_ack_failed(key);
         return Counter::SynAckFailed;
     }
     Counter::SynCookieSent

@@ -61,6 +61,7 @@ pub struct File {
     pub cookie_mode: String,
     pub cookie_secret_file: PathBuf,
     pub cookie_key_rotation: u64,
+    pub log_level: String,
     pub metrics: MetricsSection,
     pub control: ControlSection,
     pub policy: PolicySection,
@@ -81,6 +82,7 @@ impl Default for File {
             cookie_mode: "auto".to_owned(),
             cookie_secret_file: PathBuf::new(),
             cookie_key_rotation: DEFAULT_KEY_ROTATION_SECS,
+            log_level: "info".to_owned(),
             metrics: MetricsSection::default(),
             control: ControlSection::default(),
             policy: PolicySection::default(),
@@ -242,6 +244,9 @@ pub struct Config {
     /// cookies; `None`: a random key of this host's own.
     pub cookie_secret_file: Option<PathBuf>,
     pub cookie_key_rotation: Duration,
+    /// The daemon's log level, the data plane's lines included, unless `--log-level` or
+    /// `RUST_LOG` says otherwise (see [`crate::logging`]).
+    pub log_level: log::LevelFilter,
     pub metrics_listen: Option<SocketAddr>,
     pub control_socket: PathBuf,
     pub policy: SourcePolicy,
@@ -383,6 +388,8 @@ fn validate(file: File) -> Result<Config, ConfigError> {
             KEY_ROTATION_RANGE.end()
         )));
     }
+    let log_level = crate::logging::parse_level(&file.log_level)
+        .map_err(|message| invalid(format!("log_level: {message}")))?;
     let metrics_listen = match file.metrics.listen.as_str() {
         "" => None,
         text => Some(text.parse::<SocketAddr>().map_err(|_| {
@@ -445,6 +452,7 @@ fn validate(file: File) -> Result<Config, ConfigError> {
         cookie_mode,
         cookie_secret_file,
         cookie_key_rotation: Duration::from_secs(file.cookie_key_rotation),
+        log_level,
         metrics_listen,
         control_socket: file.control.socket,
         policy: SourcePolicy {
@@ -562,6 +570,10 @@ mod tests {
             (
                 "[policy]\ndeny = [\"10.1.2.3/8\"]",
                 "has host bits set; the prefix is 10.0.0.0/8",
+            ),
+            (
+                "log_level = \"loud\"",
+                "log_level: log level \"loud\" is not one of error, warn, info, debug, trace, off",
             ),
             (
                 "pin_dir = \"bpf\"",

@@ -28,6 +28,7 @@ use crate::{
     cookies::{self, KeyRing},
     guard::{Counters, FlowMap, GuardError, LoadOptions},
     http,
+    logging::{self, LevelSource},
     metrics::Metrics,
     notify::notify,
     reqsk::Reqsk,
@@ -44,11 +45,16 @@ pub struct ConfigSource {
     /// Whether the file must exist (it was named on the command line).
     pub required: bool,
     pub overrides: Overrides,
+    /// Whether the file's `log_level` decides the level.
+    pub level_source: LevelSource,
 }
 
 impl ConfigSource {
+    /// Reads and checks the file, and applies its `log_level`.
     pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
-        Config::load(&self.path, self.required, &self.overrides)
+        let config = Config::load(&self.path, self.required, &self.overrides)?;
+        logging::follow_config(self.level_source, config.log_level);
+        Ok(config)
     }
 }
 
@@ -160,6 +166,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     );
     let events = guard.take_events()?;
     let flows = guard.flows()?;
+    let rare_events = guard.take_rare_events()?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -167,7 +174,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         .context("cannot start the event loop")?;
     let mut daemon = Daemon::new(source, config, guard, flows, choice, keys);
     daemon.reqsk = reqsk;
-    let outcome = runtime.block_on(daemon.serve(events, &protecting));
+    let outcome = runtime.block_on(daemon.serve(events, rare_events, &protecting));
     daemon.stop()?;
     outcome
 }
@@ -267,7 +274,12 @@ impl Daemon {
         self.guard.as_mut().expect("the guard lives until stop")
     }
 
-    async fn serve(&mut self, events: RingBuf<MapData>, protecting: &str) -> anyhow::Result<()> {
+    async fn serve(
+        &mut self,
+        events: RingBuf<MapData>,
+        rare_events: RingBuf<MapData>,
+        protecting: &str,
+    ) -> anyhow::Result<()> {
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
         let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
         let mut hangup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
@@ -276,6 +288,12 @@ impl Daemon {
         let mut ring =
             unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
                 .map_err(|err| anyhow::anyhow!("cannot poll the lifecycle ring buffer: {err}"))?;
+        logging::forward_rare_events(rare_events)
+            .context("cannot poll the data plane's rare-event ring buffer")?;
+        if let Some(reqsk) = &mut self.reqsk {
+            logging::forward_rare_events(reqsk.take_rare_events()?)
+                .context("cannot poll the TC ingress program's rare-event ring buffer")?;
+        }
         let (asked_tx, mut asked) = mpsc::channel::<Asked>(16);
         self.start_control_socket(asked_tx)?;
         if let Some(address) = self.config.metrics_listen {
@@ -684,7 +702,7 @@ impl Daemon {
     }
 }
 
-fn endpoint(key: &FlowKey, client: bool) -> String {
+pub(crate) fn endpoint(key: &FlowKey, client: bool) -> String {
     let (address, port) = if client {
         (key.client_addr, key.client_port)
     } else {

@@ -611,6 +611,15 @@ impl Guard {
         RingBuf::try_from(map).map_err(map_error(maps::EVENTS))
     }
 
+    /// The programs' rare-event ring (lines for the daemon's log), taken out to be polled.
+    pub fn take_rare_events(&mut self) -> Result<RingBuf<MapData>, GuardError> {
+        let map = self
+            .ebpf
+            .take_map(maps::RARE_EVENTS)
+            .ok_or(GuardError::MissingMap(maps::RARE_EVENTS))?;
+        RingBuf::try_from(map).map_err(map_error(maps::RARE_EVENTS))
+    }
+
     /// The flow map, for reading last-seen times and removing finished connections.
     pub fn flows(&mut self) -> Result<FlowMap, GuardError> {
         let map = self

@@ -12,6 +12,7 @@ pub mod ebpf;
 pub mod guard;
 pub mod host;
 mod http;
+pub mod logging;
 pub mod metrics;
 mod notify;
 pub mod prefix;

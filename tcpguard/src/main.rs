@@ -1,4 +1,4 @@
-use std::{io::Write as _, path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use log::error;
@@ -6,6 +6,7 @@ use tcpguard::{
     config::{self, Overrides},
     control::{self, Request},
     daemon::{self, ConfigSource},
+    logging::{self, LevelSource},
 };
 
 #[derive(Parser)]
@@ -77,6 +78,9 @@ struct RunArgs {
     /// otherwise; own; kernel.
     #[arg(long = "cookie-mode", value_name = "MODE")]
     cookie_mode: Option<String>,
+    /// error, warn, info, debug, trace or off; over RUST_LOG and the file's log_level.
+    #[arg(long = "log-level", value_name = "LEVEL", value_parser = logging::parse_level)]
+    log_level: Option<log::LevelFilter>,
 }
 
 #[derive(clap::Args)]
@@ -90,10 +94,14 @@ struct AskArgs {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    let flag = match &cli.command {
+        Command::Run(args) => args.log_level,
+        _ => None,
+    };
+    let level_source = logging::init(flag);
     let result = match cli.command {
-        Command::Run(args) => daemon::run(config_source(args)),
+        Command::Run(args) => daemon::run(config_source(args, level_source)),
         Command::Status(args) => ask(&args, Request::Status),
         Command::Flows(args) => ask(&args, Request::Flows),
         Command::Detach { pin_dir } => detach(&pin_dir),
@@ -108,19 +116,9 @@ fn main() -> ExitCode {
     }
 }
 
-/// Plain lines; under systemd (JOURNAL_STREAM set) without a timestamp, since journald adds its
-/// own.
-fn init_logging() {
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.format(|out, record| writeln!(out, "{}: {}", record.level(), record.args()));
-    }
-    builder.init();
-}
-
-fn config_source(args: RunArgs) -> ConfigSource {
+fn config_source(args: RunArgs, level_source: LevelSource) -> ConfigSource {
     ConfigSource {
+        level_source,
         required: args.config.is_some(),
         path: args
             .config

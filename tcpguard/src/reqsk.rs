@@ -12,13 +12,14 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{MapError, PerCpuArray},
+    maps::{MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLink,
     },
 };
+use tcpguard_common::maps::RARE_EVENTS;
 use thiserror::Error;
 
 use crate::{bpffs, ebpf::REQSK_OBJECT, guard::if_index};
@@ -290,6 +291,16 @@ impl Reqsk {
             refused: sum(REFUSED)?,
             unparsed: sum(UNPARSED)?,
         })
+    }
+
+    /// The program's rare-event ring (its failures, for the daemon's log), taken out to be
+    /// polled.
+    pub fn take_rare_events(&mut self) -> Result<RingBuf<MapData>, ReqskError> {
+        let map = self
+            .ebpf
+            .take_map(RARE_EVENTS)
+            .ok_or(ReqskError::Missing(RARE_EVENTS))?;
+        RingBuf::try_from(map).map_err(ReqskError::Map)
     }
 
     /// Leaves the program attached through its pinned link, for the next daemon to adopt.

@@ -70,7 +70,11 @@ fn main() {
         println!(
             "verifier: {} instructions processed for the TC egress program, {} for the TC ingress (reqsk) one",
             count(guard.egress_verified_instructions()),
-            count(reqsk.as_ref().and_then(|reqsk| reqsk.verified_instructions())),
+            count(
+                reqsk
+                    .as_ref()
+                    .and_then(|reqsk| reqsk.verified_instructions())
+            ),
         );
         println!(
             "baseline XDP_PASS: {repeated_baseline:.1} ns/packet (repeat {REPEAT}), \
