@@ -250,7 +250,7 @@ fn report(
 ) {
     let Some(mut entry) = EVENTS.reserve::<LifecycleEvent>(0) else {
         bump(EVENTS_LOST);
-        rare::event_ring_full(key);
+        rare::event_ring_full(key, time_ns);
         return;
     };
     // Written field by field into the ring: a whole record built on the stack would not fit

@@ -25,16 +25,16 @@ static RARE_EVENTS: RingBuf = RingBuf::with_byte_size(RARE_EVENT_RING_BYTES, 0);
 static RARE_LIMITS: PerCpuArray<LogLimit> =
     PerCpuArray::with_max_entries(rare_event::RUST_KINDS, 0);
 
-/// Records an event of `kind` about `key` unless one went out from this CPU less than a
-/// second ago.
+/// Records an event of `kind` about `key` at `now_ns` unless one went out from this CPU less
+/// than a second before.
 #[inline(always)]
-fn record(kind: u8, level: u8, key: &FlowKey, error: i64) {
+fn record(kind: u8, level: u8, key: &FlowKey, error: i64, now_ns: u64) {
     let Some(limit) = RARE_LIMITS.get_ptr_mut(u32::from(kind)) else {
         return;
     };
-    // SAFETY: a per-CPU slot, written only by this CPU; the clock takes no arguments.
-    let (limit, now) = unsafe { (&mut *limit, bpf_ktime_get_ns()) };
-    let Some(held_back) = limit.occur(now) else {
+    // SAFETY: a per-CPU slot, written only by this CPU.
+    let limit = unsafe { &mut *limit };
+    let Some(held_back) = limit.occur(now_ns) else {
         return;
     };
     let Some(mut entry) = RARE_EVENTS.reserve::<RareEvent>(0) else {
@@ -56,34 +56,42 @@ fn record(kind: u8, level: u8, key: &FlowKey, error: i64) {
     entry.submit(0);
 }
 
-/// The lifecycle ring had no room: the daemon's connection table misses an event of `key`.
+/// The lifecycle ring had no room at `now_ns`: the daemon's connection table misses an event
+/// of `key`. While the ring stays full this runs for every event, so it takes the time the
+/// event already read rather than reading the clock again.
 #[inline(always)]
-pub fn event_ring_full(key: &FlowKey) {
-    record(rare_event::EVENT_RING_FULL, RARE_WARN, key, 0);
+pub fn event_ring_full(key: &FlowKey, now_ns: u64) {
+    record(rare_event::EVENT_RING_FULL, RARE_WARN, key, 0, now_ns);
+}
+
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: no arguments, no side effects.
+    unsafe { bpf_ktime_get_ns() }
 }
 
 /// The flow map refused `key` (`error`, from the map update): the connection goes on,
 /// untracked.
 #[inline(always)]
 pub fn flow_insert_failed(key: &FlowKey, error: i64) {
-    record(rare_event::FLOW_INSERT, RARE_ERROR, key, error);
+    record(rare_event::FLOW_INSERT, RARE_ERROR, key, error, now_ns());
 }
 
 /// `bpf_tcp_gen_syncookie` refused the SYN (`error`): it goes to the kernel unanswered.
 #[inline(always)]
 pub fn syn_cookie_failed(key: &FlowKey, error: i64) {
-    record(rare_event::SYN_COOKIE, RARE_ERROR, key, error);
+    record(rare_event::SYN_COOKIE, RARE_ERROR, key, error, now_ns());
 }
 
 /// The SYN-ACK could not be built in the frame: the SYN is dropped.
 #[inline(always)]
 pub fn syn_ack_failed(key: &FlowKey) {
-    record(rare_event::SYN_ACK, RARE_ERROR, key, 0);
+    record(rare_event::SYN_ACK, RARE_ERROR, key, 0, now_ns());
 }
 
 /// No metadata room for the record of an accepted own-cookie ACK (`error`, from
 /// `bpf_xdp_adjust_meta`): the ACK is dropped and the client retries.
 #[inline(always)]
 pub fn handover_failed(key: &FlowKey, error: i64) {
-    record(rare_event::HANDOVER, RARE_ERROR, key, error);
+    record(rare_event::HANDOVER, RARE_ERROR, key, error, now_ns());
 }

@@ -253,6 +253,20 @@ impl Daemon {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        let mut daemon = Self::spawn(namespace, paths, wrapper, args, env);
+        daemon.wait_for("protecting TCP ports", Duration::from_secs(30));
+        daemon
+    }
+
+    /// As [`Daemon::start_wrapped`], without waiting for the line that says it protects: for
+    /// a daemon whose log level hides it.
+    pub fn spawn(
+        namespace: &Namespace,
+        paths: DaemonPaths,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         // nsenter rather than `ip netns exec`, which would give tcpguard a mount namespace of
         // its own with a fresh /sys, where the BPF filesystem is not mounted.
         let mut child = Command::new("nsenter")
@@ -281,15 +295,13 @@ impl Daemon {
                 }
             }
         });
-        let mut daemon = Self {
+        Self {
             child,
             lines,
             log: Vec::new(),
             paths,
             clean_up_pins: true,
-        };
-        daemon.wait_for("protecting TCP ports", Duration::from_secs(30));
-        daemon
+        }
     }
 
     /// Waits for a log line containing `text` and returns it.

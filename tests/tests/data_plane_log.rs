@@ -211,3 +211,80 @@ fn a_refused_own_cookie_ack_is_logged_with_the_kfunc_error_and_addresses() {
     assert!(accepted >= 1, "XDP accepted the cookie: {totals:?}");
     drop(listener);
 }
+
+#[test]
+fn log_level_hides_the_lines_below_it_and_a_refused_syn_cookie_is_an_error() {
+    let rig = Rig::new();
+    // Half the flood's sources (10.128.0.0/10) are allow-listed, enough to overflow the ring;
+    // the rig's client (10.201.0.2) is not, so its SYN goes to the cookie helper.
+    let config = ConfigFile::new(
+        &rig.server,
+        "log_level = \"error\"\n[policy]\nallow = [\"10.128.0.0/10\"]\n",
+    );
+    let port = PORT.to_string();
+    let args = [
+        "--config",
+        config.path(),
+        "--iface",
+        SERVER_IF,
+        "--port",
+        &port,
+        "--cookie-mode",
+        "kernel",
+    ];
+    // Without RUST_LOG, log_level decides; "protecting TCP ports" (info) is not shown, so the
+    // control socket says when the daemon is up.
+    let paths = tcpguard_tests::rig::DaemonPaths::for_namespace(&rig.server);
+    let mut daemon = Daemon::spawn(&rig.server, paths, &[], &args, &[("RUST_LOG", "")]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon.paths.tcpguard(&["status"]).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tcpguard did not answer on its control socket; its log:\n{}",
+            daemon.drain().join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    daemon.signal(libc::SIGSTOP);
+    let flood = rig.syn_flood(PORT);
+    let sent = rig
+        .client
+        .within(move || flood.run(Duration::from_secs(1), 2_000_000));
+    daemon.signal(libc::SIGCONT);
+    sent.expect("running the generator");
+    let lost = status(&daemon)["events_lost"]
+        .as_u64()
+        .expect("events_lost");
+    assert!(lost > 0, "the flood overflowed the ring");
+
+    // The daemon made tcp_syncookies 2 at start (kernel's cookies); at 1 the helper refuses a
+    // SYN unless the listener's queue is full (ENOENT), and the SYN goes to the kernel.
+    rig.server.sysctl("net.ipv4.tcp_syncookies", "1");
+    let listener = rig
+        .server
+        .within(|| TcpListener::bind((Ipv4Addr::UNSPECIFIED, PORT)).expect("listening"));
+    let connected = rig.client.within(|| {
+        TcpStream::connect_timeout(&SocketAddr::from((SERVER, PORT)), Duration::from_secs(5))
+            .map(|stream| stream.local_addr().expect("the client's address"))
+    });
+    let client = connected.expect("the kernel answers the SYN the helper refused");
+    let line = daemon.wait_for(
+        "bpf_tcp_gen_syncookie failed with error -2",
+        Duration::from_secs(20),
+    );
+    assert!(line.contains(" ERROR "), "logged as an error: {line}");
+    assert!(
+        line.contains(&format!("the SYN {client} -> {SERVER}:{PORT}")),
+        "the SYN's addresses ({client} -> {SERVER}:{PORT}): {line}"
+    );
+    // The ring-full records went into the same ring before this one, and the daemon logs a
+    // ring in order: at log_level = "error" their warnings, and every info line, stayed out.
+    let shown: Vec<&String> = daemon
+        .log
+        .iter()
+        .filter(|line| line.contains(" WARN ") || line.contains(" INFO "))
+        .collect();
+    assert!(shown.is_empty(), "lines below error: {shown:?}");
+    drop(listener);
+}
