@@ -50,17 +50,15 @@ pub struct ConfigSource {
 }
 
 impl ConfigSource {
-    /// Reads and checks the file, and applies its `log_level`.
     pub fn load(&self) -> Result<Config, crate::config::ConfigError> {
-        let config = Config::load(&self.path, self.required, &self.overrides)?;
-        logging::follow_config(self.level_source, config.log_level);
-        Ok(config)
+        Config::load(&self.path, self.required, &self.overrides)
     }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     let config = source.load()?;
+    logging::follow_config(source.level_source, config.log_level);
     if crate::guard::if_index(&config.interface).is_none() {
         anyhow::bail!(
             "interface {:?} does not exist; `ip link` lists the interfaces of this network namespace",
@@ -540,6 +538,7 @@ impl Daemon {
             &mut self.effects,
         );
         self.apply_effects();
+        logging::follow_config(self.source.level_source, new.log_level);
         self.config = new;
         self.keys = keys;
         self.rotate_keys();
