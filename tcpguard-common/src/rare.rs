@@ -19,7 +19,7 @@ pub struct LogLimit {
     /// `bpf_ktime_get_ns` of the last line, 0 before the first.
     pub last_ns: u64,
     /// Occurrences since that line that were not logged.
-    pub unlogged: u64,
+    pub held_back: u64,
 }
 
 impl LogLimit {
@@ -28,13 +28,13 @@ impl LogLimit {
     #[inline(always)]
     pub fn occur(&mut self, now_ns: u64) -> Option<u64> {
         if self.last_ns != 0 && now_ns.wrapping_sub(self.last_ns) < RARE_LOG_INTERVAL_NS {
-            self.unlogged += 1;
+            self.held_back += 1;
             return None;
         }
-        let unlogged = self.unlogged;
+        let held_back = self.held_back;
         self.last_ns = now_ns;
-        self.unlogged = 0;
-        Some(unlogged)
+        self.held_back = 0;
+        Some(held_back)
     }
 }
 
@@ -117,13 +117,13 @@ mod tests {
         let (mut lines, mut counted) = (0, 0);
         // 10 s of one occurrence every 100 µs.
         for step in 1..=100_000u64 {
-            if let Some(unlogged) = limit.occur(step * 100_000) {
+            if let Some(held_back) = limit.occur(step * 100_000) {
                 lines += 1;
-                counted += 1 + unlogged;
+                counted += 1 + held_back;
             }
         }
         assert_eq!(lines, 10);
-        assert_eq!(counted + limit.unlogged, 100_000);
+        assert_eq!(counted + limit.held_back, 100_000);
     }
 
     #[test]

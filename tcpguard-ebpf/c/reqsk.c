@@ -118,7 +118,7 @@ _Static_assert(sizeof(struct tcpguard_rare_event) == 56, "RareEvent is 56 bytes"
 
 struct log_limit {
 	__u64 last_ns;
-	__u64 unlogged;
+	__u64 held_back;
 };
 
 struct {
@@ -146,12 +146,12 @@ static __always_inline void record(const struct tcpguard_flow_key *key, __u8 kin
 	if (!limit)
 		return;
 	if (limit->last_ns != 0 && now - limit->last_ns < RARE_LOG_INTERVAL_NS) {
-		limit->unlogged += 1;
+		limit->held_back += 1;
 		return;
 	}
 	event = bpf_ringbuf_reserve(&RARE_EVENTS, sizeof(*event), 0);
 	if (!event) {
-		limit->unlogged += 1; /* the daemon is behind: told with the next record */
+		limit->held_back += 1; /* the daemon is behind: told with the next record */
 		return;
 	}
 	event->key = *key;
@@ -159,10 +159,10 @@ static __always_inline void record(const struct tcpguard_flow_key *key, __u8 kin
 	event->kind = kind;
 	event->level = level;
 	event->pad[0] = event->pad[1] = 0;
-	event->held_back = limit->unlogged;
+	event->held_back = limit->held_back;
 	bpf_ringbuf_submit(event, 0);
 	limit->last_ns = now;
-	limit->unlogged = 0;
+	limit->held_back = 0;
 }
 
 struct vlan_tag {

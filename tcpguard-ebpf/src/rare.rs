@@ -39,7 +39,7 @@ fn record(kind: u8, level: u8, key: &FlowKey, error: i64, now_ns: u64) {
     };
     let Some(mut entry) = RARE_EVENTS.reserve::<RareEvent>(0) else {
         // The daemon is behind: this one is told with the next record.
-        limit.unlogged += held_back + 1;
+        limit.held_back += held_back + 1;
         return;
     };
     let event = entry.as_mut_ptr();
