@@ -4,10 +4,11 @@
 //! nothing.
 //!
 //! Not aya-log-ebpf: its macros build every field of a line on the stack first. With this
-//! crate's `+allows-misaligned-mem-access` LLVM stores a field's two-byte length at an odd
-//! stack offset, which the verifier refuses ("misaligned stack access"), and on the SYN path
-//! the extra stack takes the program past the 512-byte limit. A fixed record written straight
-//! into ring memory needs neither, and is what the C program writes too.
+//! crate's `+allows-misaligned-mem-access` LLVM merges some of those byte stores into two-byte
+//! stores at odd stack offsets, which the verifier refuses ("misaligned stack access"); written
+//! without the macros, through aya-log's field types, the line took the SYN path past the
+//! 512-byte stack. A fixed record written straight into ring memory needs no stack, and is
+//! what the C program writes too.
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
