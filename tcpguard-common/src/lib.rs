@@ -23,7 +23,7 @@ pub use flow::{
     EVENT_SEGMENT, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow,
     FlowKey, LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SourceKey, SynTime,
 };
-pub use host::{HostAddress, InterfaceConfig, is_for_interface, is_martian};
+pub use host::{HostAddress, HostFilter, InterfaceConfig, is_for_interface, is_martian};
 
 /// Names of the maps in the eBPF object, as the daemon looks them up.
 pub mod maps {
@@ -58,6 +58,8 @@ pub mod maps {
     /// `HashMap<HostAddress, u8>`: the unicast addresses the host owns; SYNs to any other
     /// destination go to the kernel untouched.
     pub const HOST_ADDRESSES: &str = "HOST_ADDRESSES";
+    /// `Array<HostFilter>` with a single entry: which addresses [`HOST_ADDRESSES`] may hold.
+    pub const HOST_ADDRESS_FILTER: &str = "HOST_ADDRESS_FILTER";
     /// `Array<InterfaceConfig>` with a single entry.
     pub const INTERFACE: &str = "INTERFACE";
 
@@ -77,6 +79,7 @@ pub mod maps {
         DENY_V6,
         FULL_SOURCES,
         HOST_ADDRESSES,
+        HOST_ADDRESS_FILTER,
         INTERFACE,
         COOKIE_SECRETS,
     ];

@@ -24,9 +24,10 @@ use aya::{
 use log::info;
 use tcpguard_common::{
     Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST, EVENTS_SENT, FAMILY_IPV4,
-    FAMILY_IPV6, Flow, FlowKey, HostAddress, InterfaceConfig, POLICY_ALLOW, POLICY_DENY,
-    POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey, SynCookieConfig,
-    XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, cookie::CookieSecrets, maps, xdp_program,
+    FAMILY_IPV6, Flow, FlowKey, HostAddress, HostFilter, InterfaceConfig, POLICY_ALLOW,
+    POLICY_DENY, POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey,
+    SynCookieConfig, XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, cookie::CookieSecrets, maps,
+    xdp_program,
 };
 
 use crate::{bpffs, ebpf::TCPGUARD_OBJECT, prefix::Prefix};
@@ -363,6 +364,12 @@ impl Guard {
                 }
             }
         }
+        // After the map: the filter may say "maybe" of an address the map lacks, never "no"
+        // of one it holds.
+        let mut filter: Array<_, HostFilter> = self.map_mut(maps::HOST_ADDRESS_FILTER)?;
+        filter
+            .set(0, &HostFilter::of(addresses), 0)
+            .map_err(map_error(maps::HOST_ADDRESS_FILTER))?;
         Ok((added, removed))
     }
 
