@@ -35,7 +35,7 @@ use tcpguard_common::{
 };
 
 use crate::{
-    flow::Direction,
+    flow::{Direction, SynClock},
     parse::{Family, Segment},
     policy::Lists,
     socket::Socket,
@@ -144,7 +144,7 @@ fn handle_syn<const OWN: bool>(
 ) -> Counter {
     if policy.allowed(key) {
         if flow::track(key, segment, Direction::FromClient).is_none() {
-            flow::start(key, segment, EVENT_ALLOWED_SYN);
+            flow::start(key, segment, EVENT_ALLOWED_SYN, SynClock::Monotonic);
         }
         return Counter::AllowedSource;
     }
@@ -154,11 +154,16 @@ fn handle_syn<const OWN: bool>(
     if let Err(counter) = host::source_is_foreign(key) {
         return counter;
     }
-    // One clock read serves the cookie's timestamp and the handshake timer.
-    let now_ns = flow::now_ns();
-    let counter = answer_syn::<OWN>(ctx, segment, key, now_ns);
+    // One clock read serves the cookie and the handshake timer: TAI for an own cookie, the
+    // monotonic clock the kernel's cookie timestamps count for the kernel's.
+    let clock_ns = if OWN {
+        own_cookie::now_tai_ns()
+    } else {
+        flow::now_ns()
+    };
+    let counter = answer_syn::<OWN>(ctx, segment, key, clock_ns);
     if counter == Counter::SynCookieSent {
-        flow::syn_answered(key, now_ns);
+        flow::syn_answered(key, clock_ns);
     }
     counter
 }
@@ -169,7 +174,7 @@ fn answer_syn<const OWN: bool>(
     ctx: &XdpContext,
     segment: &Segment,
     key: &FlowKey,
-    now_ns: u64,
+    clock_ns: u64,
 ) -> Counter {
     let Some(slot) = SYN_SCRATCH.get_ptr_mut(0) else {
         return Counter::CookieUnavailable;
@@ -194,7 +199,7 @@ fn answer_syn<const OWN: bool>(
     let Some(config) = SYN_COOKIE_CONFIG.get(0) else {
         return Counter::CookieUnavailable;
     };
-    syn::answer::<OWN>(ctx, segment, key, &socket, config, now_ns)
+    syn::answer::<OWN>(ctx, segment, key, &socket, config, clock_ns)
 }
 
 /// An ACK (or SYN-ACK) of an untracked flow with no connection behind it must carry a valid
@@ -210,7 +215,7 @@ fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKe
             None => Counter::CookieUnavailable,
         },
         Some(listener) if listener.cookie_is_valid(ctx, segment) => {
-            flow::start(key, segment, EVENT_COOKIE_HANDSHAKE);
+            flow::start(key, segment, EVENT_COOKIE_HANDSHAKE, SynClock::Monotonic);
             Counter::CookieAccepted
         }
         Some(_) => Counter::CookieRejected,
