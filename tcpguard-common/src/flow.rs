@@ -114,6 +114,9 @@ pub const EVENT_ALLOWED_SYN: u8 = 2;
 /// [`LifecycleEvent::kind`]: a segment of a tracked flow that can change its state: SYN, FIN,
 /// RST, or the ACK of a FIN.
 pub const EVENT_SEGMENT: u8 = 3;
+/// [`LifecycleEvent::kind`]: an ACK completing a handshake the kernel answered itself (a SYN
+/// outside an attack); the flow is now tracked.
+pub const EVENT_KERNEL_HANDSHAKE: u8 = 4;
 
 /// [`LifecycleEvent::direction`]: client → server, seen by XDP.
 pub const FROM_CLIENT: u8 = 0;
@@ -139,7 +142,8 @@ pub struct LifecycleEvent {
     pub payload_len: u16,
     /// TCP flags byte ([`crate::tcp_flags`]).
     pub flags: u8,
-    /// [`EVENT_COOKIE_HANDSHAKE`], [`EVENT_ALLOWED_SYN`] or [`EVENT_SEGMENT`].
+    /// [`EVENT_COOKIE_HANDSHAKE`], [`EVENT_ALLOWED_SYN`], [`EVENT_SEGMENT`] or
+    /// [`EVENT_KERNEL_HANDSHAKE`].
     pub kind: u8,
     /// [`FROM_CLIENT`] or [`FROM_SERVER`].
     pub direction: u8,

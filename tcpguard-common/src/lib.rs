@@ -1,6 +1,7 @@
 //! Layouts shared by the XDP program and the daemon. Each is defined once, here.
 #![no_std]
 
+pub mod attack;
 mod config;
 pub mod cookie;
 mod cookie_ack;
@@ -8,6 +9,7 @@ mod counter;
 mod flow;
 mod host;
 
+pub use attack::{AttackConfig, AttackState};
 pub use config::{
     FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT,
     Policy, ProtectedPort, SynCookieConfig,
@@ -19,9 +21,10 @@ pub use cookie_ack::{
 };
 pub use counter::{Counter, CounterKind};
 pub use flow::{
-    CLIENT_FIN, CLIENT_FIN_ACKED, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_RING_BYTES,
-    EVENT_SEGMENT, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow,
-    FlowKey, LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SourceKey, SynTime,
+    CLIENT_FIN, CLIENT_FIN_ACKED, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE,
+    EVENT_KERNEL_HANDSHAKE, EVENT_RING_BYTES, EVENT_SEGMENT, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4,
+    FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow, FlowKey, LifecycleEvent, SERVER_FIN,
+    SERVER_FIN_ACKED, SourceKey, SynTime,
 };
 pub use host::{HostAddress, HostFilter, InterfaceConfig, is_for_interface, is_martian};
 
@@ -62,6 +65,10 @@ pub mod maps {
     pub const HOST_ADDRESS_FILTER: &str = "HOST_ADDRESS_FILTER";
     /// `Array<InterfaceConfig>` with a single entry.
     pub const INTERFACE: &str = "INTERFACE";
+    /// `Array<AttackConfig>` with a single entry, written by the daemon.
+    pub const ATTACK_CONFIG: &str = "ATTACK_CONFIG";
+    /// `Array<AttackState>` with a single entry: the SYN rate and whether an attack is on.
+    pub const ATTACK: &str = "ATTACK";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -82,6 +89,8 @@ pub mod maps {
         HOST_ADDRESS_FILTER,
         INTERFACE,
         COOKIE_SECRETS,
+        ATTACK_CONFIG,
+        ATTACK,
     ];
 }
 

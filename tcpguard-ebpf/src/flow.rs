@@ -157,24 +157,30 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8, clock: SynClock) {
     );
 }
 
-/// Remembers that a SYN was answered with a cookie at `clock_ns` (the program's [`SynClock`]),
-/// for the handshake time, and
+/// Remembers that a SYN was answered (with a cookie, or by the kernel outside an attack) at
+/// `clock_ns` (the program's [`SynClock`]), for the handshake time, and
 /// forgets an earlier connection on the same 4-tuple: the kernel had only the listener for it,
 /// so that connection is gone (its TIME-WAIT over), and its flow entry would otherwise pass the
 /// new handshake's ACK to the kernel as a tracked segment, without the cookie record the
 /// own-cookie path needs.
 #[inline(always)]
 pub fn syn_answered(key: &FlowKey, clock_ns: u64) {
-    // Looked up first: a flood's SYNs have no flow, and a lookup takes no lock where a delete
-    // takes the bucket's.
-    if FLOWS.get_ptr(key).is_some() {
-        let _ = FLOWS.remove(key);
-    }
+    forget(key);
     let (index, tag) = syn_slot(key);
     if let Some(slot) = SYN_TIMES.get_ptr_mut(index) {
         // SAFETY: a slot of a shared array, written whole; a racing writer can only make the
         // handshake time unknown (tag mismatch).
         unsafe { *slot = SynTime::new(tag, clock_ns) };
+    }
+}
+
+/// Forgets the flow `key`, if there is one.
+#[inline(always)]
+fn forget(key: &FlowKey) {
+    // Looked up first: a flood's SYNs have no flow, and a lookup takes no lock where a delete
+    // takes the bucket's.
+    if FLOWS.get_ptr(key).is_some() {
+        let _ = FLOWS.remove(key);
     }
 }
 

@@ -23,9 +23,9 @@ use aya::{
 };
 use log::info;
 use tcpguard_common::{
-    Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST, EVENTS_SENT, FAMILY_IPV4,
-    FAMILY_IPV6, Flow, FlowKey, HostAddress, HostFilter, InterfaceConfig, POLICY_ALLOW,
-    POLICY_DENY, POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey,
+    AttackConfig, AttackState, Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST,
+    EVENTS_SENT, FAMILY_IPV4, FAMILY_IPV6, Flow, FlowKey, HostAddress, HostFilter, InterfaceConfig,
+    POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey,
     SynCookieConfig, XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, cookie::CookieSecrets, maps,
     xdp_program,
 };
@@ -330,6 +330,23 @@ impl Guard {
         let mut map: Array<_, CookieSecrets> = self.map_mut(maps::COOKIE_SECRETS)?;
         map.set(0, secrets, 0)
             .map_err(map_error(maps::COOKIE_SECRETS))
+    }
+
+    /// Tells the data plane when SYNs get cookies.
+    pub fn set_attack_config(&mut self, config: AttackConfig) -> Result<(), GuardError> {
+        let mut map: Array<_, AttackConfig> = self.map_mut(maps::ATTACK_CONFIG)?;
+        map.set(0, &config, 0)
+            .map_err(map_error(maps::ATTACK_CONFIG))
+    }
+
+    /// The SYN rate and attack state as the data plane last left them.
+    pub fn attack_state(&self) -> Result<AttackState, GuardError> {
+        let map = self
+            .ebpf
+            .map(maps::ATTACK)
+            .ok_or(GuardError::MissingMap(maps::ATTACK))?;
+        let array: Array<_, AttackState> = Array::try_from(map).map_err(map_error(maps::ATTACK))?;
+        array.get(&0, 0).map_err(map_error(maps::ATTACK))
     }
 
     /// Tells the data plane the protected interface's MAC.

@@ -77,6 +77,10 @@ struct RunArgs {
     /// otherwise; own; kernel.
     #[arg(long = "cookie-mode", value_name = "MODE")]
     cookie_mode: Option<String>,
+    /// under-attack: cookies only while the SYN rate says an attack is on (the default where
+    /// the cookie path allows it); always.
+    #[arg(long, value_name = "WHEN")]
+    cookies: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -136,6 +140,7 @@ fn config_source(args: RunArgs) -> ConfigSource {
             control_socket: args.control_socket,
             pin_dir: args.pin_dir,
             cookie_mode: args.cookie_mode,
+            cookies: args.cookies,
         },
     }
 }
@@ -168,6 +173,18 @@ fn print_status(status: &control::Status) {
     println!(
         "SYN cookies: {} ({})",
         status.cookie_mode, status.cookie_mode_reason
+    );
+    println!(
+        "cookies {} ({}); {}, {} SYN/s, {} attacks so far",
+        status.cookies,
+        status.cookies_reason,
+        if status.under_attack {
+            "UNDER ATTACK"
+        } else {
+            "no attack"
+        },
+        status.syn_rate,
+        status.attacks
     );
     if !status.cookie_handovers.is_empty() {
         let handovers: Vec<String> = status
