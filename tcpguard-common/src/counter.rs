@@ -54,6 +54,8 @@ counters! {
     TrackedFlow = "tracked_flow", Pass, "A segment of a connection tcpguard tracks in its flow map.";
     AllowedSource = "allowed_source", Pass, "A SYN from an allow-listed source, handed to the kernel without a cookie round trip.";
     SynCookieSent = "syn_cookie_sent", Answer, "A SYN answered with a SYN cookie SYN-ACK from XDP.";
+    SynNoAttack = "syn_no_attack", Pass, "A SYN outside an attack (cookies only under attack): the kernel answers it with its normal handshake.";
+    KernelHandshake = "kernel_handshake", Pass, "An ACK completing a handshake the kernel answered itself outside an attack; the connection is tracked from here.";
     Truncated = "truncated", Drop, "A header ends past the end of the frame.";
     BadIpVersion = "bad_ip_version", Drop, "The IP version field does not match the EtherType.";
     BadIpHeaderLength = "bad_ip_header_length", Drop, "IPv4 header length (IHL) below 5 words.";

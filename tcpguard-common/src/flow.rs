@@ -82,23 +82,26 @@ impl SynTime {
 }
 
 impl FlowKey {
-    /// A 32-bit hash of the 4-tuple (FNV-1a over its 32-bit words): its low bits pick a
-    /// [`SynTime`] slot, its high bits make the tag.
+    /// A hash of the 4-tuple for [`SynTime`] slots: the addresses' 32-bit words folded with XOR
+    /// (the server's rotated, so that equal words of the two ends do not cancel) beside the two
+    /// ports, through SplitMix64's finalizer, whose every output bit depends on every input bit.
+    /// Bits 32 and up pick the slot and make the tag. An IPv4 4-tuple is one word per address,
+    /// so its fold loses nothing. Cheap rather than strong: a sender who makes two 4-tuples
+    /// collide only loses a handshake time.
     #[inline(always)]
-    pub fn hash(&self) -> u32 {
-        let mut hash: u32 = 0x811c_9dc5;
-        let mut mix = |word: u32| hash = (hash ^ word).wrapping_mul(0x0100_0193);
-        for address in [&self.client_addr, &self.server_addr] {
-            for word in address.as_chunks::<4>().0 {
-                mix(u32::from_ne_bytes(*word));
-            }
+    pub fn hash(&self) -> u64 {
+        let word = |bytes: &[u8; 16], i: usize| {
+            u32::from_ne_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]])
+        };
+        let mut addresses = 0;
+        for i in [0, 4, 8, 12] {
+            addresses ^= word(&self.client_addr, i) ^ word(&self.server_addr, i).rotate_left(16);
         }
-        let client = self.client_port.to_ne_bytes();
-        let server = self.server_port.to_ne_bytes();
-        mix(u32::from_ne_bytes([
-            client[0], client[1], server[0], server[1],
-        ]));
-        hash
+        let ports = u32::from(self.client_port) << 16 | u32::from(self.server_port);
+        let mut z = u64::from(addresses) << 32 | u64::from(ports);
+        z = (z ^ z >> 30).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ z >> 27).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ z >> 31
     }
 }
 
@@ -111,6 +114,9 @@ pub const EVENT_ALLOWED_SYN: u8 = 2;
 /// [`LifecycleEvent::kind`]: a segment of a tracked flow that can change its state: SYN, FIN,
 /// RST, or the ACK of a FIN.
 pub const EVENT_SEGMENT: u8 = 3;
+/// [`LifecycleEvent::kind`]: an ACK completing a handshake the kernel answered itself (a SYN
+/// outside an attack); the flow is now tracked.
+pub const EVENT_KERNEL_HANDSHAKE: u8 = 4;
 
 /// [`LifecycleEvent::direction`]: client → server, seen by XDP.
 pub const FROM_CLIENT: u8 = 0;
@@ -136,7 +142,8 @@ pub struct LifecycleEvent {
     pub payload_len: u16,
     /// TCP flags byte ([`crate::tcp_flags`]).
     pub flags: u8,
-    /// [`EVENT_COOKIE_HANDSHAKE`], [`EVENT_ALLOWED_SYN`] or [`EVENT_SEGMENT`].
+    /// [`EVENT_COOKIE_HANDSHAKE`], [`EVENT_ALLOWED_SYN`], [`EVENT_SEGMENT`] or
+    /// [`EVENT_KERNEL_HANDSHAKE`].
     pub kind: u8,
     /// [`FROM_CLIENT`] or [`FROM_SERVER`].
     pub direction: u8,
@@ -196,6 +203,44 @@ mod tests {
         assert_eq!(size_of::<Flow>(), 32);
         assert_eq!(size_of::<LifecycleEvent>(), 80);
         assert_eq!(size_of::<SourceKey>(), 20);
+    }
+
+    /// A flood's 4-tuples spread over the SYN-time slots about as a random function would
+    /// (65,536 keys into 65,536 slots fill 1 - 1/e ≈ 63% of them), and the ends are ordered.
+    #[test]
+    fn syn_slots_spread_a_floods_4_tuples() {
+        extern crate std;
+        let slot = |key: &FlowKey| (key.hash() >> 32) as u16;
+        let mut used = std::vec![false; 65_536];
+        for n in 0..65_536u32 {
+            let mut key = FlowKey {
+                client_port: (n * 7919) as u16,
+                server_port: 443,
+                family: crate::FLOW_IPV4,
+                ..FlowKey::default()
+            };
+            key.client_addr[..4].copy_from_slice(&[
+                10,
+                128 + (n >> 16) as u8,
+                (n >> 8) as u8,
+                n as u8,
+            ]);
+            key.server_addr[..4].copy_from_slice(&[10, 0, 0, 1]);
+            used[usize::from(slot(&key))] = true;
+        }
+        let filled = used.iter().filter(|&&u| u).count();
+        assert!(
+            (38_000..45_000).contains(&filled),
+            "{filled} slots of 65536"
+        );
+
+        let mut key = FlowKey::default();
+        key.client_addr[0] = 1;
+        key.server_addr[0] = 2;
+        let mut swapped = FlowKey::default();
+        swapped.client_addr[0] = 2;
+        swapped.server_addr[0] = 1;
+        assert_ne!(key.hash(), swapped.hash());
     }
 
     #[test]

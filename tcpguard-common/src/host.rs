@@ -40,6 +40,41 @@ impl HostAddress {
     }
 }
 
+/// A 256-bit summary of the host's addresses, the single entry of
+/// [`crate::maps::HOST_ADDRESS_FILTER`]: an address whose bit is clear is not one of them, so
+/// the data plane skips the hash lookup for it. A SYN flood's random sources almost all land on
+/// a clear bit; the host's own few addresses set a few bits. The bit is the address's last
+/// byte (IPv4's last octet) mixed with its fourth and its family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostFilter {
+    pub bits: [u64; 4],
+}
+
+impl HostFilter {
+    /// The filter that holds every address in `addresses`.
+    pub fn of<'a>(addresses: impl IntoIterator<Item = &'a HostAddress>) -> Self {
+        let mut filter = Self::default();
+        for host in addresses {
+            let bit = Self::bit(host.family, &host.address);
+            filter.bits[usize::from(bit >> 6)] |= 1 << (bit & 63);
+        }
+        filter
+    }
+
+    /// False when `address` is certainly not one the filter was made of.
+    #[inline(always)]
+    pub fn may_hold(&self, family: u8, address: &[u8; 16]) -> bool {
+        let bit = Self::bit(family, address);
+        self.bits[usize::from(bit >> 6) & 3] & 1 << (bit & 63) != 0
+    }
+
+    #[inline(always)]
+    fn bit(family: u8, address: &[u8; 16]) -> u8 {
+        address[15] ^ address[3] ^ family
+    }
+}
+
 /// The protected interface as the data plane needs to know it; the single entry of
 /// [`crate::maps::INTERFACE`].
 #[repr(C)]
@@ -56,6 +91,7 @@ mod pod {
     // SAFETY: #[repr(C)], integers only, padding spelled out.
     unsafe impl aya::Pod for super::HostAddress {}
     unsafe impl aya::Pod for super::InterfaceConfig {}
+    unsafe impl aya::Pod for super::HostFilter {}
 }
 
 /// Whether a frame sent to `destination` reaches the host's own stack: the interface's unicast
@@ -109,6 +145,28 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
     use super::*;
+
+    #[test]
+    fn the_host_filter_holds_every_address_it_was_made_of_and_few_others() {
+        let hosts = [
+            HostAddress::v4([10, 0, 0, 1]),
+            HostAddress::v4([192, 168, 7, 200]),
+            HostAddress::v6("fd00::1".parse::<Ipv6Addr>().unwrap().octets()),
+            HostAddress::v6("fe80::8c2:aff:fe00:2".parse::<Ipv6Addr>().unwrap().octets()),
+        ];
+        let filter = HostFilter::of(&hosts);
+        for host in &hosts {
+            assert!(filter.may_hold(host.family, &host.address), "{host:?}");
+        }
+        assert!(!HostFilter::default().may_hold(FLOW_IPV4, &hosts[0].address));
+        // A flood's sources: of 65,536 IPv4 addresses, only those sharing a bit with the four
+        // hosts (at most 4 of 256 last octets) need the lookup.
+        let maybe = (0..=u16::MAX)
+            .map(|n| HostAddress::v4([10, 128, (n >> 8) as u8, n as u8]))
+            .filter(|source| filter.may_hold(source.family, &source.address))
+            .count();
+        assert!(maybe <= 4 * 256, "{maybe} of 65536 sources need a lookup");
+    }
 
     fn martian(address: &str) -> bool {
         match address.parse::<IpAddr>().unwrap() {

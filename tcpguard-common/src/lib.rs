@@ -1,6 +1,7 @@
 //! Layouts shared by the XDP program and the daemon. Each is defined once, here.
 #![no_std]
 
+pub mod attack;
 mod config;
 pub mod cookie;
 mod cookie_ack;
@@ -9,6 +10,7 @@ mod flow;
 mod host;
 mod rare;
 
+pub use attack::{AttackConfig, AttackState};
 pub use config::{
     FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT,
     Policy, ProtectedPort, SynCookieConfig,
@@ -20,11 +22,12 @@ pub use cookie_ack::{
 };
 pub use counter::{Counter, CounterKind};
 pub use flow::{
-    CLIENT_FIN, CLIENT_FIN_ACKED, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_RING_BYTES,
-    EVENT_SEGMENT, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow,
-    FlowKey, LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SourceKey, SynTime,
+    CLIENT_FIN, CLIENT_FIN_ACKED, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE,
+    EVENT_KERNEL_HANDSHAKE, EVENT_RING_BYTES, EVENT_SEGMENT, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4,
+    FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow, FlowKey, LifecycleEvent, SERVER_FIN,
+    SERVER_FIN_ACKED, SourceKey, SynTime,
 };
-pub use host::{HostAddress, InterfaceConfig, is_for_interface, is_martian};
+pub use host::{HostAddress, HostFilter, InterfaceConfig, is_for_interface, is_martian};
 pub use rare::{
     LogLimit, RARE_ERROR, RARE_EVENT_RING_BYTES, RARE_LOG_INTERVAL_NS, RARE_WARN, RareEvent,
     rare_event,
@@ -63,12 +66,18 @@ pub mod maps {
     /// `HashMap<HostAddress, u8>`: the unicast addresses the host owns; SYNs to any other
     /// destination go to the kernel untouched.
     pub const HOST_ADDRESSES: &str = "HOST_ADDRESSES";
+    /// `Array<HostFilter>` with a single entry: which addresses [`HOST_ADDRESSES`] may hold.
+    pub const HOST_ADDRESS_FILTER: &str = "HOST_ADDRESS_FILTER";
     /// `Array<InterfaceConfig>` with a single entry.
     pub const INTERFACE: &str = "INTERFACE";
     /// `RingBuf` of [`crate::RareEvent`]: the programs' lines for the daemon's log. Not
     /// pinned: each daemon reads the rings of the programs it loaded. The TC ingress program
     /// (C) has one of the same name.
     pub const RARE_EVENTS: &str = "RARE_EVENTS";
+    /// `Array<AttackConfig>` with a single entry, written by the daemon.
+    pub const ATTACK_CONFIG: &str = "ATTACK_CONFIG";
+    /// `Array<AttackState>` with a single entry: the SYN rate and whether an attack is on.
+    pub const ATTACK: &str = "ATTACK";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -86,8 +95,11 @@ pub mod maps {
         DENY_V6,
         FULL_SOURCES,
         HOST_ADDRESSES,
+        HOST_ADDRESS_FILTER,
         INTERFACE,
         COOKIE_SECRETS,
+        ATTACK_CONFIG,
+        ATTACK,
     ];
 }
 

@@ -118,10 +118,19 @@ pub fn now_ns() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The clock a program times its SYN answers on (see [`syn_answered`]), read when the
+/// handshake's ACK arrives.
+pub enum SynClock {
+    /// `bpf_ktime_get_ns`, which [`start`] reads anyway: the kernel-cookie program's clock.
+    Monotonic,
+    /// TAI nanoseconds, as the own-cookie program reads for its cookie.
+    Tai(u64),
+}
+
 /// Starts tracking a connection whose opening segment (`segment`, from the client) was just
 /// passed to the kernel, and reports it as `kind`.
 #[inline(always)]
-pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
+pub fn start(key: &FlowKey, segment: &Segment, kind: u8, clock: SynClock) {
     let now = now_ns();
     let mut flow = MaybeUninit::uninit();
     // Flow is plain old data; all-zero is a valid value.
@@ -134,7 +143,11 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
     if let Err(error) = FLOWS.insert(key, flow, 0) {
         rare::flow_insert_failed(key, error.into());
     }
-    let syn_time_ns = take_syn_time(key, now);
+    let clock_ns = match clock {
+        SynClock::Monotonic => now,
+        SynClock::Tai(tai_ns) => tai_ns,
+    };
+    let syn_time_ns = take_syn_time(key, now, clock_ns);
     report(
         key,
         segment,
@@ -146,29 +159,37 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: u8) {
     );
 }
 
-/// Remembers that a SYN was answered with a cookie at `now_ns`, for the handshake time, and
+/// Remembers that a SYN was answered (with a cookie, or by the kernel outside an attack) at
+/// `clock_ns` (the program's [`SynClock`]), for the handshake time, and
 /// forgets an earlier connection on the same 4-tuple: the kernel had only the listener for it,
 /// so that connection is gone (its TIME-WAIT over), and its flow entry would otherwise pass the
 /// new handshake's ACK to the kernel as a tracked segment, without the cookie record the
 /// own-cookie path needs.
 #[inline(always)]
-pub fn syn_answered(key: &FlowKey, now_ns: u64) {
+pub fn syn_answered(key: &FlowKey, clock_ns: u64) {
+    forget(key);
+    let (index, tag) = syn_slot(key);
+    if let Some(slot) = SYN_TIMES.get_ptr_mut(index) {
+        // SAFETY: a slot of a shared array, written whole; a racing writer can only make the
+        // handshake time unknown (tag mismatch).
+        unsafe { *slot = SynTime::new(tag, clock_ns) };
+    }
+}
+
+/// Forgets the flow `key`, if there is one.
+#[inline(always)]
+fn forget(key: &FlowKey) {
     // Looked up first: a flood's SYNs have no flow, and a lookup takes no lock where a delete
     // takes the bucket's.
     if FLOWS.get_ptr(key).is_some() {
         let _ = FLOWS.remove(key);
     }
-    let (index, tag) = syn_slot(key);
-    if let Some(slot) = SYN_TIMES.get_ptr_mut(index) {
-        // SAFETY: a slot of a shared array, written whole; a racing writer can only make the
-        // handshake time unknown (tag mismatch).
-        unsafe { *slot = SynTime::new(tag, now_ns) };
-    }
 }
 
-/// When `key`'s SYN was answered, if its slot still holds it; the slot is emptied.
+/// When `key`'s SYN was answered, on the monotonic clock that reads `now_ns`, if its slot still
+/// holds it; the slot is emptied. `clock_ns` is the program's SYN clock read at about `now_ns`.
 #[inline(always)]
-fn take_syn_time(key: &FlowKey, now_ns: u64) -> u64 {
+fn take_syn_time(key: &FlowKey, now_ns: u64, clock_ns: u64) -> u64 {
     let (index, tag) = syn_slot(key);
     let Some(slot) = SYN_TIMES.get_ptr_mut(index) else {
         return 0;
@@ -180,14 +201,18 @@ fn take_syn_time(key: &FlowKey, now_ns: u64) -> u64 {
             return 0;
         }
         *slot = SynTime::default();
-        held.time_before(now_ns)
+        now_ns.wrapping_sub(clock_ns.wrapping_sub(held.time_before(clock_ns)))
     }
 }
 
 #[inline(always)]
 fn syn_slot(key: &FlowKey) -> (u32, u16) {
     let hash = key.hash();
-    (hash & (SYN_TIMES_CAPACITY - 1), (hash >> 16) as u16 | 1)
+    // The high bits are the mixed ones: the index from bits 32 up, the tag from the top 16.
+    (
+        (hash >> 32) as u32 & (SYN_TIMES_CAPACITY - 1),
+        (hash >> 48) as u16 | 1,
+    )
 }
 
 /// The tracked flow `key`, refreshed by `segment`, with an event when the segment can change

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use tcpguard_common::{
-    Counter, FlowKey, HOST_ADDRESSES_CAPACITY, HostAddress, InterfaceConfig, is_for_interface,
-    is_martian,
+    Counter, FlowKey, HOST_ADDRESSES_CAPACITY, HostAddress, HostFilter, InterfaceConfig,
+    is_for_interface, is_martian,
 };
 
 use crate::frame::{Frame, read};
@@ -19,6 +19,9 @@ static INTERFACE: Array<InterfaceConfig> = Array::with_max_entries(1, 0);
 #[map(name = "HOST_ADDRESSES")]
 static HOST_ADDRESSES: HashMap<HostAddress, u8> =
     HashMap::with_max_entries(HOST_ADDRESSES_CAPACITY, 0);
+
+#[map(name = "HOST_ADDRESS_FILTER")]
+static HOST_ADDRESS_FILTER: Array<HostFilter> = Array::with_max_entries(1, 0);
 
 /// Where [`owns`] builds its lookup key, off the stack.
 #[map(name = "HOST_KEY_SCRATCH")]
@@ -59,6 +62,13 @@ pub fn source_is_foreign(key: &FlowKey) -> Result<(), Counter> {
 
 #[inline(always)]
 fn is_host_address(family: u8, address: &[u8; 16]) -> bool {
+    // Most addresses are ruled out here, without hashing them.
+    if !HOST_ADDRESS_FILTER
+        .get(0)
+        .is_some_and(|filter| filter.may_hold(family, address))
+    {
+        return false;
+    }
     let Some(slot) = HOST_KEY_SCRATCH.get_ptr_mut(0) else {
         return false;
     };

@@ -8,7 +8,11 @@
 //! change a connection's state. It never changes a verdict.
 #![no_std]
 #![no_main]
+// The atomic add of `attack`: the BPF target has no `AtomicU64`.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
+mod attack;
 mod checksum;
 mod flow;
 mod frame;
@@ -30,13 +34,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use tcpguard_common::{
-    Counter, CounterKind, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, FAMILY_IPV4, FAMILY_IPV6,
-    FlowKey, PORT_COUNT, ProtectedPort, SynCookieConfig,
+    Counter, CounterKind, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_KERNEL_HANDSHAKE,
+    FAMILY_IPV4, FAMILY_IPV6, FlowKey, PORT_COUNT, ProtectedPort, SynCookieConfig,
     tcp_flags::{ACK, FIN, RST, SYN},
 };
 
 use crate::{
-    flow::Direction,
+    attack::Cookies,
+    flow::{Direction, SynClock},
     parse::{Family, Segment},
     policy::Lists,
     socket::Socket,
@@ -143,9 +148,10 @@ fn handle_syn<const OWN: bool>(
     key: &FlowKey,
     policy: Lists,
 ) -> Counter {
+    let cookies = attack::syn_seen();
     if policy.allowed(key) {
         if flow::track(key, segment, Direction::FromClient).is_none() {
-            flow::start(key, segment, EVENT_ALLOWED_SYN);
+            flow::start(key, segment, EVENT_ALLOWED_SYN, SynClock::Monotonic);
         }
         return Counter::AllowedSource;
     }
@@ -155,13 +161,30 @@ fn handle_syn<const OWN: bool>(
     if let Err(counter) = host::source_is_foreign(key) {
         return counter;
     }
-    // One clock read serves the cookie's timestamp and the handshake timer.
-    let now_ns = flow::now_ns();
-    let counter = answer_syn::<OWN>(ctx, segment, key, now_ns);
+    // One clock read serves the cookie and the handshake timer.
+    let clock_ns = syn_clock_ns::<OWN>();
+    if let Cookies::Leave = cookies {
+        // Outside an attack the kernel answers, as without tcpguard; the connection is tracked
+        // from the ACK that completes its handshake.
+        flow::syn_answered(key, clock_ns);
+        return Counter::SynNoAttack;
+    }
+    let counter = answer_syn::<OWN>(ctx, segment, key, clock_ns);
     if counter == Counter::SynCookieSent {
-        flow::syn_answered(key, now_ns);
+        flow::syn_answered(key, clock_ns);
     }
     counter
+}
+
+/// The clock a program times handshakes on: TAI for an own cookie, the monotonic clock the
+/// kernel's cookie timestamps count for the kernel's.
+#[inline(always)]
+fn syn_clock_ns<const OWN: bool>() -> u64 {
+    if OWN {
+        own_cookie::now_tai_ns()
+    } else {
+        flow::now_ns()
+    }
 }
 
 /// See [`handle_syn`].
@@ -170,7 +193,7 @@ fn answer_syn<const OWN: bool>(
     ctx: &XdpContext,
     segment: &Segment,
     key: &FlowKey,
-    now_ns: u64,
+    clock_ns: u64,
 ) -> Counter {
     let Some(slot) = SYN_SCRATCH.get_ptr_mut(0) else {
         return Counter::CookieUnavailable;
@@ -195,7 +218,7 @@ fn answer_syn<const OWN: bool>(
     let Some(config) = SYN_COOKIE_CONFIG.get(0) else {
         return Counter::CookieUnavailable;
     };
-    syn::answer::<OWN>(ctx, segment, key, &socket, config, now_ns)
+    syn::answer::<OWN>(ctx, segment, key, &socket, config, clock_ns)
 }
 
 /// An ACK (or SYN-ACK) of an untracked flow with no connection behind it must carry a valid
@@ -205,13 +228,22 @@ fn answer_syn<const OWN: bool>(
 fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> Counter {
     match Socket::lookup(ctx, segment) {
         None => Counter::NoConnection,
+        Some(socket) if socket.is_request() && segment.flags & (SYN | ACK) == ACK => {
+            let clock = if OWN {
+                SynClock::Tai(syn_clock_ns::<OWN>())
+            } else {
+                SynClock::Monotonic
+            };
+            flow::start(key, segment, EVENT_KERNEL_HANDSHAKE, clock);
+            Counter::KernelHandshake
+        }
         Some(socket) if !socket.is_listener() => Counter::KnownSocket,
         Some(_) if OWN => match SYN_COOKIE_CONFIG.get(0) {
             Some(config) => own_cookie::check_ack(ctx, segment, key, config),
             None => Counter::CookieUnavailable,
         },
         Some(listener) if listener.cookie_is_valid(ctx, segment) => {
-            flow::start(key, segment, EVENT_COOKIE_HANDSHAKE);
+            flow::start(key, segment, EVENT_COOKIE_HANDSHAKE, SynClock::Monotonic);
             Counter::CookieAccepted
         }
         Some(_) => Counter::CookieRejected,

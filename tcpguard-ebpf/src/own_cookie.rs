@@ -20,7 +20,7 @@ use tcpguard_common::{
 };
 
 use crate::{
-    flow,
+    flow::{self, SynClock},
     parse::Segment,
     rare,
     syn::{self, Header, TcpOptions},
@@ -39,21 +39,24 @@ fn secrets<'a>() -> Option<&'a CookieSecrets> {
         .filter(|secrets| secrets.generation != 0)
 }
 
-/// TAI seconds: the clock the hosts sharing a key agree on (CLOCK_MONOTONIC is per host).
+/// TAI nanoseconds: the clock the hosts sharing a key agree on (CLOCK_MONOTONIC is per host).
 #[inline(always)]
-fn now_s() -> u64 {
+pub fn now_tai_ns() -> u64 {
     // SAFETY: no arguments, no side effects.
-    unsafe { bpf_ktime_get_tai_ns() / 1_000_000_000 }
+    unsafe { bpf_ktime_get_tai_ns() }
 }
 
-/// The SYN-ACK answering a SYN with `options`: every option both ends support survives, since
-/// the cookie carries them in the ISN.
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// The SYN-ACK answering a SYN with `options` at `tai_ns`: every option both ends support
+/// survives, since the cookie carries them in the ISN.
 #[inline(always)]
 pub fn plan(
     segment: &Segment,
     key: &FlowKey,
     options: &TcpOptions,
     config: &SynCookieConfig,
+    tai_ns: u64,
 ) -> Option<syn::SynAckPlan> {
     let secrets = secrets()?;
     let scales = config.window_scale != NO_WINDOW_SCALE && options.window_scale != NO_WINDOW_SCALE;
@@ -68,7 +71,7 @@ pub fn plan(
         ecn: segment.flags & (ECE | CWR) == ECE | CWR && config.ecn != 0,
         timestamps: options.has_timestamp && config.timestamps != 0,
     };
-    let made = cookie::make(secrets, now_s(), key, segment.seq, agreed);
+    let made = cookie::make(secrets, tai_ns / NS_PER_S, key, segment.seq, agreed);
     let ipv6_extra = if key.family == FLOW_IPV6 { 20 } else { 0 };
     Some(syn::SynAckPlan {
         options: options.any,
@@ -106,9 +109,10 @@ pub fn check_ack(
         Err(counter) => return counter,
     };
     let options = syn::tcp_options(header, header_len as usize);
+    let tai_ns = now_tai_ns();
     let agreed = match cookie::check(
         secrets,
-        now_s(),
+        tai_ns / NS_PER_S,
         key,
         segment.seq,
         segment.ack,
@@ -125,7 +129,7 @@ pub fn check_ack(
         rare::handover_failed(key, error);
         return Counter::CookieHandoverFailed;
     }
-    flow::start(key, segment, EVENT_COOKIE_HANDSHAKE);
+    flow::start(key, segment, EVENT_COOKIE_HANDSHAKE, SynClock::Tai(tai_ns));
     Counter::CookieAccepted
 }
 

@@ -22,6 +22,9 @@ use crate::{
 
 /// `BPF_TCP_LISTEN` in `bpf_sock.state`.
 const TCP_LISTEN: u32 = 10;
+/// `BPF_TCP_NEW_SYN_RECV`: a request socket, a handshake the kernel answered and awaits the
+/// ACK of.
+const TCP_NEW_SYN_RECV: u32 = 12;
 /// The cookie helpers read only the fixed IPv4 header (addresses), whatever IHL says.
 const IPV4_HLEN: u32 = 20;
 
@@ -96,6 +99,13 @@ impl Socket {
     pub fn is_listener(&self) -> bool {
         // SAFETY: `state` is readable on every socket skc_lookup returns.
         unsafe { (*self.0).state == TCP_LISTEN }
+    }
+
+    /// A request socket: the kernel answered this 4-tuple's SYN itself.
+    #[inline(always)]
+    pub fn is_request(&self) -> bool {
+        // SAFETY: as in is_listener.
+        unsafe { (*self.0).state == TCP_NEW_SYN_RECV }
     }
 
     /// A kernel-compatible cookie for the SYN in `segment`, made with the listener's secret,

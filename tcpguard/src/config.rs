@@ -62,6 +62,9 @@ pub struct File {
     pub cookie_secret_file: PathBuf,
     pub cookie_key_rotation: u64,
     pub log_level: String,
+    /// "always" or "under-attack"; unset: under attack where the cookie path allows it.
+    pub cookies: Option<String>,
+    pub attack: AttackSection,
     pub metrics: MetricsSection,
     pub control: ControlSection,
     pub policy: PolicySection,
@@ -83,10 +86,31 @@ impl Default for File {
             cookie_secret_file: PathBuf::new(),
             cookie_key_rotation: DEFAULT_KEY_ROTATION_SECS,
             log_level: "info".to_owned(),
+            cookies: None,
+            attack: AttackSection::default(),
             metrics: MetricsSection::default(),
             control: ControlSection::default(),
             policy: PolicySection::default(),
             timeouts: TimeoutsSection::default(),
+        }
+    }
+}
+
+/// When SYNs get cookies under `cookies = "under-attack"`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttackSection {
+    /// SYN/s to protected ports from which an attack starts.
+    pub syn_rate: u64,
+    /// Seconds in a row below half `syn_rate` after which it ends.
+    pub end_after: u64,
+}
+
+impl Default for AttackSection {
+    fn default() -> Self {
+        Self {
+            syn_rate: 10_000,
+            end_after: 10,
         }
     }
 }
@@ -180,7 +204,52 @@ pub struct Overrides {
     pub control_socket: Option<PathBuf>,
     pub pin_dir: Option<PathBuf>,
     pub cookie_mode: Option<String>,
+    pub cookies: Option<String>,
 }
+
+/// When SYNs to protected ports are answered with cookies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Cookies {
+    /// Only while an attack is on; otherwise the kernel's normal handshake. The default, where
+    /// the cookie path allows it (own cookies).
+    #[default]
+    UnderAttack,
+    /// Every SYN, all the time.
+    Always,
+}
+
+impl std::str::FromStr for Cookies {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "under-attack" => Ok(Self::UnderAttack),
+            "always" => Ok(Self::Always),
+            other => Err(format!(
+                "cookies {other:?} is not one of under-attack, always"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Cookies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::UnderAttack => "under-attack",
+            Self::Always => "always",
+        })
+    }
+}
+
+/// What starts and ends an attack (see `tcpguard_common::attack`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attack {
+    pub syn_rate: u64,
+    pub end_after: Duration,
+}
+
+const ATTACK_RATE_RANGE: std::ops::RangeInclusive<u64> = 10..=100_000_000;
+const ATTACK_END_RANGE: std::ops::RangeInclusive<u64> = 1..=3600;
 
 /// Which SYN cookies tcpguard answers with.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -247,6 +316,9 @@ pub struct Config {
     /// The daemon's log level, the data plane's lines included, unless `--log-level` or
     /// `RUST_LOG` says otherwise (see [`crate::logging`]).
     pub log_level: log::LevelFilter,
+    /// `None`: not configured, under attack where the cookie path allows it.
+    pub cookies: Option<Cookies>,
+    pub attack: Attack,
     pub metrics_listen: Option<SocketAddr>,
     pub control_socket: PathBuf,
     pub policy: SourcePolicy,
@@ -308,6 +380,9 @@ impl Config {
         if let Some(mode) = &overrides.cookie_mode {
             file.cookie_mode = mode.clone();
         }
+        if let Some(cookies) = &overrides.cookies {
+            file.cookies = Some(cookies.clone());
+        }
         validate(file)
     }
 
@@ -319,6 +394,15 @@ impl Config {
             ("pin_dir", format!("{:?}", self.pin_dir)),
             ("flow_capacity", self.flow_capacity.to_string()),
             ("cookie_mode", self.cookie_mode.to_string()),
+            ("cookies", format!("{:?}", self.cookies)),
+            (
+                "attack",
+                format!(
+                    "syn_rate {}, end_after {} s",
+                    self.attack.syn_rate,
+                    self.attack.end_after.as_secs()
+                ),
+            ),
             ("metrics.listen", format!("{:?}", self.metrics_listen)),
             ("control.socket", self.control_socket.display().to_string()),
         ]
@@ -390,6 +474,28 @@ fn validate(file: File) -> Result<Config, ConfigError> {
     }
     let log_level = crate::logging::parse_level(&file.log_level)
         .map_err(|message| invalid(format!("log_level: {message}")))?;
+    let cookies = file
+        .cookies
+        .as_deref()
+        .map(str::parse::<Cookies>)
+        .transpose()
+        .map_err(invalid)?;
+    if !ATTACK_RATE_RANGE.contains(&file.attack.syn_rate) {
+        return Err(invalid(format!(
+            "attack.syn_rate = {} is not a number of SYNs a second from {} to {}",
+            file.attack.syn_rate,
+            ATTACK_RATE_RANGE.start(),
+            ATTACK_RATE_RANGE.end()
+        )));
+    }
+    if !ATTACK_END_RANGE.contains(&file.attack.end_after) {
+        return Err(invalid(format!(
+            "attack.end_after = {} is not a number of seconds from {} to {}",
+            file.attack.end_after,
+            ATTACK_END_RANGE.start(),
+            ATTACK_END_RANGE.end()
+        )));
+    }
     let metrics_listen = match file.metrics.listen.as_str() {
         "" => None,
         text => Some(text.parse::<SocketAddr>().map_err(|_| {
@@ -453,6 +559,11 @@ fn validate(file: File) -> Result<Config, ConfigError> {
         cookie_secret_file,
         cookie_key_rotation: Duration::from_secs(file.cookie_key_rotation),
         log_level,
+        cookies,
+        attack: Attack {
+            syn_rate: file.attack.syn_rate,
+            end_after: Duration::from_secs(file.attack.end_after),
+        },
         metrics_listen,
         control_socket: file.control.socket,
         policy: SourcePolicy {

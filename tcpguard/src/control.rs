@@ -56,6 +56,16 @@ pub struct Status {
     /// Own cookies: what the TC ingress program made of the ACKs XDP accepted, by result.
     #[serde(default)]
     pub cookie_handovers: std::collections::BTreeMap<String, u64>,
+    /// "under-attack" or "always": when SYNs get cookies.
+    pub cookies: String,
+    /// Why.
+    pub cookies_reason: String,
+    /// Whether the SYN rate says an attack is on.
+    pub under_attack: bool,
+    /// SYN/s to protected ports in the last window (100 ms) that ended.
+    pub syn_rate: u64,
+    /// Attacks started since the programs were loaded.
+    pub attacks: u64,
 }
 
 /// One line of `tcpguard flows`.

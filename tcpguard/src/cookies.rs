@@ -11,7 +11,7 @@ use std::{
 use tcpguard_common::cookie::{COOKIE_LIFETIME_S, CookieSecrets, siphash24};
 
 use crate::{
-    config::CookieMode,
+    config::{CookieMode, Cookies},
     reqsk::{KFUNC, kfunc_available},
 };
 
@@ -38,6 +38,31 @@ pub enum CookieError {
     BadSecret { path: PathBuf },
     #[error("cannot draw a random cookie key from /dev/urandom: {0}")]
     Random(io::Error),
+    #[error(
+        "cookies = \"under-attack\" needs tcpguard's own cookies, and this daemon runs the kernel's ({reason}): those need net.ipv4.tcp_syncookies = 2, with which the kernel answers every SYN with a cookie itself; use cookies = \"always\", or own cookies (Linux {KFUNC_SINCE}+)"
+    )]
+    UnderAttackNeedsOwn { reason: String },
+}
+
+/// When SYNs get cookies on the path `choice` names, and why.
+pub fn when(
+    configured: Option<Cookies>,
+    choice: &Choice,
+) -> Result<(Cookies, String), CookieError> {
+    match (configured, choice.own) {
+        (Some(Cookies::UnderAttack), false) => Err(CookieError::UnderAttackNeedsOwn {
+            reason: choice.reason.clone(),
+        }),
+        (Some(cookies), _) => Ok((cookies, format!("cookies = \"{cookies}\""))),
+        (None, true) => Ok((
+            Cookies::UnderAttack,
+            "the default on the own-cookie path".to_owned(),
+        )),
+        (None, false) => Ok((
+            Cookies::Always,
+            "the kernel's cookies need tcp_syncookies = 2, with which the kernel would answer every SYN with a cookie itself".to_owned(),
+        )),
+    }
 }
 
 /// The cookie path that runs, and why.

@@ -14,7 +14,10 @@ use std::{
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use log::{error, info, warn};
-use tcpguard_common::{Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey};
+use tcpguard_common::{
+    AttackConfig, AttackState, Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey,
+    attack::{WINDOW_NS, WINDOWS_PER_S},
+};
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{SignalKind, signal},
@@ -23,7 +26,7 @@ use tokio::{
 
 use crate::{
     Guard,
-    config::{Config, CookieMode, OnExit, Overrides},
+    config::{Config, CookieMode, Cookies, OnExit, Overrides},
     control::{self, Asked, Request},
     cookies::{self, KeyRing},
     guard::{Counters, FlowMap, GuardError, LoadOptions},
@@ -66,6 +69,8 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         );
     }
     let mut choice = cookies::choose(config.cookie_mode)?;
+    // Refused before anything is loaded.
+    cookies::when(config.cookies, &choice)?;
     // The sysctls first, so that a refusal comes before anything is loaded.
     if choice.own {
         // The host's TCP sysctls stay as they are; the kernel only has to take cookies at all.
@@ -119,6 +124,8 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     if choice.own {
         refresh_keys(&mut guard, &mut keys)?;
     }
+    let when = cookies::when(config.cookies, &choice)?;
+    guard.set_attack_config(attack_config(&config, when.0))?;
     let (interface, owned) = crate::host::read(&config.interface)?;
     guard.set_interface(interface)?;
     guard.set_host_addresses(&owned)?;
@@ -143,7 +150,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     // Logged once the daemon answers on its sockets too, as READY=1 is sent: tests and
     // operators may take it as the sign that everything is up.
     let protecting = format!(
-        "protecting TCP ports {:?} on {} in {} mode{} with {} cookies because {}{} (SYN-ACK window scale {}, SACK {})",
+        "protecting TCP ports {:?} on {} in {} mode{} with {} cookies because {}{} (SYN-ACK window scale {}, SACK {}); {}",
         config.ports,
         attachment.interface,
         attachment.mode,
@@ -161,6 +168,15 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         },
         cookie.window_scale,
         if cookie.sack != 0 { "on" } else { "off" },
+        match when.0 {
+            Cookies::UnderAttack => format!(
+                "cookies only under attack ({} SYN/s or more; over after {} s below half that), because {}",
+                config.attack.syn_rate,
+                config.attack.end_after.as_secs(),
+                when.1
+            ),
+            Cookies::Always => format!("cookies for every SYN because {}", when.1),
+        },
     );
     let events = guard.take_events()?;
     let flows = guard.flows()?;
@@ -172,6 +188,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         .context("cannot start the event loop")?;
     let mut daemon = Daemon::new(source, config, guard, flows, choice, keys);
     daemon.reqsk = reqsk;
+    daemon.when = when;
     let outcome = runtime.block_on(daemon.serve(events, rare_events, &protecting));
     daemon.stop()?;
     outcome
@@ -194,6 +211,19 @@ struct Daemon {
     keys: KeyRing,
     /// The TC ingress program of the own-cookie path.
     reqsk: Option<Reqsk>,
+    /// When SYNs get cookies, and why.
+    when: (Cookies, String),
+    /// The attack state as last reported.
+    attack: AttackState,
+}
+
+/// The data plane's [`AttackConfig`] for `config` when cookies are sent `when`.
+fn attack_config(config: &Config, when: Cookies) -> AttackConfig {
+    AttackConfig {
+        only_under_attack: u32::from(when == Cookies::UnderAttack),
+        calm_windows: (config.attack.end_after.as_secs() * WINDOWS_PER_S) as u32,
+        start_rate: config.attack.syn_rate,
+    }
 }
 
 /// What the kernel's cookies need: `tcp_syncookies=2` and `tcp_timestamps=2`, set (and said so)
@@ -251,6 +281,8 @@ impl Daemon {
             cookies,
             keys,
             reqsk: None,
+            when: (Cookies::Always, String::new()),
+            attack: AttackState::default(),
         };
         let adopted = daemon.flows.entries();
         if !adopted.is_empty() {
@@ -334,6 +366,7 @@ impl Daemon {
                     self.expire();
                     self.follow_host_addresses();
                     self.rotate_keys();
+                    self.watch_attack();
                     self.refresh_metrics();
                     let interval = self.config.stats_interval;
                     if !interval.is_zero() && last_log.elapsed() >= interval {
@@ -344,6 +377,46 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Reads the data plane's attack state as it stands now, and says when an attack starts or
+    /// ends.
+    fn watch_attack(&mut self) {
+        let state = match self.guard().attack_state() {
+            Ok(state) => state,
+            Err(err) => {
+                warn!("cannot read the attack state: {err}");
+                return;
+            }
+        };
+        let config = attack_config(&self.config, self.when.0);
+        let now = state.at(crate::clock::monotonic_coarse_ns() / WINDOW_NS, &config);
+        match (self.attack.active != 0, now.active != 0) {
+            (false, true) => warn!(
+                "SYN flood: {} SYN/s to protected ports (from {} SYN/s on is an attack){}",
+                now.change_rate,
+                config.start_rate,
+                if self.when.0 == Cookies::UnderAttack {
+                    "; answering SYNs with cookies"
+                } else {
+                    ""
+                }
+            ),
+            (true, false) => info!(
+                "SYN flood over: below {} SYN/s for {} s (now {} SYN/s){}",
+                config.start_rate.div_ceil(2),
+                self.config.attack.end_after.as_secs(),
+                now.rate,
+                if self.when.0 == Cookies::UnderAttack {
+                    "; SYNs go to the kernel again"
+                } else {
+                    ""
+                }
+            ),
+            _ => {}
+        }
+        self.metrics.observe_attack(&now);
+        self.attack = now;
     }
 
     fn rotate_keys(&mut self) {
@@ -526,6 +599,8 @@ impl Daemon {
         // A changed or rewritten secret file takes effect at once; a bad one keeps the keys.
         let keys = KeyRing::new(new.cookie_secret_file.as_deref(), new.cookie_key_rotation)?;
         new.cookie_mode = self.config.cookie_mode;
+        new.cookies = self.config.cookies;
+        new.attack = self.config.attack;
         let guard = self.guard();
         guard.set_ports(&new.ports)?;
         guard.set_policy(&new.policy)?;
@@ -620,6 +695,11 @@ impl Daemon {
             max_connections_per_source: self.config.max_connections_per_source,
             cookie_mode: if self.cookies.own { "own" } else { "kernel" }.to_owned(),
             cookie_mode_reason: self.cookies.reason.clone(),
+            cookies: self.when.0.to_string(),
+            cookies_reason: self.when.1.clone(),
+            under_attack: self.attack.active != 0,
+            syn_rate: self.attack.rate,
+            attacks: self.attack.started,
             cookie_handovers: self
                 .reqsk
                 .as_ref()

@@ -23,10 +23,11 @@ use aya::{
 };
 use log::info;
 use tcpguard_common::{
-    Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST, EVENTS_SENT, FAMILY_IPV4,
-    FAMILY_IPV6, Flow, FlowKey, HostAddress, InterfaceConfig, POLICY_ALLOW, POLICY_DENY,
-    POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey, SynCookieConfig,
-    XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, cookie::CookieSecrets, maps, xdp_program,
+    AttackConfig, AttackState, Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST,
+    EVENTS_SENT, FAMILY_IPV4, FAMILY_IPV6, Flow, FlowKey, HostAddress, HostFilter, InterfaceConfig,
+    POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey,
+    SynCookieConfig, XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, cookie::CookieSecrets, maps,
+    xdp_program,
 };
 
 use crate::{bpffs, ebpf::TCPGUARD_OBJECT, prefix::Prefix};
@@ -338,6 +339,23 @@ impl Guard {
             .map_err(map_error(maps::COOKIE_SECRETS))
     }
 
+    /// Tells the data plane when SYNs get cookies.
+    pub fn set_attack_config(&mut self, config: AttackConfig) -> Result<(), GuardError> {
+        let mut map: Array<_, AttackConfig> = self.map_mut(maps::ATTACK_CONFIG)?;
+        map.set(0, &config, 0)
+            .map_err(map_error(maps::ATTACK_CONFIG))
+    }
+
+    /// The SYN rate and attack state as the data plane last left them.
+    pub fn attack_state(&self) -> Result<AttackState, GuardError> {
+        let map = self
+            .ebpf
+            .map(maps::ATTACK)
+            .ok_or(GuardError::MissingMap(maps::ATTACK))?;
+        let array: Array<_, AttackState> = Array::try_from(map).map_err(map_error(maps::ATTACK))?;
+        array.get(&0, 0).map_err(map_error(maps::ATTACK))
+    }
+
     /// Tells the data plane the protected interface's MAC.
     pub fn set_interface(&mut self, config: InterfaceConfig) -> Result<(), GuardError> {
         let mut map: Array<_, InterfaceConfig> = self.map_mut(maps::INTERFACE)?;
@@ -370,6 +388,12 @@ impl Guard {
                 }
             }
         }
+        // After the map: the filter may say "maybe" of an address the map lacks, never "no"
+        // of one it holds.
+        let mut filter: Array<_, HostFilter> = self.map_mut(maps::HOST_ADDRESS_FILTER)?;
+        filter
+            .set(0, &HostFilter::of(addresses), 0)
+            .map_err(map_error(maps::HOST_ADDRESS_FILTER))?;
         Ok((added, removed))
     }
 

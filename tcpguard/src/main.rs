@@ -81,6 +81,10 @@ struct RunArgs {
     /// error, warn, info, debug, trace or off; over RUST_LOG and the file's log_level.
     #[arg(long = "log-level", value_name = "LEVEL", value_parser = logging::parse_level)]
     log_level: Option<log::LevelFilter>,
+    /// under-attack: cookies only while the SYN rate says an attack is on (the default where
+    /// the cookie path allows it); always.
+    #[arg(long, value_name = "WHEN")]
+    cookies: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -134,6 +138,7 @@ fn config_source(args: RunArgs, level_source: LevelSource) -> ConfigSource {
             control_socket: args.control_socket,
             pin_dir: args.pin_dir,
             cookie_mode: args.cookie_mode,
+            cookies: args.cookies,
         },
     }
 }
@@ -166,6 +171,18 @@ fn print_status(status: &control::Status) {
     println!(
         "SYN cookies: {} ({})",
         status.cookie_mode, status.cookie_mode_reason
+    );
+    println!(
+        "cookies {} ({}); {}, {} SYN/s, {} attacks so far",
+        status.cookies,
+        status.cookies_reason,
+        if status.under_attack {
+            "UNDER ATTACK"
+        } else {
+            "no attack"
+        },
+        status.syn_rate,
+        status.attacks
     );
     if !status.cookie_handovers.is_empty() {
         let handovers: Vec<String> = status

@@ -35,6 +35,10 @@ pub struct Metrics {
     reloads: IntCounterVec,
     handovers: IntCounterVec,
     last_handovers: ReqskResults,
+    under_attack: IntGauge,
+    syn_rate: IntGauge,
+    attacks: IntCounter,
+    last_attacks: u64,
     /// The data plane's cumulative counters at the last refresh, to turn them into increments.
     last_packets: Counters,
     last_events: (u64, u64),
@@ -231,6 +235,30 @@ impl Metrics {
                 .with_label_values(&[mode])
                 .set(i64::from(mode == cookie_mode));
         }
+        let under_attack = register(
+            &registry,
+            IntGauge::new(
+                "tcpguard_under_attack",
+                "1 while the SYN rate to protected ports says an attack is on (with cookies = \"under-attack\", SYNs then get cookies), else 0.",
+            )
+            .expect("valid metric"),
+        );
+        let syn_rate = register(
+            &registry,
+            IntGauge::new(
+                "tcpguard_syn_rate",
+                "SYNs per second to protected ports, measured by the data plane over its last 100-ms window.",
+            )
+            .expect("valid metric"),
+        );
+        let attacks = register(
+            &registry,
+            IntCounter::new(
+                "tcpguard_attacks_total",
+                "Attacks started: the SYN rate reached attack.syn_rate.",
+            )
+            .expect("valid metric"),
+        );
         let start_time = register(
             &registry,
             Gauge::new(
@@ -256,6 +284,10 @@ impl Metrics {
             reloads,
             handovers,
             last_handovers: ReqskResults::default(),
+            under_attack,
+            syn_rate,
+            attacks,
+            last_attacks: 0,
             last_packets: Counters::default(),
             last_events: (0, 0),
         }
@@ -268,6 +300,16 @@ impl Metrics {
             self.handovers.with_label_values(&[label]).inc_by(value);
         }
         self.last_handovers = results;
+    }
+
+    /// The attack state as it stands now; `started` counts since the programs were loaded.
+    pub fn observe_attack(&mut self, state: &tcpguard_common::AttackState) {
+        self.under_attack.set(i64::from(state.active != 0));
+        self.syn_rate
+            .set(i64::try_from(state.rate).unwrap_or(i64::MAX));
+        self.attacks
+            .inc_by(state.started.saturating_sub(self.last_attacks));
+        self.last_attacks = state.started;
     }
 
     /// The data plane's counters, as read now.

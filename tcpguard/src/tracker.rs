@@ -6,7 +6,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use tcpguard_common::{
-    EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, FROM_CLIENT, FlowKey, LifecycleEvent, SourceKey,
+    EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_KERNEL_HANDSHAKE, FROM_CLIENT, FlowKey,
+    LifecycleEvent, SourceKey,
 };
 
 use crate::{
@@ -24,16 +25,20 @@ pub enum Origin {
     Allowed,
     /// It was already in the flow map, or first seen mid-life.
     Adopted,
+    /// Its SYN came outside an attack and the kernel answered it; tracked from the ACK that
+    /// completed the handshake.
+    Kernel,
 }
 
 impl Origin {
-    pub const ALL: [Self; 3] = [Self::Cookie, Self::Allowed, Self::Adopted];
+    pub const ALL: [Self; 4] = [Self::Cookie, Self::Allowed, Self::Adopted, Self::Kernel];
 
     pub const fn label(self) -> &'static str {
         match self {
             Self::Cookie => "cookie",
             Self::Allowed => "allowed",
             Self::Adopted => "adopted",
+            Self::Kernel => "kernel",
         }
     }
 }
@@ -156,12 +161,17 @@ impl Tracker {
         let segment = segment_of(event);
         let now = event.time_ns;
         match event.kind {
-            EVENT_COOKIE_HANDSHAKE => {
+            EVENT_COOKIE_HANDSHAKE | EVENT_KERNEL_HANDSHAKE => {
                 // A 4-tuple reused after TIME-WAIT: the old connection is over.
                 self.finish(&event.key, now.saturating_add(self.longest_ns()), effects);
                 let connection = Connection::from_cookie_ack(&segment, now);
                 let syn_ns = (event.syn_time_ns != 0).then_some(event.syn_time_ns);
-                self.insert(event.key, connection, Origin::Cookie, syn_ns, effects);
+                let origin = if event.kind == EVENT_KERNEL_HANDSHAKE {
+                    Origin::Kernel
+                } else {
+                    Origin::Cookie
+                };
+                self.insert(event.key, connection, origin, syn_ns, effects);
                 if let Some(syn_ns) = syn_ns {
                     effects.push(Effect::Handshake {
                         seconds: seconds(now.saturating_sub(syn_ns)),

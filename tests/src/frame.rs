@@ -231,6 +231,14 @@ pub fn macos_syn_options(mss: u16, tsval: u32, window_scale: u8) -> Vec<u8> {
     options
 }
 
+/// The options Windows puts in its SYN (no timestamps): MSS, NOP, WS, NOP, NOP, SACK-permitted.
+pub fn windows_syn_options(mss: u16, window_scale: u8) -> Vec<u8> {
+    let mut options = vec![2, 4];
+    options.extend_from_slice(&mss.to_be_bytes());
+    options.extend_from_slice(&[1, 3, 3, window_scale, 1, 1, 4, 2]);
+    options
+}
+
 /// Recomputes the checksum of the IPv4 header at `l3` after a test changed a field of it.
 pub fn refresh_ipv4_checksum(frame: &mut [u8], l3: usize) {
     let header_len = usize::from(frame[l3] & 0x0f) * 4;

@@ -174,12 +174,21 @@ pub fn ensure_bpffs() {
 /// (`own`, `kernel` or `auto`); `cargo xtask test` runs the end-to-end suites once per path.
 pub const COOKIE_MODE_ENV: &str = "TCPGUARD_TEST_COOKIE_MODE";
 
-/// `--cookie-mode` for a daemon started with `args`, unless they choose one themselves.
-fn cookie_mode_args(args: &[&str]) -> Vec<String> {
+/// `--cookie-mode` for a daemon started with `args`, unless they choose one themselves; and
+/// `--cookies always`, unless they choose: the suites test the cookie paths on every SYN, and
+/// the tests of `cookies = "under-attack"` say so.
+fn cookie_args(args: &[&str]) -> Vec<String> {
+    let mut extra = Vec::new();
     match std::env::var(COOKIE_MODE_ENV) {
-        Ok(mode) if !args.contains(&"--cookie-mode") => vec!["--cookie-mode".to_owned(), mode],
-        _ => Vec::new(),
+        Ok(mode) if !args.contains(&"--cookie-mode") => {
+            extra.extend(["--cookie-mode".to_owned(), mode]);
+        }
+        _ => {}
     }
+    if !args.contains(&"--cookies") {
+        extra.extend(["--cookies".to_owned(), "always".to_owned()]);
+    }
+    extra
 }
 
 /// Whether the daemons of this run answer with tcpguard's own cookies (the kernel's
@@ -275,7 +284,7 @@ impl Daemon {
             .arg(tcpguard_binary())
             .arg("run")
             .args(args)
-            .args(cookie_mode_args(args))
+            .args(cookie_args(args))
             .arg("--pin-dir")
             .arg(&paths.pin_dir)
             .arg("--control-socket")

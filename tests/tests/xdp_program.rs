@@ -301,6 +301,26 @@ fn ipv4_syn_with_macos_options_and_large_window_scale() {
 }
 
 #[test]
+fn ipv4_syn_with_windows_options() {
+    handshake(TcpFrame::syn_v4(PORT).with_options(windows_syn_options(1460, 8)));
+}
+
+/// Linux's layout is read at fixed offsets; a scale above 14 is clamped there as in the walk.
+#[test]
+fn ipv4_syn_with_linux_options_and_large_window_scale() {
+    handshake(TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 3, 15)));
+}
+
+/// Linux's layout but for one byte (end-of-list where the NOP before the window scale goes):
+/// not the fixed layout, so the walk reads it, and stops there, without a window scale.
+#[test]
+fn ipv4_syn_almost_in_linux_layout() {
+    let mut options = linux_syn_options(1460, 3, 7);
+    options[16] = 0;
+    handshake(TcpFrame::syn_v4(PORT).with_options(options));
+}
+
+#[test]
 fn ipv4_syn_with_timestamps_only() {
     let mut options = vec![2, 4, 0x05, 0x14, 1, 1, 8, 10];
     options.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 0]);
