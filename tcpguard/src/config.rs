@@ -62,8 +62,8 @@ pub struct File {
     pub cookie_secret_file: PathBuf,
     pub cookie_key_rotation: u64,
     pub log_level: String,
-    /// "always" or "under-attack"; unset: under attack where the cookie path allows it.
-    pub cookies: Option<String>,
+    /// "auto", "always" or "under-attack".
+    pub cookies: String,
     pub attack: AttackSection,
     pub metrics: MetricsSection,
     pub control: ControlSection,
@@ -86,7 +86,7 @@ impl Default for File {
             cookie_secret_file: PathBuf::new(),
             cookie_key_rotation: DEFAULT_KEY_ROTATION_SECS,
             log_level: "info".to_owned(),
-            cookies: None,
+            cookies: "auto".to_owned(),
             attack: AttackSection::default(),
             metrics: MetricsSection::default(),
             control: ControlSection::default(),
@@ -226,7 +226,7 @@ impl std::str::FromStr for Cookies {
             "under-attack" => Ok(Self::UnderAttack),
             "always" => Ok(Self::Always),
             other => Err(format!(
-                "cookies {other:?} is not one of under-attack, always"
+                "cookies {other:?} is not one of auto, under-attack, always"
             )),
         }
     }
@@ -316,7 +316,7 @@ pub struct Config {
     /// The daemon's log level, the data plane's lines included, unless `--log-level` or
     /// `RUST_LOG` says otherwise (see [`crate::logging`]).
     pub log_level: log::LevelFilter,
-    /// `None`: not configured, under attack where the cookie path allows it.
+    /// `None`: "auto", under attack where the cookie path allows it, else always.
     pub cookies: Option<Cookies>,
     pub attack: Attack,
     pub metrics_listen: Option<SocketAddr>,
@@ -381,7 +381,7 @@ impl Config {
             file.cookie_mode = mode.clone();
         }
         if let Some(cookies) = &overrides.cookies {
-            file.cookies = Some(cookies.clone());
+            file.cookies = cookies.clone();
         }
         validate(file)
     }
@@ -474,12 +474,10 @@ fn validate(file: File) -> Result<Config, ConfigError> {
     }
     let log_level = crate::logging::parse_level(&file.log_level)
         .map_err(|message| invalid(format!("log_level: {message}")))?;
-    let cookies = file
-        .cookies
-        .as_deref()
-        .map(str::parse::<Cookies>)
-        .transpose()
-        .map_err(invalid)?;
+    let cookies = match file.cookies.as_str() {
+        "auto" => None,
+        other => Some(other.parse::<Cookies>().map_err(invalid)?),
+    };
     if !ATTACK_RATE_RANGE.contains(&file.attack.syn_rate) {
         return Err(invalid(format!(
             "attack.syn_rate = {} is not a number of SYNs a second from {} to {}",

@@ -56,11 +56,11 @@ pub fn when(
         (Some(cookies), _) => Ok((cookies, format!("cookies = \"{cookies}\""))),
         (None, true) => Ok((
             Cookies::UnderAttack,
-            "the default on the own-cookie path".to_owned(),
+            "cookies = \"auto\" and own cookies run".to_owned(),
         )),
         (None, false) => Ok((
             Cookies::Always,
-            "the kernel's cookies need tcp_syncookies = 2, with which the kernel would answer every SYN with a cookie itself".to_owned(),
+            "cookies = \"auto\" and the kernel's cookies run, whose tcp_syncookies = 2 makes the kernel answer every SYN with a cookie itself".to_owned(),
         )),
     }
 }

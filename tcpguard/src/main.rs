@@ -81,8 +81,8 @@ struct RunArgs {
     /// error, warn, info, debug, trace or off; over RUST_LOG and the file's log_level.
     #[arg(long = "log-level", value_name = "LEVEL", value_parser = logging::parse_level)]
     log_level: Option<log::LevelFilter>,
-    /// under-attack: cookies only while the SYN rate says an attack is on (the default where
-    /// the cookie path allows it); always.
+    /// under-attack: cookies only while the SYN rate says an attack is on; always; auto:
+    /// under-attack where the cookie path allows it (own cookies), always otherwise.
     #[arg(long, value_name = "WHEN")]
     cookies: Option<String>,
 }

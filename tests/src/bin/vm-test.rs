@@ -513,7 +513,7 @@ until curl -fsS http://10.202.0.1:8000/phase2 >/dev/null; do sleep 1; done
 sed -i -e 's/^# interface = "eth0"/interface = "eth0"/' \
        -e 's/^# ports = \[80, 443\]/ports = [80, 9100, 9877]/' \
        -e 's/^# xdp_mode = "auto"/xdp_mode = "native"/' \
-       -e 's/^# cookies = "under-attack"/cookies = "always"/' \
+       -e 's/^# cookies = "auto"/cookies = "always"/' \
        -e 's/^# listen = "127.0.0.1:9877"/listen = "0.0.0.0:9877"/' /etc/tcpguard/tcpguard.toml
 tcpguard check-config
 if ! systemctl restart tcpguard; then
