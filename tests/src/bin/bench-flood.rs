@@ -1,6 +1,7 @@
 //! What a SYN flood costs the protected host, and what it does to real clients, with the
 //! kernel's own defence (`tcp_syncookies = 2`, no XDP), with tcpguard on each of its cookie
-//! paths (own cookies; the kernel's through the listener-mode helpers), and with the rig's
+//! paths (own cookies, for every SYN and with `cookies = "under-attack"`, whose difference is
+//! what detecting the attack costs; the kernel's through the listener-mode helpers), and with the rig's
 //! floor (an XDP program that turns each SYN into a SYN-ACK with no cookie and no lookup: what
 //! any XDP answer pays here), measured side by side in one run over the same veth rig, in
 //! several rounds. The floor answers clients with SYN-ACKs no socket stands behind, so it is
@@ -61,14 +62,18 @@ const CLIENT_CPU: usize = 0;
 enum Defence {
     Kernel,
     TcpguardOwn,
+    /// Own cookies with `cookies = "under-attack"`: what detecting the attack costs.
+    TcpguardUnderAttack,
     TcpguardKernelCookies,
     Floor,
 }
 
 impl Defence {
-    const ALL: [Self; 4] = [
+    const COUNT: usize = 5;
+    const ALL: [Self; Self::COUNT] = [
         Self::Kernel,
         Self::TcpguardOwn,
+        Self::TcpguardUnderAttack,
         Self::TcpguardKernelCookies,
         Self::Floor,
     ];
@@ -77,15 +82,25 @@ impl Defence {
         match self {
             Self::Kernel => "kernel SYN cookies (tcp_syncookies=2)",
             Self::TcpguardOwn => "tcpguard, own cookies",
+            Self::TcpguardUnderAttack => "tcpguard, own cookies under attack",
             Self::TcpguardKernelCookies => "tcpguard, kernel's cookies",
             Self::Floor => "floor (SYN-ACK, no cookie)",
+        }
+    }
+
+    /// `--cookies` of the daemon, for tcpguard.
+    fn cookies(self) -> &'static str {
+        if self == Self::TcpguardUnderAttack {
+            "under-attack"
+        } else {
+            "always"
         }
     }
 
     /// `--cookie-mode` of the daemon, for tcpguard.
     fn cookie_mode(self) -> Option<&'static str> {
         match self {
-            Self::TcpguardOwn => Some("own"),
+            Self::TcpguardOwn | Self::TcpguardUnderAttack => Some("own"),
             Self::TcpguardKernelCookies => Some("kernel"),
             Self::Kernel | Self::Floor => None,
         }
@@ -147,7 +162,7 @@ impl Run {
 }
 
 fn main() {
-    let rounds: Vec<[Run; 4]> = (1..=ROUNDS)
+    let rounds: Vec<[Run; Defence::COUNT]> = (1..=ROUNDS)
         .map(|round| {
             eprintln!("== round {round} of {ROUNDS}");
             Defence::ALL.map(run)
@@ -255,7 +270,7 @@ struct Totals {
 }
 
 impl Totals {
-    fn of(defence: Defence, rounds: &[[Run; 4]]) -> Self {
+    fn of(defence: Defence, rounds: &[[Run; Defence::COUNT]]) -> Self {
         let mut totals = Self {
             defence,
             idle: Clients::default(),
@@ -297,7 +312,7 @@ fn run(defence: Defence) -> Run {
         &["route", "add", "default", "via", &CLIENT.to_string()],
     );
     // The kernel's cookies need these; own cookies leave the host's defaults alone.
-    if defence != Defence::TcpguardOwn {
+    if defence.cookie_mode() != Some("own") {
         rig.server.sysctl("net.ipv4.tcp_syncookies", "2");
         rig.server.sysctl("net.ipv4.tcp_timestamps", "2");
     }
@@ -317,6 +332,8 @@ fn run(defence: Defence) -> Run {
                 "0",
                 "--cookie-mode",
                 mode,
+                "--cookies",
+                defence.cookies(),
             ],
         )
     });
@@ -600,6 +617,7 @@ fn short(defence: Defence) -> &'static str {
     match defence {
         Defence::Kernel => "kernel",
         Defence::TcpguardOwn => "tcpguard own",
+        Defence::TcpguardUnderAttack => "tcpguard under attack",
         Defence::TcpguardKernelCookies => "tcpguard kernel",
         Defence::Floor => "floor",
     }
