@@ -60,6 +60,9 @@ pub mod maps {
     pub const HOST_ADDRESSES: &str = "HOST_ADDRESSES";
     /// `Array<InterfaceConfig>` with a single entry.
     pub const INTERFACE: &str = "INTERFACE";
+    /// `PerCpuArray<u64>` of the TC ingress program in C (`tcpguard-ebpf/c/reqsk.c`), in its
+    /// own object: what it made of the own-cookie ACKs XDP handed it.
+    pub const REQSK_RESULTS: &str = "REQSK_RESULTS";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -125,6 +128,15 @@ pub const fn xdp_program(own_cookies: bool) -> &'static str {
 }
 /// Name of the TC egress program in the eBPF object.
 pub const EGRESS_PROGRAM: &str = "tcpguard_egress";
+/// Name of the TC ingress program of the own-cookie path (`tcpguard-ebpf/c/reqsk.c`).
+pub const REQSK_PROGRAM: &str = "tcpguard_reqsk";
+/// Every program tcpguard loads and pins.
+pub const PROGRAMS: &[&str] = &[
+    XDP_PROGRAM,
+    XDP_OWN_COOKIES_PROGRAM,
+    EGRESS_PROGRAM,
+    REQSK_PROGRAM,
+];
 
 /// Entries in [`maps::PROTECTED_PORTS`]: one per possible TCP port.
 pub const PORT_COUNT: u32 = 65536;

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fs,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, atomic::AtomicU64, atomic::Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -71,6 +71,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     } else {
         kernel_cookie_sysctls(&config)?;
     }
+    config.check_host()?;
     let load = |own_cookies| {
         Guard::load_with(&LoadOptions {
             pin_dir: config.pin_dir.clone(),
@@ -189,6 +190,8 @@ struct Daemon {
     keys: KeyRing,
     /// The TC ingress program of the own-cookie path.
     reqsk: Option<Reqsk>,
+    /// Whether this daemon made the control socket (and so removes it when it stops).
+    control_socket_bound: bool,
 }
 
 /// What the kernel's cookies need: `tcp_syncookies=2` and `tcp_timestamps=2`, set (and said so)
@@ -246,6 +249,7 @@ impl Daemon {
             cookies,
             keys,
             reqsk: None,
+            control_socket_bound: false,
         };
         let adopted = daemon.flows.entries();
         if !adopted.is_empty() {
@@ -528,24 +532,19 @@ impl Daemon {
         Ok(())
     }
 
-    fn start_control_socket(&self, asked: mpsc::Sender<Asked>) -> anyhow::Result<()> {
+    fn start_control_socket(&mut self, asked: mpsc::Sender<Asked>) -> anyhow::Result<()> {
         let path = &self.config.control_socket;
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| {
                 format!("cannot create {} for the control socket", dir.display())
             })?;
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another tcpguard answers on {}; stop it first or set control.socket",
-                path.display()
-            );
-        }
-        let _ = fs::remove_file(path);
+        replace_stale_socket(path)?;
         let listener = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o660))
             .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
+        self.control_socket_bound = true;
         tokio::spawn(control::serve(listener, asked));
         Ok(())
     }
@@ -649,7 +648,10 @@ impl Daemon {
     /// Logs the totals, tells systemd, and detaches or leaves the programs attached.
     fn stop(&mut self) -> anyhow::Result<()> {
         notify("STOPPING=1").ok();
-        let _ = fs::remove_file(&self.config.control_socket);
+        // Only the socket this daemon made: one it refused to replace stays.
+        if self.control_socket_bound && is_socket(&self.config.control_socket) {
+            let _ = fs::remove_file(&self.config.control_socket);
+        }
         let Some(guard) = self.guard.take() else {
             return Ok(());
         };
@@ -681,6 +683,37 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+}
+
+fn is_socket(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket())
+}
+
+/// Makes room for the control socket at `path`: nothing is there, or a socket nobody answers
+/// on (left by a daemon that was killed), which is removed. A live socket, or anything that is
+/// not a socket, is refused and left as it is.
+fn replace_stale_socket(path: &Path) -> anyhow::Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => anyhow::bail!("cannot look at {}: {err}", path.display()),
+        Ok(meta) if !meta.file_type().is_socket() => anyhow::bail!(
+            "control.socket {} exists and is not a socket; tcpguard replaces only a stale socket there, so move it away or set control.socket to another path",
+            path.display()
+        ),
+        Ok(_) => {}
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => anyhow::bail!(
+            "another process (another tcpguard?) answers on {}; stop it first or set control.socket",
+            path.display()
+        ),
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display())),
+        Err(err) => anyhow::bail!(
+            "cannot tell whether {} is in use ({err}); remove it or set control.socket",
+            path.display()
+        ),
     }
 }
 

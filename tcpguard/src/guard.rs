@@ -469,8 +469,14 @@ impl Guard {
                         })
                 };
                 (
-                    pin(xdp_link, dir.join(format!("link_xdp_{mode}_{interface}")))?,
-                    pin(tc_link, dir.join(format!("link_tc_{interface}")))?,
+                    pin(
+                        xdp_link,
+                        dir.join(format!("{}{mode}_{interface}", bpffs::XDP_LINK_PREFIX)),
+                    )?,
+                    pin(
+                        tc_link,
+                        dir.join(format!("{}{interface}", bpffs::TC_LINK_PREFIX)),
+                    )?,
                 )
             }
             None => (xdp_link, tc_link),
@@ -528,11 +534,11 @@ impl Guard {
         };
         // An earlier daemon's programs, of either cookie mode: no longer attached anywhere.
         for name in [XDP_PROGRAM, XDP_OWN_COOKIES_PROGRAM, EGRESS_PROGRAM] {
-            let path = dir.join(format!("prog_{name}"));
+            let path = dir.join(bpffs::program_pin(name));
             bpffs::remove_pin(&path).map_err(|err| pin_error(&path, err))?;
         }
         for name in [self.xdp, EGRESS_PROGRAM] {
-            let path = dir.join(format!("prog_{name}"));
+            let path = dir.join(bpffs::program_pin(name));
             let program = self
                 .ebpf
                 .program_mut(name)
@@ -563,7 +569,14 @@ impl Guard {
         // Pinned links are detached through their pins; the others when the last reference
         // to them, held here, goes.
         if let Some(dir) = self.pin_dir.take() {
-            bpffs::remove_pins(&dir).map_err(|source| GuardError::Pin { dir, source })?;
+            let foreign = bpffs::remove_pins(&dir)?;
+            if !foreign.is_empty() {
+                log::warn!(
+                    "{} is left in place: it holds pins that are not tcpguard's ({})",
+                    dir.display(),
+                    foreign.join(", ")
+                );
+            }
         }
         self.attachment.take();
         Ok(())
@@ -686,13 +699,13 @@ fn pinned_links(dir: &Path) -> Result<Option<PinnedLinks>, GuardError> {
     })?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("link_xdp_") else {
+        let Some(rest) = name.strip_prefix(bpffs::XDP_LINK_PREFIX) else {
             continue;
         };
         let Some((mode, interface)) = rest.split_once('_') else {
             continue;
         };
-        let tc = dir.join(format!("link_tc_{interface}"));
+        let tc = dir.join(format!("{}{interface}", bpffs::TC_LINK_PREFIX));
         if tc.exists() {
             return Ok(Some(PinnedLinks {
                 interface: interface.to_owned(),
