@@ -9,8 +9,8 @@ mod flow;
 mod host;
 
 pub use config::{
-    FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT,
-    Policy, ProtectedPort, SynCookieConfig,
+    FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SLOT,
+    POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SynCookieConfig,
 };
 pub use cookie::{COOKIE_PERIOD_S, CookieOptions, CookieReject, CookieSecrets, SynCookie};
 pub use cookie_ack::{
@@ -43,14 +43,14 @@ pub mod maps {
     pub const EVENT_STATS: &str = "EVENT_STATS";
     /// `Array<Policy>` with a single entry.
     pub const POLICY: &str = "POLICY";
-    /// `LpmTrie<[u8; 4], u8>`: IPv4 sources that skip the cookie round trip.
-    pub const ALLOW_V4: &str = "ALLOW_V4";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 sources that skip the cookie round trip.
-    pub const ALLOW_V6: &str = "ALLOW_V6";
-    /// `LpmTrie<[u8; 4], u8>`: IPv4 sources dropped in XDP.
-    pub const DENY_V4: &str = "DENY_V4";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 sources dropped in XDP.
-    pub const DENY_V6: &str = "DENY_V6";
+    /// `LpmTrie<[u8; 4], u8>` per slot: IPv4 sources that skip the cookie round trip.
+    pub const ALLOW_V4: [&str; 2] = ["ALLOW_V4", "ALLOW_V4_1"];
+    /// `LpmTrie<[u8; 16], u8>` per slot: IPv6 sources that skip the cookie round trip.
+    pub const ALLOW_V6: [&str; 2] = ["ALLOW_V6", "ALLOW_V6_1"];
+    /// `LpmTrie<[u8; 4], u8>` per slot: IPv4 sources dropped in XDP.
+    pub const DENY_V4: [&str; 2] = ["DENY_V4", "DENY_V4_1"];
+    /// `LpmTrie<[u8; 16], u8>` per slot: IPv6 sources dropped in XDP.
+    pub const DENY_V6: [&str; 2] = ["DENY_V6", "DENY_V6_1"];
     /// `HashMap<SourceKey, u8>`: sources at their limit of tracked connections.
     pub const FULL_SOURCES: &str = "FULL_SOURCES";
     /// `Array<CookieSecrets>` with a single entry: the keys of tcpguard's own cookie.
@@ -74,10 +74,14 @@ pub mod maps {
         SYN_TIMES,
         EVENTS,
         EVENT_STATS,
-        ALLOW_V4,
-        ALLOW_V6,
-        DENY_V4,
-        DENY_V6,
+        ALLOW_V4[0],
+        ALLOW_V6[0],
+        DENY_V4[0],
+        DENY_V6[0],
+        ALLOW_V4[1],
+        ALLOW_V6[1],
+        DENY_V4[1],
+        DENY_V6[1],
         FULL_SOURCES,
         HOST_ADDRESSES,
         INTERFACE,
@@ -90,7 +94,7 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
 /// Slots in [`maps::SYN_TIMES`], a power of two. A flood of 80k SYNs/s overwrites a slot about
 /// once a second, far longer than a real client takes to answer.
 pub const SYN_TIMES_CAPACITY: u32 = 65_536;
-/// Capacity of each allow and deny trie.
+/// Capacity of each allow and deny trie (each slot has its own).
 pub const POLICY_CAPACITY: u32 = 16_384;
 /// Capacity of [`maps::HOST_ADDRESSES`]: more addresses than any one host carries.
 pub const HOST_ADDRESSES_CAPACITY: u32 = 4096;

@@ -511,12 +511,19 @@ impl Daemon {
         new.flow_capacity = self.config.flow_capacity;
         new.metrics_listen = self.config.metrics_listen;
         new.control_socket = self.config.control_socket.clone();
+        // Everything that can fail is prepared first, beside what is in force; then the
+        // data plane is switched, and a failed switch puts back what was switched already.
         // A changed or rewritten secret file takes effect at once; a bad one keeps the keys.
         let keys = KeyRing::new(new.cookie_secret_file.as_deref(), new.cookie_key_rotation)?;
         new.cookie_mode = self.config.cookie_mode;
+        let old_ports = self.config.ports.clone();
         let guard = self.guard();
+        let policy = guard.prepare_policy(&new.policy)?;
         guard.set_ports(&new.ports)?;
-        guard.set_policy(&new.policy)?;
+        if let Err(err) = guard.commit_policy(policy) {
+            guard.set_ports(&old_ports)?;
+            return Err(err.into());
+        }
         if !new.policy.source_limit {
             self.sources_full.clear();
         }

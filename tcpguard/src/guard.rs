@@ -25,7 +25,7 @@ use log::info;
 use tcpguard_common::{
     Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST, EVENTS_SENT, FAMILY_IPV4,
     FAMILY_IPV6, Flow, FlowKey, HostAddress, InterfaceConfig, POLICY_ALLOW, POLICY_DENY,
-    POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey, SynCookieConfig,
+    POLICY_SLOT, POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SourceKey, SynCookieConfig,
     XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, cookie::CookieSecrets, maps, xdp_program,
 };
 
@@ -137,6 +137,9 @@ pub struct Guard {
     xdp: &'static str,
     pin_dir: Option<PathBuf>,
     attachment: Option<Attachment>,
+    /// The ports written into [`maps::PROTECTED_PORTS`]; `None` before the first write (a
+    /// pinned map may hold anything then).
+    ports: Option<BTreeSet<u16>>,
 }
 
 /// Where the programs are attached, in which mode, and whether an earlier daemon did it.
@@ -151,6 +154,14 @@ pub struct Attachment {
     /// detaches it.
     #[expect(dead_code, reason = "held only to be dropped")]
     links: (FdLink, FdLink),
+}
+
+/// Allow and deny lists written into the slot of tries not in force, with the
+/// [`Policy::lists`] byte that puts them in force ([`Guard::commit_policy`]).
+#[must_use = "a prepared policy takes effect only when committed"]
+#[derive(Debug)]
+pub struct PreparedPolicy {
+    lists: u8,
 }
 
 /// Source policy as the XDP program applies it.
@@ -209,6 +220,7 @@ impl Guard {
             xdp: xdp_name,
             pin_dir: options.pin_dir.clone(),
             attachment: None,
+            ports: None,
         })
     }
 
@@ -220,24 +232,40 @@ impl Guard {
             .expect("Guard::load_with checked the program exists and is XDP")
     }
 
-    /// Protects exactly `ports`, for IPv4 and IPv6.
+    /// Protects exactly `ports`, for IPv4 and IPv6. Only the entries that change are written
+    /// (all 65,536 the first time, since a pinned map may hold an earlier configuration's
+    /// ports); when a write fails, the entries already written are put back, so the ports in
+    /// force are the old ones.
     pub fn set_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), GuardError> {
-        let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;
-        let on = ProtectedPort {
-            families: FAMILY_IPV4 | FAMILY_IPV6,
+        let changed: Vec<u16> = match &self.ports {
+            Some(held) => held.symmetric_difference(ports).copied().collect(),
+            None => (0..=u16::MAX).collect(),
         };
-        let off = ProtectedPort::default();
-        // Every entry is written: a pinned map may hold the ports of an earlier configuration.
-        for port in 0..PORT_COUNT {
-            let entry = if ports.contains(&(port as u16)) {
-                on
-            } else {
-                off
-            };
-            protected
-                .set(port, &entry, 0)
-                .map_err(map_error(maps::PROTECTED_PORTS))?;
+        let held = self.ports.take();
+        let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;
+        let entry = |on: bool| ProtectedPort {
+            families: if on { FAMILY_IPV4 | FAMILY_IPV6 } else { 0 },
+        };
+        for (done, &port) in changed.iter().enumerate() {
+            let written = protected.set(u32::from(port), &entry(ports.contains(&port)), 0);
+            if let Err(source) = written {
+                // Put back what was written; the set in force is then `held` again (unknown,
+                // and written whole next time, if there was none or the undo fails too).
+                let undone = held.as_ref().is_some_and(|held| {
+                    changed[..done].iter().all(|&port| {
+                        protected
+                            .set(u32::from(port), &entry(held.contains(&port)), 0)
+                            .is_ok()
+                    })
+                });
+                self.ports = held.filter(|_| undone);
+                return Err(GuardError::Map {
+                    name: maps::PROTECTED_PORTS,
+                    source,
+                });
+            }
         }
+        self.ports = Some(ports.clone());
         Ok(())
     }
 
@@ -247,11 +275,29 @@ impl Guard {
             .map_err(map_error(maps::SYN_COOKIE_CONFIG))
     }
 
-    /// Replaces the allow and deny lists and switches the per-source limit on or off.
+    /// Replaces the allow and deny lists and switches the per-source limit on or off:
+    /// [`Guard::prepare_policy`], then [`Guard::commit_policy`].
     pub fn set_policy(&mut self, policy: &SourcePolicy) -> Result<(), GuardError> {
-        self.fill_tries(maps::ALLOW_V4, maps::ALLOW_V6, &policy.allow)?;
-        self.fill_tries(maps::DENY_V4, maps::DENY_V6, &policy.deny)?;
-        let mut lists = 0;
+        let prepared = self.prepare_policy(policy)?;
+        self.commit_policy(prepared)
+    }
+
+    /// Writes `policy`'s allow and deny lists into the slot of tries that is not in force,
+    /// while the one in force goes on deciding. Nothing the data plane reads changes: when a
+    /// step fails, the slot is emptied again and the lists in force are as they were.
+    pub fn prepare_policy(&mut self, policy: &SourcePolicy) -> Result<PreparedPolicy, GuardError> {
+        let in_force = self.policy_in_force()?;
+        let slot = usize::from(in_force.lists & POLICY_SLOT == 0);
+        let filled = self
+            .fill_tries(maps::ALLOW_V4[slot], maps::ALLOW_V6[slot], &policy.allow)
+            .and_then(|()| self.fill_tries(maps::DENY_V4[slot], maps::DENY_V6[slot], &policy.deny));
+        if let Err(err) = filled {
+            // Best effort: a slot left full is emptied before it is filled next time anyway.
+            let _ = self.fill_tries(maps::ALLOW_V4[slot], maps::ALLOW_V6[slot], &[]);
+            let _ = self.fill_tries(maps::DENY_V4[slot], maps::DENY_V6[slot], &[]);
+            return Err(err);
+        }
+        let mut lists = if slot == 1 { POLICY_SLOT } else { 0 };
         if !policy.allow.is_empty() {
             lists |= POLICY_ALLOW;
         }
@@ -260,23 +306,41 @@ impl Guard {
         }
         if policy.source_limit {
             lists |= POLICY_SOURCE_LIMIT;
-        } else {
-            let mut full: HashMap<_, SourceKey, u8> = self.map_mut(maps::FULL_SOURCES)?;
+        }
+        Ok(PreparedPolicy { lists })
+    }
+
+    /// Puts a prepared policy in force with one write of [`Policy::lists`]: a packet meets
+    /// either the old lists or the new ones, never neither. The old slot's tries are left as
+    /// they are (a packet that read the old byte may still be looking in them); the next
+    /// [`Guard::prepare_policy`] empties them before it fills them.
+    pub fn commit_policy(&mut self, prepared: PreparedPolicy) -> Result<(), GuardError> {
+        let mut map: Array<_, Policy> = self.map_mut(maps::POLICY)?;
+        map.set(
+            0,
+            &Policy {
+                lists: prepared.lists,
+                _pad: [0; 7],
+            },
+            0,
+        )
+        .map_err(map_error(maps::POLICY))?;
+        // The limit is off: its marks are read no more, and go (nothing after the switch
+        // can fail it).
+        if prepared.lists & POLICY_SOURCE_LIMIT == 0
+            && let Ok(mut full) = self.map_mut::<HashMap<_, SourceKey, u8>>(maps::FULL_SOURCES)
+        {
             let keys: Vec<SourceKey> = full.keys().filter_map(Result::ok).collect();
             for key in keys {
                 let _ = full.remove(&key);
             }
         }
-        let mut map: Array<_, Policy> = self.map_mut(maps::POLICY)?;
-        map.set(
-            0,
-            &Policy {
-                lists,
-                _pad: [0; 7],
-            },
-            0,
-        )
-        .map_err(map_error(maps::POLICY))
+        Ok(())
+    }
+
+    fn policy_in_force(&self) -> Result<Policy, GuardError> {
+        let map: Array<_, Policy> = self.map(maps::POLICY)?;
+        map.get(&0, 0).map_err(map_error(maps::POLICY))
     }
 
     fn fill_tries(
@@ -297,7 +361,7 @@ impl Guard {
         self.refill_trie(v6_name, v6)
     }
 
-    /// Replaces every entry of the trie `name` with `keys`.
+    /// Replaces every entry of the trie `name` with `keys`. Only for a trie not in force.
     fn refill_trie<K: aya::Pod>(
         &mut self,
         name: &'static str,

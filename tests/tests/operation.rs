@@ -264,6 +264,96 @@ fn reload_applies_policy_and_a_bad_file_keeps_the_running_config() {
     let _ = std::fs::remove_file(notify_path);
 }
 
+/// A deny list of `others` /32s in 172.16.0.0/12 and the client's /24, as TOML.
+fn deny_list(others: u32) -> String {
+    let mut list: Vec<String> = (0..others)
+        .map(|n| format!("\"{}\"", std::net::Ipv4Addr::from(0xac10_0000 + n)))
+        .collect();
+    list.push("\"10.201.0.0/24\"".to_owned());
+    format!("[policy]\ndeny = [{}]\n", list.join(", "))
+}
+
+/// A reload that is refused changes nothing: not the lists in force (the client stays denied),
+/// not the ports (a port the refused file adds stays unprotected).
+#[test]
+fn a_refused_reload_changes_nothing() {
+    let rig = Rig::new();
+    let base = "interface = \"srv0\"\nstats_interval = 0\n";
+    let path = config_file(&rig, &format!("{base}ports = [8080]\n{}", deny_list(0)));
+    let mut daemon = Daemon::start(&rig.server, &["--config", path.to_str().unwrap()]);
+    echo_server(&rig.server);
+    let _other = rig
+        .server
+        .within(|| TcpListener::bind(("0.0.0.0", 9090)).unwrap());
+    assert!(connect(&rig.client, Duration::from_millis(1500)).is_err());
+
+    // More prefixes than the deny tries hold, and a new port.
+    std::fs::write(
+        &path,
+        format!(
+            "{base}ports = [8080, 9090]\n{}",
+            deny_list(tcpguard_common::POLICY_CAPACITY)
+        ),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    let line = daemon.wait_for("configuration not reloaded", Duration::from_secs(20));
+    assert!(line.contains("policy.deny holds 16385"), "{line}");
+    assert_eq!(status(&daemon.paths)["ports"], serde_json::json!([8080]));
+    assert!(
+        connect(&rig.client, Duration::from_millis(1500)).is_err(),
+        "the client is still denied"
+    );
+    let before = status(&daemon.paths)["packets"].clone();
+    let to_9090 = rig.client.within(|| {
+        TcpStream::connect_timeout(&SocketAddr::from((SERVER, 9090)), Duration::from_secs(3))
+    });
+    assert!(to_9090.is_ok(), "9090 is not protected, so not denied");
+    let after = status(&daemon.paths)["packets"].clone();
+    assert_eq!(
+        after["syn_cookie_sent"], before["syn_cookie_sent"],
+        "no cookie for 9090"
+    );
+    assert!(
+        after["unprotected"].as_u64() > before["unprotected"].as_u64(),
+        "{after}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+/// Reloading a large deny list leaves no moment in which it does not hold: a denied source
+/// that floods SYNs through repeated reloads gets not one cookie.
+#[test]
+fn reloads_of_a_large_deny_list_let_no_denied_syn_through() {
+    let rig = Rig::new();
+    let text = format!(
+        "interface = \"srv0\"\nports = [8080]\nstats_interval = 0\n{}",
+        deny_list(16_000)
+    );
+    let path = config_file(&rig, &text);
+    let mut daemon = Daemon::start(&rig.server, &["--config", path.to_str().unwrap()]);
+    echo_server(&rig.server);
+    let flood = Flood::start(&rig.client, &["-S"], PORT, 12, 10_000_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let reloads = 10;
+    for _ in 0..reloads {
+        daemon.signal(libc::SIGHUP);
+        daemon.wait_for("configuration reloaded", Duration::from_secs(20));
+    }
+    drop(flood);
+    let packets = status(&daemon.paths)["packets"].clone();
+    println!("after {reloads} reloads: {packets}");
+    assert!(
+        packets["denied_source"].as_u64().unwrap() >= 1000,
+        "the flood reached XDP: {packets}"
+    );
+    assert_eq!(
+        packets["syn_cookie_sent"], 0,
+        "no SYN of the denied source was answered: {packets}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
 #[test]
 fn a_restart_during_a_syn_flood_does_not_interrupt_protection() {
     let rig = Rig::new();
