@@ -474,3 +474,116 @@ fn the_units_capabilities_are_enough() {
         "{totals:?}"
     );
 }
+
+/// The systemd unit's value of `key`.
+fn unit_setting(key: &str) -> String {
+    let unit = include_str!("../../systemd/tcpguard.service");
+    unit.lines()
+        .find_map(|line| line.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("the unit sets {key}"))
+        .to_owned()
+}
+
+/// As the unit runs it: a user of its own (here `nobody`, owner of the pin directory and the
+/// control socket's directory) with the unit's ambient capabilities and nothing else, tcpguard
+/// sets its sysctls, loads, attaches, pins and protects.
+#[test]
+fn an_unprivileged_user_with_the_units_ambient_capabilities_protects() {
+    let ambient = unit_setting("AmbientCapabilities");
+    assert_eq!(ambient, unit_setting("CapabilityBoundingSet"));
+    assert_eq!(unit_setting("User"), "tcpguard");
+    let capabilities: Vec<String> = ambient
+        .split_whitespace()
+        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let set = capabilities.join(",");
+    let rig = Rig::new();
+    let mut paths = DaemonPaths::for_namespace(&rig.server);
+    let socket_dir = PathBuf::from(format!("/run/tcpguard-tests/{}-user", rig.server.name));
+    for dir in [&paths.pin_dir, &socket_dir] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    }
+    paths.control_socket = socket_dir.join("control.sock");
+    let daemon = Daemon::start_wrapped(
+        &rig.server,
+        paths.clone(),
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &format!("--bounding-set=-all,{set}"),
+            &format!("--inh-caps=-all,{set}"),
+            &format!("--ambient-caps=-all,{set}"),
+            "--",
+        ],
+        &["--iface", SERVER_IF, "--port", "8080"],
+        &[],
+    );
+    echo_server(&rig.server);
+    let mut stream = connect(&rig.client, Duration::from_secs(3)).expect("connecting");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    echo(&mut stream, "unprivileged");
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap()
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534", "not root");
+    // CAP_NET_ADMIN is bit 12, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(field("CapEff:"), "000000c000001000");
+    assert_eq!(field("CapAmb:"), "000000c000001000");
+    assert_eq!(status(&paths)["ports"], serde_json::json!([8080]));
+    let pinned = std::fs::metadata(paths.pin_dir.join("FLOWS")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&pinned),
+        65534,
+        "the pins are the user's"
+    );
+    let totals = daemon.stop();
+    assert!(
+        totals
+            .iter()
+            .any(|(name, value)| name == "cookie_accepted" && *value >= 1),
+        "{totals:?}"
+    );
+    let _ = std::fs::remove_dir(&paths.pin_dir);
+    let _ = std::fs::remove_dir(&socket_dir);
+}
+
+/// `systemd-analyze security` rates the unit at an exposure of 2.0 or less (its threshold is
+/// in tenths), where the host's systemd can rate a unit file offline (250 and later); the VM
+/// test rates the installed unit in its Debian 13 guest too.
+#[test]
+fn the_unit_is_rated_an_exposure_of_2_or_less() {
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/tcpguard.service");
+    let output = match std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=20", unit])
+        .output()
+    {
+        Ok(output) => output,
+        Err(err) => {
+            println!("skipped: no systemd-analyze here ({err})");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    if text.contains("unrecognized option") || text.contains("Unknown option") {
+        println!("skipped: this systemd-analyze cannot rate a unit file offline: {text}");
+        return;
+    }
+    let rating = text
+        .lines()
+        .find(|line| line.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no rating: {text}"));
+    println!("{rating}");
+    assert!(output.status.success(), "rated above 2.0: {text}");
+}
