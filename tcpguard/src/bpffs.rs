@@ -170,12 +170,19 @@ fn allowed_owners() -> Vec<u32> {
 /// Whether `dir` is where a BPF filesystem is mounted with its root (not a bind mount of a
 /// directory inside one, which is how the systemd unit hands the service its pin directory).
 fn is_bpffs_root(dir: &Path) -> bool {
-    let Ok(dir) = fs::canonicalize(dir) else {
-        return false;
-    };
-    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
+    mount_at(dir).is_some_and(|mount| mount.root == "/" && mount.fstype == "bpf")
+}
+
+/// What is mounted at `dir`, if anything.
+struct Mount {
+    /// The directory of the mounted filesystem that appears at `dir` ("/" for all of it).
+    root: String,
+    fstype: String,
+}
+
+fn mount_at(dir: &Path) -> Option<Mount> {
+    let dir = fs::canonicalize(dir).ok()?;
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
     // "36 35 98:0 /root /mount/point options... - fstype source superoptions"; the last
     // mount on a point is the one seen there.
     mountinfo
@@ -183,12 +190,14 @@ fn is_bpffs_root(dir: &Path) -> bool {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let separator = fields.iter().position(|&field| field == "-")?;
-            let (root, mount_point) = (*fields.get(3)?, unescape(fields.get(4)?));
-            (Path::new(&mount_point) == dir)
-                .then(|| root == "/" && fields.get(separator + 1) == Some(&"bpf"))
+            let (root, mount_point) = (fields.get(3)?, fields.get(4)?);
+            let fstype = fields.get(separator + 1)?;
+            (Path::new(&unescape(mount_point)) == dir).then(|| Mount {
+                root: unescape(root),
+                fstype: (*fstype).to_owned(),
+            })
         })
         .next_back()
-        .unwrap_or(false)
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space).
@@ -287,7 +296,8 @@ pub fn remove_pins(dir: &Path) -> Result<Vec<String>, PinDirError> {
     for path in &others {
         fs::remove_file(path).map_err(removing(path))?;
     }
-    if foreign.is_empty() && !is_bpffs_root(dir) {
+    // A mount point stays: a BPF filesystem's root, or the unit's bind of the pin directory.
+    if foreign.is_empty() && mount_at(dir).is_none() {
         fs::remove_dir(dir).map_err(removing(dir))?;
     }
     foreign.sort();
