@@ -22,9 +22,9 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{
-    Method, Request, Response, StatusCode,
+    Method, Request, Response, StatusCode, Version,
     body::Incoming,
-    header::{ALLOW, CONTENT_TYPE, HeaderValue},
+    header::{ALLOW, CONNECTION, CONTENT_TYPE, HeaderValue},
     server::conn::http1,
     service::service_fn,
 };
@@ -139,6 +139,8 @@ async fn answer(
         async move { Ok::<_, Infallible>(response) }
     });
     let served = http1::Builder::new()
+        // Header names as the hand-written server sent them, for clients that read them so.
+        .title_case_headers(true)
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_TIMEOUT)
         .serve_connection(io, service);
@@ -159,7 +161,28 @@ async fn answer(
     }
 }
 
+/// The answer to `request`, saying `Connection: keep-alive` where the connection stays open
+/// (hyper adds `Connection: close` where it does not).
 fn respond(
+    request: &Request<Incoming>,
+    registry: &Registry,
+    heartbeat: &Heartbeat,
+) -> Response<Full<Bytes>> {
+    let mut response = answer_to(request, registry, heartbeat);
+    let asks_to_close = request.headers().get_all(CONNECTION).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|value| value.eq_ignore_ascii_case("close"))
+    });
+    if request.version() == Version::HTTP_11 && !asks_to_close {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+    }
+    response
+}
+
+fn answer_to(
     request: &Request<Incoming>,
     registry: &Registry,
     heartbeat: &Heartbeat,
