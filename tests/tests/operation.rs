@@ -432,15 +432,10 @@ fn a_restart_during_a_syn_flood_does_not_interrupt_protection() {
 /// protects.
 #[test]
 fn the_units_capabilities_are_enough() {
-    let unit = include_str!("../../systemd/tcpguard.service");
-    let capabilities: Vec<String> = unit
-        .lines()
-        .find_map(|line| line.strip_prefix("CapabilityBoundingSet="))
-        .expect("the unit sets CapabilityBoundingSet")
-        .split_whitespace()
-        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
-    let set = format!("-all,{}", capabilities.join(","));
+    let set = format!(
+        "-all,{}",
+        setpriv_capabilities(&unit_setting("CapabilityBoundingSet"))
+    );
     let rig = Rig::new();
     let daemon = Daemon::start_wrapped(
         &rig.server,
@@ -449,12 +444,7 @@ fn the_units_capabilities_are_enough() {
         &["--iface", SERVER_IF, "--port", "8080"],
         &[],
     );
-    echo_server(&rig.server);
-    let mut stream = connect(&rig.client, Duration::from_secs(3)).expect("connecting");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    echo(&mut stream, "capable");
+    echo_once(&rig, "capable");
     let status = rig.server.run(
         "grep",
         &["CapEff", &format!("/proc/{}/status", daemon.pid())],
@@ -466,6 +456,21 @@ fn the_units_capabilities_are_enough() {
         Some("000000c000001000"),
         "tcpguard's effective capabilities"
     );
+    assert_a_cookie_was_accepted(daemon);
+}
+
+/// Connects through the rig's server, which echoes one line of `text`.
+fn echo_once(rig: &Rig, text: &str) {
+    echo_server(&rig.server);
+    let mut stream = connect(&rig.client, Duration::from_secs(3)).expect("connecting");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    echo(&mut stream, text);
+}
+
+/// Stops `daemon` and asserts that it accepted a cookie.
+fn assert_a_cookie_was_accepted(daemon: Daemon) {
     let totals = daemon.stop();
     assert!(
         totals
@@ -473,6 +478,15 @@ fn the_units_capabilities_are_enough() {
             .any(|(name, value)| name == "cookie_accepted" && *value >= 1),
         "{totals:?}"
     );
+}
+
+/// The unit's capabilities (`CAP_BPF CAP_NET_ADMIN ...`) as setpriv takes them (`+bpf,...`).
+fn setpriv_capabilities(unit_list: &str) -> String {
+    unit_list
+        .split_whitespace()
+        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The systemd unit's value of `key`.
@@ -492,11 +506,7 @@ fn an_unprivileged_user_with_the_units_ambient_capabilities_protects() {
     let ambient = unit_setting("AmbientCapabilities");
     assert_eq!(ambient, unit_setting("CapabilityBoundingSet"));
     assert_eq!(unit_setting("User"), "tcpguard");
-    let capabilities: Vec<String> = ambient
-        .split_whitespace()
-        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
-    let set = capabilities.join(",");
+    let set = setpriv_capabilities(&ambient);
     let rig = Rig::new();
     let mut paths = DaemonPaths::for_namespace(&rig.server);
     let socket_dir = PathBuf::from(format!("/run/tcpguard-tests/{}-user", rig.server.name));
@@ -522,12 +532,7 @@ fn an_unprivileged_user_with_the_units_ambient_capabilities_protects() {
         &["--iface", SERVER_IF, "--port", "8080"],
         &[],
     );
-    echo_server(&rig.server);
-    let mut stream = connect(&rig.client, Duration::from_secs(3)).expect("connecting");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    echo(&mut stream, "unprivileged");
+    echo_once(&rig, "unprivileged");
     let proc_status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
     let field = |name: &str| {
         proc_status
@@ -547,13 +552,7 @@ fn an_unprivileged_user_with_the_units_ambient_capabilities_protects() {
         65534,
         "the pins are the user's"
     );
-    let totals = daemon.stop();
-    assert!(
-        totals
-            .iter()
-            .any(|(name, value)| name == "cookie_accepted" && *value >= 1),
-        "{totals:?}"
-    );
+    assert_a_cookie_was_accepted(daemon);
     let _ = std::fs::remove_dir(&paths.pin_dir);
     let _ = std::fs::remove_dir(&socket_dir);
 }
