@@ -71,12 +71,17 @@ pub const POLICY_DENY: u8 = 1 << 0;
 pub const POLICY_ALLOW: u8 = 1 << 1;
 /// [`Policy::lists`] bit: a per-source connection limit is set.
 pub const POLICY_SOURCE_LIMIT: u8 = 1 << 2;
+/// [`Policy::lists`] bit: the allow and deny tries in force are slot 1's (clear: slot 0's).
+/// A reload fills the other slot's tries while these stay in force, then switches with one
+/// write of this byte, so that a packet always meets one whole list, the old or the new.
+pub const POLICY_SLOT: u8 = 1 << 3;
 
-/// Which source policies are in force, so that the XDP program skips the lookups of empty ones.
+/// Which source policies are in force, so that the XDP program skips the lookups of empty ones,
+/// and which slot's tries hold them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
-    /// [`POLICY_DENY`], [`POLICY_ALLOW`], [`POLICY_SOURCE_LIMIT`].
+    /// [`POLICY_DENY`], [`POLICY_ALLOW`], [`POLICY_SOURCE_LIMIT`], [`POLICY_SLOT`].
     pub lists: u8,
     pub _pad: [u8; 7],
 }

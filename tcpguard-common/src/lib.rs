@@ -12,8 +12,8 @@ mod rare;
 
 pub use attack::{AttackConfig, AttackState};
 pub use config::{
-    FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT,
-    Policy, ProtectedPort, SynCookieConfig,
+    FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SLOT,
+    POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SynCookieConfig,
 };
 pub use cookie::{COOKIE_PERIOD_S, CookieOptions, CookieReject, CookieSecrets, SynCookie};
 pub use cookie_ack::{
@@ -51,14 +51,14 @@ pub mod maps {
     pub const EVENT_STATS: &str = "EVENT_STATS";
     /// `Array<Policy>` with a single entry.
     pub const POLICY: &str = "POLICY";
-    /// `LpmTrie<[u8; 4], u8>`: IPv4 sources that skip the cookie round trip.
-    pub const ALLOW_V4: &str = "ALLOW_V4";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 sources that skip the cookie round trip.
-    pub const ALLOW_V6: &str = "ALLOW_V6";
-    /// `LpmTrie<[u8; 4], u8>`: IPv4 sources dropped in XDP.
-    pub const DENY_V4: &str = "DENY_V4";
-    /// `LpmTrie<[u8; 16], u8>`: IPv6 sources dropped in XDP.
-    pub const DENY_V6: &str = "DENY_V6";
+    /// `LpmTrie<[u8; 4], u8>` per slot: IPv4 sources that skip the cookie round trip.
+    pub const ALLOW_V4: [&str; 2] = ["ALLOW_V4", "ALLOW_V4_1"];
+    /// `LpmTrie<[u8; 16], u8>` per slot: IPv6 sources that skip the cookie round trip.
+    pub const ALLOW_V6: [&str; 2] = ["ALLOW_V6", "ALLOW_V6_1"];
+    /// `LpmTrie<[u8; 4], u8>` per slot: IPv4 sources dropped in XDP.
+    pub const DENY_V4: [&str; 2] = ["DENY_V4", "DENY_V4_1"];
+    /// `LpmTrie<[u8; 16], u8>` per slot: IPv6 sources dropped in XDP.
+    pub const DENY_V6: [&str; 2] = ["DENY_V6", "DENY_V6_1"];
     /// `HashMap<SourceKey, u8>`: sources at their limit of tracked connections.
     pub const FULL_SOURCES: &str = "FULL_SOURCES";
     /// `Array<CookieSecrets>` with a single entry: the keys of tcpguard's own cookie.
@@ -78,6 +78,9 @@ pub mod maps {
     pub const ATTACK_CONFIG: &str = "ATTACK_CONFIG";
     /// `Array<AttackState>` with a single entry: the SYN rate and whether an attack is on.
     pub const ATTACK: &str = "ATTACK";
+    /// `PerCpuArray<u64>` of the TC ingress program in C (`tcpguard-ebpf/c/reqsk.c`), in its
+    /// own object: what it made of the own-cookie ACKs XDP handed it.
+    pub const REQSK_RESULTS: &str = "REQSK_RESULTS";
 
     /// Every map, for pinning.
     pub const ALL: &[&str] = &[
@@ -89,10 +92,14 @@ pub mod maps {
         SYN_TIMES,
         EVENTS,
         EVENT_STATS,
-        ALLOW_V4,
-        ALLOW_V6,
-        DENY_V4,
-        DENY_V6,
+        ALLOW_V4[0],
+        ALLOW_V6[0],
+        DENY_V4[0],
+        DENY_V6[0],
+        ALLOW_V4[1],
+        ALLOW_V6[1],
+        DENY_V4[1],
+        DENY_V6[1],
         FULL_SOURCES,
         HOST_ADDRESSES,
         HOST_ADDRESS_FILTER,
@@ -108,7 +115,7 @@ pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
 /// Slots in [`maps::SYN_TIMES`], a power of two. A flood of 80k SYNs/s overwrites a slot about
 /// once a second, far longer than a real client takes to answer.
 pub const SYN_TIMES_CAPACITY: u32 = 65_536;
-/// Capacity of each allow and deny trie.
+/// Capacity of each allow and deny trie (each slot has its own).
 pub const POLICY_CAPACITY: u32 = 16_384;
 /// Capacity of [`maps::HOST_ADDRESSES`]: more addresses than any one host carries.
 pub const HOST_ADDRESSES_CAPACITY: u32 = 4096;
@@ -146,6 +153,15 @@ pub const fn xdp_program(own_cookies: bool) -> &'static str {
 }
 /// Name of the TC egress program in the eBPF object.
 pub const EGRESS_PROGRAM: &str = "tcpguard_egress";
+/// Name of the TC ingress program of the own-cookie path (`tcpguard-ebpf/c/reqsk.c`).
+pub const REQSK_PROGRAM: &str = "tcpguard_reqsk";
+/// Every program tcpguard loads and pins.
+pub const PROGRAMS: &[&str] = &[
+    XDP_PROGRAM,
+    XDP_OWN_COOKIES_PROGRAM,
+    EGRESS_PROGRAM,
+    REQSK_PROGRAM,
+];
 
 /// Entries in [`maps::PROTECTED_PORTS`]: one per possible TCP port.
 pub const PORT_COUNT: u32 = 65536;

@@ -6,13 +6,14 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
 };
 use tcpguard_common::{
-    FULL_SOURCES_CAPACITY, FlowKey, POLICY_ALLOW, POLICY_CAPACITY, POLICY_DENY,
+    FULL_SOURCES_CAPACITY, FlowKey, POLICY_ALLOW, POLICY_CAPACITY, POLICY_DENY, POLICY_SLOT,
     POLICY_SOURCE_LIMIT, Policy, SourceKey,
 };
 
 #[map(name = "POLICY")]
 static POLICY: Array<Policy> = Array::with_max_entries(1, 0);
 
+// Two slots of tries; POLICY_SLOT says which is in force (see tcpguard-common).
 #[map(name = "ALLOW_V4")]
 static ALLOW_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
 
@@ -25,10 +26,23 @@ static DENY_V4: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY
 #[map(name = "DENY_V6")]
 static DENY_V6: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
 
+#[map(name = "ALLOW_V4_1")]
+static ALLOW_V4_1: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+
+#[map(name = "ALLOW_V6_1")]
+static ALLOW_V6_1: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+
+#[map(name = "DENY_V4_1")]
+static DENY_V4_1: LpmTrie<[u8; 4], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+
+#[map(name = "DENY_V6_1")]
+static DENY_V6_1: LpmTrie<[u8; 16], u8> = LpmTrie::with_max_entries(POLICY_CAPACITY, 0);
+
 #[map(name = "FULL_SOURCES")]
 static FULL_SOURCES: HashMap<SourceKey, u8> = HashMap::with_max_entries(FULL_SOURCES_CAPACITY, 0);
 
-/// The policies in force ([`Policy::lists`]), read once per packet.
+/// The policies in force ([`Policy::lists`]), read once per packet: the lists and the slot
+/// of tries they are in come from the same byte.
 #[derive(Clone, Copy)]
 pub struct Lists(u8);
 
@@ -41,13 +55,23 @@ impl Lists {
     /// Whether the client of `key` is deny-listed.
     #[inline(always)]
     pub fn denied(self, key: &FlowKey) -> bool {
-        self.0 & POLICY_DENY != 0 && listed(key, &DENY_V4, &DENY_V6)
+        self.0 & POLICY_DENY != 0
+            && if self.0 & POLICY_SLOT == 0 {
+                listed(key, &DENY_V4, &DENY_V6)
+            } else {
+                listed(key, &DENY_V4_1, &DENY_V6_1)
+            }
     }
 
     /// Whether the client of `key` is allow-listed.
     #[inline(always)]
     pub fn allowed(self, key: &FlowKey) -> bool {
-        self.0 & POLICY_ALLOW != 0 && listed(key, &ALLOW_V4, &ALLOW_V6)
+        self.0 & POLICY_ALLOW != 0
+            && if self.0 & POLICY_SLOT == 0 {
+                listed(key, &ALLOW_V4, &ALLOW_V6)
+            } else {
+                listed(key, &ALLOW_V4_1, &ALLOW_V6_1)
+            }
     }
 
     /// Whether the client of `key` already has as many tracked connections as it may have.

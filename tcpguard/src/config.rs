@@ -3,23 +3,35 @@
 
 use std::{
     collections::BTreeSet,
-    fs, io,
-    net::SocketAddr,
+    fs,
+    io::{self, Read as _},
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use serde::Deserialize;
 
-use crate::{AttachMode, connection::Timeouts, guard::SourcePolicy, prefix::Prefix};
+use crate::{AttachMode, bpffs, connection::Timeouts, guard::SourcePolicy, prefix::Prefix};
 
 /// Where the daemon looks for its configuration unless told otherwise.
 pub const DEFAULT_PATH: &str = "/etc/tcpguard/tcpguard.toml";
+
+/// The largest configuration file read: room for full allow and deny lists (16,384 prefixes
+/// per family each), with comments.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} is not a configuration file: it is larger than {} MiB (or endless, like a device)",
+        MAX_FILE_BYTES >> 20
+    )]
+    TooLarge { path: PathBuf },
+    #[error("{path} is not a configuration file: it is not UTF-8 text")]
+    NotText { path: PathBuf },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{0}")]
@@ -334,17 +346,26 @@ impl Config {
     /// Reads `path` (a missing file is an empty one only when `required` is false), applies
     /// `overrides`, and checks the result.
     pub fn load(path: &Path, required: bool, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let file = match fs::read_to_string(path) {
+        let file = match read(path) {
             Ok(text) => parse(path, &text)?,
-            Err(err) if err.kind() == io::ErrorKind::NotFound && !required => File::default(),
-            Err(source) => {
-                return Err(ConfigError::Read {
-                    path: path.to_owned(),
-                    source,
-                });
+            Err(ConfigError::Read { source, .. })
+                if source.kind() == io::ErrorKind::NotFound && !required =>
+            {
+                File::default()
             }
+            Err(err) => return Err(err),
         };
         Self::from_file(file, overrides)
+    }
+
+    /// Checks what depends on this host rather than on the file: that the pin directory is
+    /// one tcpguard may pin in. `tcpguard run` and `tcpguard check-config` both ask, so that
+    /// what one refuses the other refuses too.
+    pub fn check_host(&self) -> Result<(), ConfigError> {
+        match &self.pin_dir {
+            Some(dir) => bpffs::check_pin_dir(dir).map_err(|err| invalid(err.to_string())),
+            None => Ok(()),
+        }
     }
 
     pub fn from_file(mut file: File, overrides: &Overrides) -> Result<Self, ConfigError> {
@@ -409,6 +430,30 @@ impl Config {
     }
 }
 
+/// The file's text, refused when it is larger than [`MAX_FILE_BYTES`]: at most that much is
+/// ever read, so `/dev/zero` or `/dev/urandom` named by mistake ends in an error, not in
+/// exhausted memory.
+fn read(path: &Path) -> Result<String, ConfigError> {
+    let read_error = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .map_err(read_error)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(ConfigError::TooLarge {
+            path: path.to_owned(),
+        });
+    }
+    String::from_utf8(bytes).map_err(|_| ConfigError::NotText {
+        path: path.to_owned(),
+    })
+}
+
 fn parse(path: &Path, text: &str) -> Result<File, ConfigError> {
     toml::from_str(text).map_err(|err| ConfigError::Parse {
         path: path.to_owned(),
@@ -425,9 +470,9 @@ fn validate(file: File) -> Result<Config, ConfigError> {
         .interface
         .filter(|name| !name.is_empty())
         .ok_or(ConfigError::Unconfigured("interface", "iface"))?;
-    if interface.len() > 15 || interface.contains(['/', ' ']) {
+    if !is_interface_name(&interface) {
         return Err(invalid(format!(
-            "interface {interface:?} is not a valid interface name (at most 15 characters, no '/' or spaces)"
+            "interface {interface:?} is not a name an interface can have (1 to 15 bytes, no '/', ':' or white space, not \".\" or \"..\")"
         )));
     }
     if file.ports.is_empty() {
@@ -445,6 +490,12 @@ fn validate(file: File) -> Result<Config, ConfigError> {
         };
     }
     let xdp_mode = file.xdp_mode.parse::<AttachMode>().map_err(invalid)?;
+    for (name, list) in [
+        ("policy.allow", &file.policy.allow),
+        ("policy.deny", &file.policy.deny),
+    ] {
+        check_fits(name, list)?;
+    }
     if !FLOW_CAPACITY_RANGE.contains(&file.flow_capacity) {
         return Err(invalid(format!(
             "flow_capacity {} is not between {} and {}",
@@ -574,6 +625,44 @@ fn validate(file: File) -> Result<Config, ConfigError> {
     })
 }
 
+/// The kernel's rule for a network device's name (`dev_valid_name`): 1 to 15 bytes, no '/',
+/// ':' or white space (the kernel's `isspace`, which counts 0xA0 too), and neither "." nor
+/// "..".
+fn is_interface_name(name: &str) -> bool {
+    let forbidden = |byte: u8| {
+        matches!(
+            byte,
+            0 | b'/' | b':' | b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | 0xa0
+        )
+    };
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name.bytes().any(forbidden)
+}
+
+/// Whether the distinct prefixes of `list` fit the data plane's tries, one per family.
+fn check_fits(name: &str, list: &[Prefix]) -> Result<(), ConfigError> {
+    let capacity = tcpguard_common::POLICY_CAPACITY as usize;
+    let distinct: std::collections::HashSet<&Prefix> = list.iter().collect();
+    for (family, is_family) in [
+        ("IPv4", IpAddr::is_ipv4 as fn(&IpAddr) -> bool),
+        ("IPv6", IpAddr::is_ipv6),
+    ] {
+        let count = distinct
+            .iter()
+            .filter(|prefix| is_family(&prefix.address))
+            .count();
+        if count > capacity {
+            return Err(invalid(format!(
+                "{name} holds {count} distinct {family} prefixes; it holds at most {capacity} per family"
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -701,6 +790,50 @@ mod tests {
         assert!(
             error("interface = \"eth0\"\nports = [70000]")
                 .contains("port 70000 is not a TCP port number from 1 to 65535")
+        );
+    }
+
+    #[test]
+    fn interface_names_follow_the_kernels_rule() {
+        for name in ["eth0", "enp0s31f6", "veth-a.b_c", "fifteen-bytes-x", "wlö0"] {
+            assert!(is_interface_name(name), "{name:?}");
+        }
+        for name in [
+            "",
+            ".",
+            "..",
+            "a/b",
+            "a:b",
+            "a b",
+            "a\tb",
+            "a\u{b}b",
+            "a\u{a0}b",
+            "sixteen-bytes-xx",
+        ] {
+            assert!(!is_interface_name(name), "{name:?}");
+        }
+    }
+
+    #[test]
+    fn a_list_holds_at_most_the_tries_capacity_per_family() {
+        let capacity = tcpguard_common::POLICY_CAPACITY;
+        let v4 = |n: u32| Prefix {
+            address: IpAddr::V4(n.into()),
+            length: 32,
+        };
+        let v6 = |n: u32| Prefix {
+            address: IpAddr::V6(u128::from(n).into()),
+            length: 128,
+        };
+        let mut full: Vec<Prefix> = (0..capacity).map(v4).chain((0..capacity).map(v6)).collect();
+        // Repeats are one entry in a trie.
+        full.push(v4(0));
+        check_fits("policy.allow", &full).unwrap();
+        full.push(v6(capacity));
+        let err = check_fits("policy.allow", &full).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "policy.allow holds 16385 distinct IPv6 prefixes; it holds at most 16384 per family"
         );
     }
 

@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fs,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, atomic::AtomicU64, atomic::Ordering},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -80,6 +80,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     } else {
         kernel_cookie_sysctls(&config)?;
     }
+    config.check_host()?;
     let load = |own_cookies| {
         Guard::load_with(&LoadOptions {
             pin_dir: config.pin_dir.clone(),
@@ -215,6 +216,8 @@ struct Daemon {
     when: (Cookies, String),
     /// The attack state as last reported.
     attack: AttackState,
+    /// Whether this daemon made the control socket (and so removes it when it stops).
+    control_socket_bound: bool,
 }
 
 /// The data plane's [`AttackConfig`] for `config` when cookies are sent `when`.
@@ -283,6 +286,7 @@ impl Daemon {
             reqsk: None,
             when: (Cookies::Always, String::new()),
             attack: AttackState::default(),
+            control_socket_bound: false,
         };
         let adopted = daemon.flows.entries();
         if !adopted.is_empty() {
@@ -596,14 +600,21 @@ impl Daemon {
         new.flow_capacity = self.config.flow_capacity;
         new.metrics_listen = self.config.metrics_listen;
         new.control_socket = self.config.control_socket.clone();
+        // Everything that can fail is prepared first, beside what is in force; then the
+        // data plane is switched, and a failed switch puts back what was switched already.
         // A changed or rewritten secret file takes effect at once; a bad one keeps the keys.
         let keys = KeyRing::new(new.cookie_secret_file.as_deref(), new.cookie_key_rotation)?;
         new.cookie_mode = self.config.cookie_mode;
         new.cookies = self.config.cookies;
         new.attack = self.config.attack;
+        let old_ports = self.config.ports.clone();
         let guard = self.guard();
+        let policy = guard.prepare_policy(&new.policy)?;
         guard.set_ports(&new.ports)?;
-        guard.set_policy(&new.policy)?;
+        if let Err(err) = guard.commit_policy(policy) {
+            guard.set_ports(&old_ports)?;
+            return Err(err.into());
+        }
         if !new.policy.source_limit {
             self.sources_full.clear();
         }
@@ -620,24 +631,19 @@ impl Daemon {
         Ok(())
     }
 
-    fn start_control_socket(&self, asked: mpsc::Sender<Asked>) -> anyhow::Result<()> {
+    fn start_control_socket(&mut self, asked: mpsc::Sender<Asked>) -> anyhow::Result<()> {
         let path = &self.config.control_socket;
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| {
                 format!("cannot create {} for the control socket", dir.display())
             })?;
         }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "another tcpguard answers on {}; stop it first or set control.socket",
-                path.display()
-            );
-        }
-        let _ = fs::remove_file(path);
+        replace_stale_socket(path)?;
         let listener = tokio::net::UnixListener::bind(path)
             .with_context(|| format!("cannot listen on {}", path.display()))?;
         fs::set_permissions(path, fs::Permissions::from_mode(0o660))
             .with_context(|| format!("cannot set the permissions of {}", path.display()))?;
+        self.control_socket_bound = true;
         tokio::spawn(control::serve(listener, asked));
         Ok(())
     }
@@ -746,7 +752,10 @@ impl Daemon {
     /// Logs the totals, tells systemd, and detaches or leaves the programs attached.
     fn stop(&mut self) -> anyhow::Result<()> {
         notify("STOPPING=1").ok();
-        let _ = fs::remove_file(&self.config.control_socket);
+        // Only the socket this daemon made: one it refused to replace stays.
+        if self.control_socket_bound && is_socket(&self.config.control_socket) {
+            let _ = fs::remove_file(&self.config.control_socket);
+        }
         let Some(guard) = self.guard.take() else {
             return Ok(());
         };
@@ -778,6 +787,37 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+}
+
+fn is_socket(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|meta| meta.file_type().is_socket())
+}
+
+/// Makes room for the control socket at `path`: nothing is there, or a socket nobody answers
+/// on (left by a daemon that was killed), which is removed. A live socket, or anything that is
+/// not a socket, is refused and left as it is.
+fn replace_stale_socket(path: &Path) -> anyhow::Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => anyhow::bail!("cannot look at {}: {err}", path.display()),
+        Ok(meta) if !meta.file_type().is_socket() => anyhow::bail!(
+            "control.socket {} exists and is not a socket; tcpguard replaces only a stale socket there, so move it away or set control.socket to another path",
+            path.display()
+        ),
+        Ok(_) => {}
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => anyhow::bail!(
+            "another process (another tcpguard?) answers on {}; stop it first or set control.socket",
+            path.display()
+        ),
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => fs::remove_file(path)
+            .with_context(|| format!("cannot remove the stale socket {}", path.display())),
+        Err(err) => anyhow::bail!(
+            "cannot tell whether {} is in use ({err}); remove it or set control.socket",
+            path.display()
+        ),
     }
 }
 

@@ -25,7 +25,7 @@ use log::info;
 use tcpguard_common::{
     AttackConfig, AttackState, Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST,
     EVENTS_SENT, FAMILY_IPV4, FAMILY_IPV6, Flow, FlowKey, HostAddress, HostFilter, InterfaceConfig,
-    POLICY_ALLOW, POLICY_DENY, POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, ProtectedPort, SourceKey,
+    POLICY_ALLOW, POLICY_DENY, POLICY_SLOT, POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SourceKey,
     SynCookieConfig, XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, cookie::CookieSecrets, maps,
     xdp_program,
 };
@@ -138,6 +138,9 @@ pub struct Guard {
     xdp: &'static str,
     pin_dir: Option<PathBuf>,
     attachment: Option<Attachment>,
+    /// The ports written into [`maps::PROTECTED_PORTS`]; `None` before the first write (a
+    /// pinned map may hold anything then).
+    ports: Option<BTreeSet<u16>>,
 }
 
 /// Where the programs are attached, in which mode, and whether an earlier daemon did it.
@@ -152,6 +155,14 @@ pub struct Attachment {
     /// detaches it.
     #[expect(dead_code, reason = "held only to be dropped")]
     links: (FdLink, FdLink),
+}
+
+/// Allow and deny lists written into the slot of tries not in force, with the
+/// [`Policy::lists`] byte that puts them in force ([`Guard::commit_policy`]).
+#[must_use = "a prepared policy takes effect only when committed"]
+#[derive(Debug)]
+pub struct PreparedPolicy {
+    lists: u8,
 }
 
 /// Source policy as the XDP program applies it.
@@ -210,6 +221,7 @@ impl Guard {
             xdp: xdp_name,
             pin_dir: options.pin_dir.clone(),
             attachment: None,
+            ports: None,
         })
     }
 
@@ -228,24 +240,40 @@ impl Guard {
         program.info().ok()?.verified_instruction_count()
     }
 
-    /// Protects exactly `ports`, for IPv4 and IPv6.
+    /// Protects exactly `ports`, for IPv4 and IPv6. Only the entries that change are written
+    /// (all 65,536 the first time, since a pinned map may hold an earlier configuration's
+    /// ports); when a write fails, the entries already written are put back, so the ports in
+    /// force are the old ones.
     pub fn set_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), GuardError> {
-        let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;
-        let on = ProtectedPort {
-            families: FAMILY_IPV4 | FAMILY_IPV6,
+        let changed: Vec<u16> = match &self.ports {
+            Some(held) => held.symmetric_difference(ports).copied().collect(),
+            None => (0..=u16::MAX).collect(),
         };
-        let off = ProtectedPort::default();
-        // Every entry is written: a pinned map may hold the ports of an earlier configuration.
-        for port in 0..PORT_COUNT {
-            let entry = if ports.contains(&(port as u16)) {
-                on
-            } else {
-                off
-            };
-            protected
-                .set(port, &entry, 0)
-                .map_err(map_error(maps::PROTECTED_PORTS))?;
+        let held = self.ports.take();
+        let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;
+        let entry = |on: bool| ProtectedPort {
+            families: if on { FAMILY_IPV4 | FAMILY_IPV6 } else { 0 },
+        };
+        for (done, &port) in changed.iter().enumerate() {
+            let written = protected.set(u32::from(port), &entry(ports.contains(&port)), 0);
+            if let Err(source) = written {
+                // Put back what was written; the set in force is then `held` again (unknown,
+                // and written whole next time, if there was none or the undo fails too).
+                let undone = held.as_ref().is_some_and(|held| {
+                    changed[..done].iter().all(|&port| {
+                        protected
+                            .set(u32::from(port), &entry(held.contains(&port)), 0)
+                            .is_ok()
+                    })
+                });
+                self.ports = held.filter(|_| undone);
+                return Err(GuardError::Map {
+                    name: maps::PROTECTED_PORTS,
+                    source,
+                });
+            }
         }
+        self.ports = Some(ports.clone());
         Ok(())
     }
 
@@ -255,11 +283,29 @@ impl Guard {
             .map_err(map_error(maps::SYN_COOKIE_CONFIG))
     }
 
-    /// Replaces the allow and deny lists and switches the per-source limit on or off.
+    /// Replaces the allow and deny lists and switches the per-source limit on or off:
+    /// [`Guard::prepare_policy`], then [`Guard::commit_policy`].
     pub fn set_policy(&mut self, policy: &SourcePolicy) -> Result<(), GuardError> {
-        self.fill_tries(maps::ALLOW_V4, maps::ALLOW_V6, &policy.allow)?;
-        self.fill_tries(maps::DENY_V4, maps::DENY_V6, &policy.deny)?;
-        let mut lists = 0;
+        let prepared = self.prepare_policy(policy)?;
+        self.commit_policy(prepared)
+    }
+
+    /// Writes `policy`'s allow and deny lists into the slot of tries that is not in force,
+    /// while the one in force goes on deciding. Nothing the data plane reads changes: when a
+    /// step fails, the slot is emptied again and the lists in force are as they were.
+    pub fn prepare_policy(&mut self, policy: &SourcePolicy) -> Result<PreparedPolicy, GuardError> {
+        let in_force = self.policy_in_force()?;
+        let slot = usize::from(in_force.lists & POLICY_SLOT == 0);
+        let filled = self
+            .fill_tries(maps::ALLOW_V4[slot], maps::ALLOW_V6[slot], &policy.allow)
+            .and_then(|()| self.fill_tries(maps::DENY_V4[slot], maps::DENY_V6[slot], &policy.deny));
+        if let Err(err) = filled {
+            // Best effort: a slot left full is emptied before it is filled next time anyway.
+            let _ = self.fill_tries(maps::ALLOW_V4[slot], maps::ALLOW_V6[slot], &[]);
+            let _ = self.fill_tries(maps::DENY_V4[slot], maps::DENY_V6[slot], &[]);
+            return Err(err);
+        }
+        let mut lists = if slot == 1 { POLICY_SLOT } else { 0 };
         if !policy.allow.is_empty() {
             lists |= POLICY_ALLOW;
         }
@@ -268,23 +314,41 @@ impl Guard {
         }
         if policy.source_limit {
             lists |= POLICY_SOURCE_LIMIT;
-        } else {
-            let mut full: HashMap<_, SourceKey, u8> = self.map_mut(maps::FULL_SOURCES)?;
+        }
+        Ok(PreparedPolicy { lists })
+    }
+
+    /// Puts a prepared policy in force with one write of [`Policy::lists`]: a packet meets
+    /// either the old lists or the new ones, never neither. The old slot's tries are left as
+    /// they are (a packet that read the old byte may still be looking in them); the next
+    /// [`Guard::prepare_policy`] empties them before it fills them.
+    pub fn commit_policy(&mut self, prepared: PreparedPolicy) -> Result<(), GuardError> {
+        let mut map: Array<_, Policy> = self.map_mut(maps::POLICY)?;
+        map.set(
+            0,
+            &Policy {
+                lists: prepared.lists,
+                _pad: [0; 7],
+            },
+            0,
+        )
+        .map_err(map_error(maps::POLICY))?;
+        // The limit is off: its marks are read no more, and go (nothing after the switch
+        // can fail it).
+        if prepared.lists & POLICY_SOURCE_LIMIT == 0
+            && let Ok(mut full) = self.map_mut::<HashMap<_, SourceKey, u8>>(maps::FULL_SOURCES)
+        {
             let keys: Vec<SourceKey> = full.keys().filter_map(Result::ok).collect();
             for key in keys {
                 let _ = full.remove(&key);
             }
         }
-        let mut map: Array<_, Policy> = self.map_mut(maps::POLICY)?;
-        map.set(
-            0,
-            &Policy {
-                lists,
-                _pad: [0; 7],
-            },
-            0,
-        )
-        .map_err(map_error(maps::POLICY))
+        Ok(())
+    }
+
+    fn policy_in_force(&self) -> Result<Policy, GuardError> {
+        let map: Array<_, Policy> = self.map(maps::POLICY)?;
+        map.get(&0, 0).map_err(map_error(maps::POLICY))
     }
 
     fn fill_tries(
@@ -305,7 +369,7 @@ impl Guard {
         self.refill_trie(v6_name, v6)
     }
 
-    /// Replaces every entry of the trie `name` with `keys`.
+    /// Replaces every entry of the trie `name` with `keys`. Only for a trie not in force.
     fn refill_trie<K: aya::Pod>(
         &mut self,
         name: &'static str,
@@ -500,8 +564,14 @@ impl Guard {
                         })
                 };
                 (
-                    pin(xdp_link, dir.join(format!("link_xdp_{mode}_{interface}")))?,
-                    pin(tc_link, dir.join(format!("link_tc_{interface}")))?,
+                    pin(
+                        xdp_link,
+                        dir.join(format!("{}{mode}_{interface}", bpffs::XDP_LINK_PREFIX)),
+                    )?,
+                    pin(
+                        tc_link,
+                        dir.join(format!("{}{interface}", bpffs::TC_LINK_PREFIX)),
+                    )?,
                 )
             }
             None => (xdp_link, tc_link),
@@ -559,11 +629,11 @@ impl Guard {
         };
         // An earlier daemon's programs, of either cookie mode: no longer attached anywhere.
         for name in [XDP_PROGRAM, XDP_OWN_COOKIES_PROGRAM, EGRESS_PROGRAM] {
-            let path = dir.join(format!("prog_{name}"));
+            let path = dir.join(bpffs::program_pin(name));
             bpffs::remove_pin(&path).map_err(|err| pin_error(&path, err))?;
         }
         for name in [self.xdp, EGRESS_PROGRAM] {
-            let path = dir.join(format!("prog_{name}"));
+            let path = dir.join(bpffs::program_pin(name));
             let program = self
                 .ebpf
                 .program_mut(name)
@@ -594,7 +664,14 @@ impl Guard {
         // Pinned links are detached through their pins; the others when the last reference
         // to them, held here, goes.
         if let Some(dir) = self.pin_dir.take() {
-            bpffs::remove_pins(&dir).map_err(|source| GuardError::Pin { dir, source })?;
+            let foreign = bpffs::remove_pins(&dir)?;
+            if !foreign.is_empty() {
+                log::warn!(
+                    "{} is left in place: it holds pins that are not tcpguard's ({})",
+                    dir.display(),
+                    foreign.join(", ")
+                );
+            }
         }
         self.attachment.take();
         Ok(())
@@ -726,13 +803,13 @@ fn pinned_links(dir: &Path) -> Result<Option<PinnedLinks>, GuardError> {
     })?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix("link_xdp_") else {
+        let Some(rest) = name.strip_prefix(bpffs::XDP_LINK_PREFIX) else {
             continue;
         };
         let Some((mode, interface)) = rest.split_once('_') else {
             continue;
         };
-        let tc = dir.join(format!("link_tc_{interface}"));
+        let tc = dir.join(format!("{}{interface}", bpffs::TC_LINK_PREFIX));
         if tc.exists() {
             return Ok(Some(PinnedLinks {
                 interface: interface.to_owned(),

@@ -32,10 +32,12 @@ enum Command {
         #[arg(long, value_name = "FILE", default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
-    /// Detach tcpguard from its interface and remove everything it pinned.
+    /// Detach tcpguard from its interface and remove its pins. Only tcpguard's own pins on a
+    /// BPF filesystem are removed; the directory goes when nothing else is left in it.
     Detach {
         /// The pin directory (pin_dir in the configuration).
-        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/tcpguard")]
+        #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/tcpguard",
+              value_parser = path_or_empty())]
         pin_dir: PathBuf,
     },
 }
@@ -71,8 +73,9 @@ struct RunArgs {
     /// Unix socket for `tcpguard status` and `flows`.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
-    /// Where maps, programs and links are pinned (on a BPF filesystem); empty: not pinned.
-    #[arg(long, value_name = "DIR")]
+    /// Where maps, programs and links are pinned (on a BPF filesystem); empty: not pinned
+    /// (under `ip netns exec`, whose /sys has no BPF filesystem).
+    #[arg(long, value_name = "DIR", value_parser = path_or_empty())]
     pin_dir: Option<PathBuf>,
     /// auto: tcpguard's own cookies where the kernel allows them (6.9+), the kernel's
     /// otherwise; own; kernel.
@@ -95,6 +98,13 @@ struct AskArgs {
     /// Print JSON, for scripts.
     #[arg(long)]
     json: bool,
+}
+
+/// A path, where an empty one is a value of its own (clap's path parser refuses it): an empty
+/// pin directory means "not pinned".
+fn path_or_empty() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::OsStringValueParser::new().map(PathBuf::from)
 }
 
 fn main() -> ExitCode {
@@ -253,7 +263,9 @@ fn duration_text(seconds: f64) -> String {
 }
 
 fn check_config(path: &std::path::Path) -> ExitCode {
-    match config::Config::load(path, true, &Overrides::default()) {
+    let loaded = config::Config::load(path, true, &Overrides::default())
+        .and_then(|config| config.check_host().map(|()| config));
+    match loaded {
         Ok(config) => {
             let ports: Vec<String> = config.ports.iter().map(u16::to_string).collect();
             println!(
@@ -276,12 +288,34 @@ fn check_config(path: &std::path::Path) -> ExitCode {
 }
 
 fn detach(pin_dir: &std::path::Path) -> anyhow::Result<()> {
-    if !pin_dir.exists() {
+    use tcpguard::bpffs::{self, PinDirError};
+    if pin_dir.as_os_str().is_empty() {
+        println!("nothing pinned: an empty pin directory means pinning is off");
+        return Ok(());
+    }
+    if std::fs::symlink_metadata(pin_dir).is_err() {
         println!("nothing pinned under {}", pin_dir.display());
         return Ok(());
     }
-    tcpguard::bpffs::remove_pins(pin_dir)
-        .map_err(|err| anyhow::anyhow!("cannot remove {}: {err}", pin_dir.display()))?;
-    println!("detached; removed {}", pin_dir.display());
-    Ok(())
+    match bpffs::remove_pins(pin_dir) {
+        Ok(foreign) if foreign.is_empty() => {
+            println!("detached; removed {}", pin_dir.display());
+            Ok(())
+        }
+        Ok(foreign) => {
+            println!(
+                "detached; removed tcpguard's pins from {} and left it with what is not tcpguard's: {}",
+                pin_dir.display(),
+                foreign.join(", ")
+            );
+            Ok(())
+        }
+        Err(PinDirError::NotBpffs { .. } | PinDirError::NotDirectory { .. }) => {
+            anyhow::bail!(
+                "refusing to touch {}: it is not a directory on a BPF filesystem, and `tcpguard detach` removes only tcpguard's own pins from one (pin_dir, such as /sys/fs/bpf/tcpguard)",
+                pin_dir.display()
+            )
+        }
+        Err(err) => Err(err.into()),
+    }
 }

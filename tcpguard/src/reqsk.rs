@@ -25,14 +25,13 @@ use thiserror::Error;
 use crate::{bpffs, ebpf::REQSK_OBJECT, guard::if_index};
 
 /// The program's name in the object.
-pub const PROGRAM: &str = "tcpguard_reqsk";
+pub const PROGRAM: &str = tcpguard_common::REQSK_PROGRAM;
 /// The per-CPU outcome counters, indexed as [`ReqskResults`] lists them.
-pub const RESULTS_MAP: &str = "REQSK_RESULTS";
+pub const RESULTS_MAP: &str = tcpguard_common::maps::REQSK_RESULTS;
 /// The kfunc the program calls.
 pub const KFUNC: &str = "bpf_sk_assign_tcp_reqsk";
-/// Prefix of the pinned link's name; the interface follows. It starts with `link_`, which is
-/// what [`bpffs::remove_pins`] detaches before it removes the rest.
-const LINK_PREFIX: &str = "link_reqsk_";
+/// Prefix of the pinned link's name; the interface follows.
+const LINK_PREFIX: &str = bpffs::REQSK_LINK_PREFIX;
 
 const ASSIGNED: u32 = 0;
 const NO_LISTENER: u32 = 1;
@@ -255,7 +254,7 @@ impl Reqsk {
             }
         };
         if let Some(dir) = &self.pin_dir {
-            let path = dir.join(format!("prog_{PROGRAM}"));
+            let path = dir.join(bpffs::program_pin(PROGRAM));
             // An earlier daemon's program: no longer attached anywhere.
             remove_if_present(&path)?;
             program.pin(&path).map_err(|source| ReqskError::Pin {
@@ -321,7 +320,7 @@ impl Reqsk {
                 bpffs::detach_pinned_link(&path)
                     .map_err(|source| ReqskError::Pin { path, source })?;
             }
-            remove_if_present(&dir.join(format!("prog_{PROGRAM}")))?;
+            remove_if_present(&dir.join(bpffs::program_pin(PROGRAM)))?;
             remove_if_present(&dir.join(RESULTS_MAP))?;
         }
         self.link.take();

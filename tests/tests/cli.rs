@@ -168,3 +168,135 @@ fn check_config_tells_unconfigured_valid_and_broken_apart() {
     );
     let _ = std::fs::remove_file(valid);
 }
+
+fn check_config(path: &std::path::Path) -> (Option<i32>, String) {
+    let output = std::process::Command::new(tcpguard_binary())
+        .args(["check-config", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+/// What `tcpguard run` would refuse, `check-config` (the unit's ExecCondition) refuses too:
+/// more prefixes than the tries hold, a pin directory that is not under a BPF filesystem, an
+/// interface name the kernel never gives.
+#[test]
+fn check_config_refuses_what_run_refuses() {
+    tcpguard_tests::rig::ensure_bpffs();
+    let path = std::env::temp_dir().join(format!("tcpguard-refuse-{}.toml", std::process::id()));
+    let too_many: Vec<String> = (0..=tcpguard_common::POLICY_CAPACITY)
+        .map(|n| format!("\"10.{}.{}.{}\"", n >> 16, (n >> 8) & 0xff, n & 0xff))
+        .collect();
+    let not_bpffs = std::env::temp_dir().join(format!("tcpguard-pins-{}", std::process::id()));
+    let cases = [
+        (
+            format!(
+                "interface = \"lo\"\nports = [80]\n[policy]\ndeny = [{}]\n",
+                too_many.join(",")
+            ),
+            "policy.deny holds 16385 distinct IPv4 prefixes; it holds at most 16384 per family"
+                .to_owned(),
+        ),
+        (
+            format!(
+                "interface = \"lo\"\nports = [80]\npin_dir = \"{}\"\n",
+                not_bpffs.display()
+            ),
+            format!("pin_dir {not_bpffs:?} is not on a BPF filesystem"),
+        ),
+        (
+            "interface = \"lo\"\nports = [80]\npin_dir = \"/sys/fs/bpf\"\n".to_owned(),
+            "pin_dir \"/sys/fs/bpf\" is the root of a BPF filesystem".to_owned(),
+        ),
+    ];
+    let names = [
+        "a:b",
+        ".",
+        "..",
+        "et h0",
+        "eth\\t0",
+        "eth0\\u00a0",
+        "interface-name16",
+    ];
+    let cases = cases.into_iter().chain(names.iter().map(|name| {
+        (
+            format!("interface = \"{name}\"\nports = [80]\n"),
+            "is not a name an interface can have (1 to 15 bytes".to_owned(),
+        )
+    }));
+    for (text, expected) in cases {
+        std::fs::write(&path, &text).unwrap();
+        let (code, said) = check_config(&path);
+        let shown = &text[..text.len().min(120)];
+        assert_eq!(code, Some(255), "{shown}: {said}");
+        assert!(said.contains(&expected), "{shown}: {said}");
+        // nsenter rather than `ip netns exec`, so that the host's BPF filesystem is there.
+        let namespace = Namespace::new("cli");
+        let output = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", namespace.name))
+            .arg(tcpguard_binary())
+            .args(["run", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{shown}");
+        assert!(stderr.contains(&expected), "run: {shown}: {stderr}");
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+/// A configuration file is read up to a limit: a device named by mistake ends in an error
+/// within moments, not in exhausted memory or a read that never ends. The address space of
+/// each run is capped at 1 GiB, so that a regression fails here instead of taking the host's
+/// memory.
+#[test]
+fn configuration_files_are_read_with_a_limit() {
+    use std::os::unix::process::CommandExt as _;
+    for (device, subcommand) in [
+        ("/dev/zero", "run"),
+        ("/dev/urandom", "check-config"),
+        ("/dev/zero", "check-config"),
+    ] {
+        let mut command = std::process::Command::new(tcpguard_binary());
+        command.args([subcommand, "--config", device]);
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(|| {
+                let limit = libc::rlimit {
+                    rlim_cur: 1 << 30,
+                    rlim_max: 1 << 30,
+                };
+                libc::setrlimit(libc::RLIMIT_AS, &limit);
+                Ok(())
+            });
+        }
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = child.kill();
+                panic!("tcpguard {subcommand} --config {device} still runs after 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let output = child.wait_with_output().unwrap();
+        let said = String::from_utf8_lossy(&output.stdout).into_owned()
+            + &String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success());
+        assert!(
+            said.contains(&format!(
+                "{device} is not a configuration file: it is larger than 8 MiB"
+            )),
+            "{subcommand} --config {device}: {said}"
+        );
+    }
+}

@@ -264,6 +264,96 @@ fn reload_applies_policy_and_a_bad_file_keeps_the_running_config() {
     let _ = std::fs::remove_file(notify_path);
 }
 
+/// A deny list of `others` /32s in 172.16.0.0/12 and the client's /24, as TOML.
+fn deny_list(others: u32) -> String {
+    let mut list: Vec<String> = (0..others)
+        .map(|n| format!("\"{}\"", std::net::Ipv4Addr::from(0xac10_0000 + n)))
+        .collect();
+    list.push("\"10.201.0.0/24\"".to_owned());
+    format!("[policy]\ndeny = [{}]\n", list.join(", "))
+}
+
+/// A reload that is refused changes nothing: not the lists in force (the client stays denied),
+/// not the ports (a port the refused file adds stays unprotected).
+#[test]
+fn a_refused_reload_changes_nothing() {
+    let rig = Rig::new();
+    let base = "interface = \"srv0\"\nstats_interval = 0\n";
+    let path = config_file(&rig, &format!("{base}ports = [8080]\n{}", deny_list(0)));
+    let mut daemon = Daemon::start(&rig.server, &["--config", path.to_str().unwrap()]);
+    echo_server(&rig.server);
+    let _other = rig
+        .server
+        .within(|| TcpListener::bind(("0.0.0.0", 9090)).unwrap());
+    assert!(connect(&rig.client, Duration::from_millis(1500)).is_err());
+
+    // More prefixes than the deny tries hold, and a new port.
+    std::fs::write(
+        &path,
+        format!(
+            "{base}ports = [8080, 9090]\n{}",
+            deny_list(tcpguard_common::POLICY_CAPACITY)
+        ),
+    )
+    .unwrap();
+    daemon.signal(libc::SIGHUP);
+    let line = daemon.wait_for("configuration not reloaded", Duration::from_secs(20));
+    assert!(line.contains("policy.deny holds 16385"), "{line}");
+    assert_eq!(status(&daemon.paths)["ports"], serde_json::json!([8080]));
+    assert!(
+        connect(&rig.client, Duration::from_millis(1500)).is_err(),
+        "the client is still denied"
+    );
+    let before = status(&daemon.paths)["packets"].clone();
+    let to_9090 = rig.client.within(|| {
+        TcpStream::connect_timeout(&SocketAddr::from((SERVER, 9090)), Duration::from_secs(3))
+    });
+    assert!(to_9090.is_ok(), "9090 is not protected, so not denied");
+    let after = status(&daemon.paths)["packets"].clone();
+    assert_eq!(
+        after["syn_cookie_sent"], before["syn_cookie_sent"],
+        "no cookie for 9090"
+    );
+    assert!(
+        after["unprotected"].as_u64() > before["unprotected"].as_u64(),
+        "{after}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+/// Reloading a large deny list leaves no moment in which it does not hold: a denied source
+/// that floods SYNs through repeated reloads gets not one cookie.
+#[test]
+fn reloads_of_a_large_deny_list_let_no_denied_syn_through() {
+    let rig = Rig::new();
+    let text = format!(
+        "interface = \"srv0\"\nports = [8080]\nstats_interval = 0\n{}",
+        deny_list(16_000)
+    );
+    let path = config_file(&rig, &text);
+    let mut daemon = Daemon::start(&rig.server, &["--config", path.to_str().unwrap()]);
+    echo_server(&rig.server);
+    let flood = Flood::start(&rig.client, &["-S"], PORT, 12, 10_000_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let reloads = 10;
+    for _ in 0..reloads {
+        daemon.signal(libc::SIGHUP);
+        daemon.wait_for("configuration reloaded", Duration::from_secs(20));
+    }
+    drop(flood);
+    let packets = status(&daemon.paths)["packets"].clone();
+    println!("after {reloads} reloads: {packets}");
+    assert!(
+        packets["denied_source"].as_u64().unwrap() >= 1000,
+        "the flood reached XDP: {packets}"
+    );
+    assert_eq!(
+        packets["syn_cookie_sent"], 0,
+        "no SYN of the denied source was answered: {packets}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
 #[test]
 fn a_restart_during_a_syn_flood_does_not_interrupt_protection() {
     let rig = Rig::new();
@@ -342,15 +432,10 @@ fn a_restart_during_a_syn_flood_does_not_interrupt_protection() {
 /// protects.
 #[test]
 fn the_units_capabilities_are_enough() {
-    let unit = include_str!("../../systemd/tcpguard.service");
-    let capabilities: Vec<String> = unit
-        .lines()
-        .find_map(|line| line.strip_prefix("CapabilityBoundingSet="))
-        .expect("the unit sets CapabilityBoundingSet")
-        .split_whitespace()
-        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
-    let set = format!("-all,{}", capabilities.join(","));
+    let set = format!(
+        "-all,{}",
+        setpriv_capabilities(&unit_setting("CapabilityBoundingSet"))
+    );
     let rig = Rig::new();
     let daemon = Daemon::start_wrapped(
         &rig.server,
@@ -359,12 +444,7 @@ fn the_units_capabilities_are_enough() {
         &["--iface", SERVER_IF, "--port", "8080"],
         &[],
     );
-    echo_server(&rig.server);
-    let mut stream = connect(&rig.client, Duration::from_secs(3)).expect("connecting");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    echo(&mut stream, "capable");
+    echo_once(&rig, "capable");
     let status = rig.server.run(
         "grep",
         &["CapEff", &format!("/proc/{}/status", daemon.pid())],
@@ -376,6 +456,21 @@ fn the_units_capabilities_are_enough() {
         Some("000000c000001000"),
         "tcpguard's effective capabilities"
     );
+    assert_a_cookie_was_accepted(daemon);
+}
+
+/// Connects through the rig's server, which echoes one line of `text`.
+fn echo_once(rig: &Rig, text: &str) {
+    echo_server(&rig.server);
+    let mut stream = connect(&rig.client, Duration::from_secs(3)).expect("connecting");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    echo(&mut stream, text);
+}
+
+/// Stops `daemon` and asserts that it accepted a cookie.
+fn assert_a_cookie_was_accepted(daemon: Daemon) {
     let totals = daemon.stop();
     assert!(
         totals
@@ -383,4 +478,111 @@ fn the_units_capabilities_are_enough() {
             .any(|(name, value)| name == "cookie_accepted" && *value >= 1),
         "{totals:?}"
     );
+}
+
+/// The unit's capabilities (`CAP_BPF CAP_NET_ADMIN ...`) as setpriv takes them (`+bpf,...`).
+fn setpriv_capabilities(unit_list: &str) -> String {
+    unit_list
+        .split_whitespace()
+        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The systemd unit's value of `key`.
+fn unit_setting(key: &str) -> String {
+    let unit = include_str!("../../systemd/tcpguard.service");
+    unit.lines()
+        .find_map(|line| line.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("the unit sets {key}"))
+        .to_owned()
+}
+
+/// As the unit runs it: a user of its own (here `nobody`, owner of the pin directory and the
+/// control socket's directory) with the unit's ambient capabilities and nothing else, tcpguard
+/// sets its sysctls, loads, attaches, pins and protects.
+#[test]
+fn an_unprivileged_user_with_the_units_ambient_capabilities_protects() {
+    let ambient = unit_setting("AmbientCapabilities");
+    assert_eq!(ambient, unit_setting("CapabilityBoundingSet"));
+    assert_eq!(unit_setting("User"), "tcpguard");
+    let set = setpriv_capabilities(&ambient);
+    let rig = Rig::new();
+    let mut paths = DaemonPaths::for_namespace(&rig.server);
+    let socket_dir = PathBuf::from(format!("/run/tcpguard-tests/{}-user", rig.server.name));
+    for dir in [&paths.pin_dir, &socket_dir] {
+        std::fs::create_dir_all(dir).unwrap();
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    }
+    paths.control_socket = socket_dir.join("control.sock");
+    let daemon = Daemon::start_wrapped(
+        &rig.server,
+        paths.clone(),
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            &format!("--bounding-set=-all,{set}"),
+            &format!("--inh-caps=-all,{set}"),
+            &format!("--ambient-caps=-all,{set}"),
+            "--",
+        ],
+        &["--iface", SERVER_IF, "--port", "8080"],
+        &[],
+    );
+    echo_once(&rig, "unprivileged");
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|line| line.strip_prefix(name))
+            .map(|value| value.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap()
+    };
+    assert_eq!(field("Uid:"), "65534 65534 65534 65534", "not root");
+    // CAP_NET_ADMIN is bit 12, CAP_PERFMON 38, CAP_BPF 39.
+    assert_eq!(field("CapEff:"), "000000c000001000");
+    assert_eq!(field("CapAmb:"), "000000c000001000");
+    assert_eq!(status(&paths)["ports"], serde_json::json!([8080]));
+    let pinned = std::fs::metadata(paths.pin_dir.join("FLOWS")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&pinned),
+        65534,
+        "the pins are the user's"
+    );
+    assert_a_cookie_was_accepted(daemon);
+    let _ = std::fs::remove_dir(&paths.pin_dir);
+    let _ = std::fs::remove_dir(&socket_dir);
+}
+
+/// `systemd-analyze security` rates the unit at an exposure of 2.0 or less (its threshold is
+/// in tenths), where the host's systemd can rate a unit file offline (250 and later); the VM
+/// test rates the installed unit in its Debian 13 guest too.
+#[test]
+fn the_unit_is_rated_an_exposure_of_2_or_less() {
+    let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/tcpguard.service");
+    let output = match std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--threshold=20", unit])
+        .output()
+    {
+        Ok(output) => output,
+        Err(err) => {
+            println!("skipped: no systemd-analyze here ({err})");
+            return;
+        }
+    };
+    let text = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    if text.contains("unrecognized option") || text.contains("Unknown option") {
+        println!("skipped: this systemd-analyze cannot rate a unit file offline: {text}");
+        return;
+    }
+    let rating = text
+        .lines()
+        .find(|line| line.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no rating: {text}"));
+    println!("{rating}");
+    assert!(output.status.success(), "rated above 2.0: {text}");
 }

@@ -13,6 +13,8 @@ const CONTENTS: &[&str] = &[
     "./usr/bin/tcpguard",
     "./etc/tcpguard/tcpguard.toml",
     "./usr/share/doc/tcpguard/README.md",
+    "./usr/lib/sysusers.d/tcpguard.conf",
+    "./usr/lib/tmpfiles.d/tcpguard.conf",
     "tcpguard.service",
 ];
 
@@ -45,6 +47,11 @@ pub fn run() -> anyhow::Result<PathBuf> {
     .context("the package has no postinst")?;
     if !postinst.contains("tcpguard.service") {
         bail!("postinst does not enable tcpguard.service:\n{postinst}");
+    }
+    // The unit runs as the tcpguard user: it must exist before the unit starts.
+    let user = postinst.find("systemd-sysusers tcpguard.conf");
+    if user.is_none_or(|at| Some(at) > postinst.find("tcpguard.service")) {
+        bail!("postinst does not make the tcpguard user before it starts the unit:\n{postinst}");
     }
     println!("package: {} (contents checked)", deb.display());
     Ok(deb)

@@ -109,6 +109,24 @@ fn main() {
     wait_for(&guest, "Prometheus to scrape tcpguard", || {
         query(&host, "up{job=\"tcpguard\"}").is_some_and(|v| v == 1.0)
     });
+    // The unit as the guest's systemd runs it: its own user, three capabilities (CAP_NET_ADMIN
+    // is bit 12, CAP_PERFMON 38, CAP_BPF 39), and the guest systemd's rating.
+    let console = fs::read_to_string(&guest.console).unwrap_or_default();
+    let said = |what: &str| {
+        console
+            .lines()
+            .find(|line| line.contains(what))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("the guest did not say {what:?}"))
+            .to_owned()
+    };
+    let identity = said("vm-setup: tcpguard runs as");
+    println!("{identity}");
+    assert!(
+        identity.contains("runs as tcpguard with CapEff: 000000c000001000"),
+        "{identity}"
+    );
+    println!("{}", said("Overall exposure level for tcpguard.service"));
     // Debian 13's 6.12 kernel has bpf_sk_assign_tcp_reqsk: tcpguard must run its own cookies
     // there, not fall back to the kernel's.
     let own = query(&host, "tcpguard_cookie_mode{mode=\"own\"}");
@@ -524,5 +542,15 @@ if ! systemctl restart tcpguard; then
     exit 1
 fi
 systemctl is-active tcpguard
+# As README says: the service's own user, its three capabilities and nothing else, and
+# systemd's rating of the installed unit at 2.0 or better (the threshold is in tenths).
+pid=$(systemctl show -p MainPID --value tcpguard)
+echo "vm-setup: tcpguard runs as $(stat -c %U "/proc/$pid") with $(grep CapEff "/proc/$pid/status" | tr -s '\t' ' ')" > /dev/ttyS0
+if ! systemd-analyze security --threshold=20 tcpguard.service > security.txt 2>&1; then
+    tail -n 40 security.txt > /dev/ttyS0
+    echo "vm-setup: failed: systemd-analyze rates tcpguard.service above 2.0" > /dev/ttyS0
+    exit 1
+fi
+echo "vm-setup: $(grep 'Overall exposure' security.txt)" > /dev/ttyS0
 echo "vm-setup: tcpguard running"
 "#;
