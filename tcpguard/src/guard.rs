@@ -381,7 +381,7 @@ impl Guard {
             let _ = trie.remove(key);
         }
         for key in keys {
-            trie.insert(&key, &1, 0).map_err(map_error(name))?;
+            retry_enomem(|| trie.insert(&key, &1, 0)).map_err(map_error(name))?;
         }
         Ok(())
     }
@@ -897,6 +897,27 @@ impl Counters {
             .iter()
             .map(|&counter| (counter, self.get(counter)))
             .filter(|&(_, value)| value != 0)
+    }
+}
+
+/// `op`, tried again for a while when it fails with ENOMEM. An LPM trie takes its nodes from a
+/// per-CPU cache the kernel refills in the background, and nodes freed by a removal come back
+/// only after an RCU grace period: thousands of inserts in a row can find the cache empty for a
+/// moment (seen on Linux 6.18 while the host was busy: one insert of a 16,001-prefix reload
+/// failed with ENOMEM) although memory is there.
+fn retry_enomem<T>(mut op: impl FnMut() -> Result<T, MapError>) -> Result<T, MapError> {
+    const ATTEMPTS: u32 = 100;
+    let mut attempt = 1;
+    loop {
+        match op() {
+            Err(MapError::SyscallError(error))
+                if error.io_error.raw_os_error() == Some(libc::ENOMEM) && attempt < ATTEMPTS =>
+            {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            outcome => return outcome,
+        }
     }
 }
 
