@@ -4,7 +4,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -215,16 +215,26 @@ fn syn_slot(key: &FlowKey) -> (u32, u16) {
     )
 }
 
+/// How far the coarse clock must move on before a flow's `last_seen_ns` is written again: idle
+/// timeouts count in seconds.
+const LAST_SEEN_STEP_NS: i64 = 100_000_000;
+
 /// The tracked flow `key`, refreshed by `segment`, with an event when the segment can change
 /// the connection's state. `None` when the flow is not tracked.
 #[inline(always)]
 pub fn track(key: &FlowKey, segment: &Segment, direction: Direction) -> Option<()> {
     let flow = FLOWS.get_ptr_mut(key)?;
-    let now = now_ns();
     // SAFETY: the value stays valid while this program runs; concurrent writers on other CPUs
     // can only make the idle time or a FIN record slightly stale, never unsafe.
     let flow = unsafe { &mut *flow };
-    flow.last_seen_ns = now;
+    // The idle time needs no better than the coarse clock (the last tick's time, no clock
+    // source read), and is written only when it moved on by LAST_SEEN_STEP_NS: a busy flow's
+    // segments, on both CPUs of its two directions, do not all write its cache line.
+    // SAFETY: no arguments, no side effects.
+    let seen = unsafe { bpf_ktime_get_coarse_ns() };
+    if seen.wrapping_sub(flow.last_seen_ns) as i64 >= LAST_SEEN_STEP_NS {
+        flow.last_seen_ns = seen;
+    }
     let flags = segment.flags;
     let (own_fin, own_fin_acked, peer_fin, peer_fin_acked) = match direction {
         Direction::FromClient => (CLIENT_FIN, CLIENT_FIN_ACKED, SERVER_FIN, SERVER_FIN_ACKED),
@@ -252,13 +262,25 @@ pub fn track(key: &FlowKey, segment: &Segment, direction: Direction) -> Option<(
             flow.fins |= peer_fin_acked;
             report_it = true;
         }
-        match direction {
-            Direction::FromClient => flow.client_ack = segment.ack,
-            Direction::FromServer => flow.server_ack = segment.ack,
+        // Written when it moves only, for the same reason.
+        let ack = match direction {
+            Direction::FromClient => &mut flow.client_ack,
+            Direction::FromServer => &mut flow.server_ack,
+        };
+        if *ack != segment.ack {
+            *ack = segment.ack;
         }
     }
     if report_it {
-        report(key, segment, direction, EVENT_SEGMENT, now, 0, receiver_ack);
+        report(
+            key,
+            segment,
+            direction,
+            EVENT_SEGMENT,
+            now_ns(),
+            0,
+            receiver_ack,
+        );
     }
     Some(())
 }

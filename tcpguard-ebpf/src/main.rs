@@ -100,6 +100,9 @@ fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
     let Some(key) = flow::key(ctx, &segment, Direction::FromClient) else {
         return Counter::Truncated;
     };
+    if is_tracked(&segment, key) {
+        return Counter::TrackedFlow;
+    }
     if let Err(counter) = host::owns_destination(key) {
         return counter;
     }
@@ -113,13 +116,23 @@ fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
     let flags = segment.flags;
     if flags & (SYN | ACK) == SYN {
         handle_syn::<OWN>(ctx, &segment, key, policy)
-    } else if flow::track(key, &segment, Direction::FromClient).is_some() {
-        Counter::TrackedFlow
     } else if flags & (FIN | RST) != 0 {
         handle_fin_or_rst(ctx, &segment)
     } else {
         handle_ack::<OWN>(ctx, &segment, key)
     }
+}
+
+/// A segment of a connection tcpguard tracks, refreshing it: the path of every data segment,
+/// so it is the short one. The connection's first segment passed the host checks that
+/// [`judge`] makes of the rest (its addresses); what may have changed since is checked again
+/// (the segment's flags, the deny list). A bare SYN is always judged as one.
+#[inline(always)]
+fn is_tracked(segment: &Segment, key: &FlowKey) -> bool {
+    segment.flags & (SYN | ACK) != SYN
+        && validate::segment(segment).is_ok()
+        && !policy::lists().denied(key)
+        && flow::track(key, segment, Direction::FromClient).is_some()
 }
 
 #[inline(always)]
@@ -128,9 +141,14 @@ fn is_protected(segment: &Segment) -> bool {
         Family::V4 => FAMILY_IPV4,
         Family::V6 => FAMILY_IPV6,
     };
+    is_protected_port(segment.dport, family)
+}
+
+#[inline(always)]
+fn is_protected_port(port: u16, family: u8) -> bool {
     PROTECTED_PORTS
-        .get(u32::from(segment.dport))
-        .is_some_and(|port| port.families & family != 0)
+        .get(u32::from(port))
+        .is_some_and(|protected| protected.families & family != 0)
 }
 
 /// A SYN: allow-listed sources go straight to the kernel and are tracked from here; sources at
