@@ -1,4 +1,4 @@
-use std::{io::Write as _, path::PathBuf, process::ExitCode};
+use std::{io::Write as _, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use log::error;
@@ -21,7 +21,7 @@ enum Command {
     /// configuration file.
     Run(RunArgs),
     /// Show what the running daemon protects and what it has seen.
-    Status(AskArgs),
+    Status(StatusArgs),
     /// List the connections the running daemon tracks, with both ends' states.
     Flows(AskArgs),
     /// Check a configuration file. Exits 0 when it is valid, 1 when it does not name an
@@ -89,12 +89,37 @@ struct AskArgs {
     json: bool,
 }
 
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    ask: AskArgs,
+    /// Show, every SECONDS (default 2) until Ctrl-C, the per-second rates of the counters that
+    /// moved and the connections by state.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2",
+          value_parser = watch_interval, conflicts_with = "json")]
+    watch: Option<Duration>,
+}
+
+/// `--watch SECONDS`: from a tenth of a second to an hour.
+fn watch_interval(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.1..=3600.0).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0.1 to 3600"
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => daemon::run(config_source(args)),
-        Command::Status(args) => ask(&args, Request::Status),
+        Command::Status(StatusArgs {
+            ask: args,
+            watch: Some(interval),
+        }) => tcpguard::watch::watch(&args.socket, interval),
+        Command::Status(args) => ask(&args.ask, Request::Status),
         Command::Flows(args) => ask(&args, Request::Flows),
         Command::Detach { pin_dir } => detach(&pin_dir),
         Command::CheckConfig { config } => return check_config(&config),
