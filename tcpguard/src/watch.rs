@@ -80,8 +80,9 @@ fn read(socket: &Path) -> anyhow::Result<(Status, Instant)> {
     Ok((serde_json::from_str(&answer)?, Instant::now()))
 }
 
-/// Shows a frame every `interval` until SIGINT or SIGTERM: redrawn in place on a terminal
-/// (cursor home, screen cleared), as plain lines with a blank line after each frame otherwise.
+/// Shows a frame every `interval` until SIGINT or SIGTERM, or until the reader of a pipe goes
+/// away: redrawn in place on a terminal (cursor home, screen cleared), as plain lines with a
+/// blank line after each frame otherwise.
 pub fn watch(socket: &Path, interval: Duration) -> anyhow::Result<()> {
     let terminal = std::io::stdout().is_terminal();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -116,8 +117,14 @@ pub fn watch(socket: &Path, interval: Duration) -> anyhow::Result<()> {
             } else {
                 text.push('\n');
             }
-            stdout.write_all(text.as_bytes())?;
-            stdout.flush()?;
+            match stdout
+                .write_all(text.as_bytes())
+                .and_then(|()| stdout.flush())
+            {
+                // The reader went away (`| head`): as good as Ctrl-C.
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break,
+                result => result?,
+            }
             previous = current;
         }
         anyhow::Ok(())

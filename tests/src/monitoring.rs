@@ -90,13 +90,15 @@ pub fn substitute(expr: &str, instance: &str, rate_interval: &str, range: &str) 
     expr
 }
 
-/// `text` as a regular expression matching only itself (Grafana escapes a selected value in
-/// a `=~` matcher this way).
+/// `text` as a regular expression matching only itself, inside a PromQL string, the way
+/// Grafana writes the value of a multi-value variable into a `=~` matcher: a special character
+/// gets a backslash, which the PromQL string needs doubled (`10\\.0\\.0\\.1:9877`).
 fn regex_escape(text: &str) -> String {
     text.chars()
         .flat_map(|c| {
-            let special = "\\.+*?()|[]{}^$".contains(c);
-            special.then_some('\\').into_iter().chain([c])
+            let special = ".+*?()|[]{}^$".contains(c);
+            let escape: &[char] = if special { &['\\', '\\'] } else { &[] };
+            escape.iter().copied().chain([c])
         })
         .collect()
 }

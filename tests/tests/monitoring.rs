@@ -95,7 +95,7 @@ fn every_dashboard_query_is_valid_promql() {
     assert!(queries.len() >= 20, "{queries:#?}");
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     for (index, query) in queries.iter().enumerate() {
-        let expr = monitoring::substitute(&query.expr, "web1:9877", "1m", "1h");
+        let expr = monitoring::substitute(&query.expr, "192.0.2.1:9877", "1m", "1h");
         rules.push_str(&format!(
             "      - record: panel_{index}\n        expr: {}\n",
             serde_json::to_string(&expr).unwrap()
