@@ -44,10 +44,9 @@ const FLOOD_SECONDS: u32 = 5;
 /// evaluate the attack alert (every 2 s here) a few times while it lasts.
 const SYN_FLOOD_SECONDS: u32 = 10;
 /// And it is paced, one SYN every 100 µs (hping3 sends some 6 000 a second that way, six times
-/// the attack alert's threshold): at hping3's
-/// full rate the tap drops most of what it forwards to the emulated NIC, Prometheus's scrapes
-/// of the guest included, and whether one lands during the flood is luck (a run saw none in
-/// 10 s). The other floods run at full rate.
+/// the attack alert's threshold): at hping3's full rate the tap drops most of what it forwards
+/// to the emulated NIC, Prometheus's scrapes of the guest included, and whether one lands
+/// during the flood is luck (a run saw none in 10 s). The other floods run at full rate.
 const SYN_FLOOD_INTERVAL_US: u32 = 100;
 /// The alert that must fire during the SYN flood.
 const ATTACK_ALERT: &str = "TcpguardAttack";
