@@ -20,5 +20,6 @@ pub mod reqsk;
 pub mod sysctl;
 pub mod tcp_state;
 pub mod tracker;
+pub mod watch;
 
 pub use guard::{AttachMode, Attachment, Counters, Guard, GuardError};

@@ -1,4 +1,4 @@
-use std::{path::PathBuf, process::ExitCode};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 use log::error;
@@ -22,7 +22,7 @@ enum Command {
     /// configuration file.
     Run(RunArgs),
     /// Show what the running daemon protects and what it has seen.
-    Status(AskArgs),
+    Status(StatusArgs),
     /// List the connections the running daemon tracks, with both ends' states.
     Flows(AskArgs),
     /// Check a configuration file. Exits 0 when it is valid, 1 when it does not name an
@@ -107,6 +107,27 @@ fn path_or_empty() -> impl clap::builder::TypedValueParser<Value = PathBuf> {
     clap::builder::OsStringValueParser::new().map(PathBuf::from)
 }
 
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    ask: AskArgs,
+    /// Show, every SECONDS (default 2) until Ctrl-C, the per-second rates of the counters that
+    /// moved and the connections by state.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2",
+          value_parser = watch_interval, conflicts_with = "json")]
+    watch: Option<Duration>,
+}
+
+/// `--watch SECONDS`: from a tenth of a second to an hour.
+fn watch_interval(text: &str) -> Result<Duration, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if (0.1..=3600.0).contains(&seconds) => Ok(Duration::from_secs_f64(seconds)),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds from 0.1 to 3600"
+        )),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let flag = match &cli.command {
@@ -116,7 +137,11 @@ fn main() -> ExitCode {
     let level_source = logging::init(flag);
     let result = match cli.command {
         Command::Run(args) => daemon::run(config_source(args, level_source)),
-        Command::Status(args) => ask(&args, Request::Status),
+        Command::Status(StatusArgs {
+            ask: args,
+            watch: Some(interval),
+        }) => tcpguard::watch::watch(&args.socket, interval),
+        Command::Status(args) => ask(&args.ask, Request::Status),
         Command::Flows(args) => ask(&args, Request::Flows),
         Command::Detach { pin_dir } => detach(&pin_dir),
         Command::CheckConfig { config } => return check_config(&config),

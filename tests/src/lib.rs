@@ -3,6 +3,7 @@
 
 pub mod frame;
 pub mod generator;
+pub mod monitoring;
 pub mod netns;
 pub mod observe;
 pub mod raw;

@@ -447,9 +447,46 @@ impl Flood {
         seconds: u32,
         packets: u32,
     ) -> Self {
+        Self::spawn(from, target, &["--flood"], flags, port, seconds, packets)
+    }
+
+    /// As [`Flood::start_to`], one packet every `interval_us` microseconds instead of as fast
+    /// as hping3 can (then its packet count holds too).
+    pub fn paced_to(
+        from: &Namespace,
+        target: &str,
+        flags: &[&str],
+        port: u16,
+        seconds: u32,
+        interval_us: u32,
+    ) -> Self {
+        let packets = u64::from(seconds) * 1_000_000 / u64::from(interval_us.max(1));
+        let pace = format!("u{interval_us}");
+        Self::spawn(
+            from,
+            target,
+            &["-i", &pace],
+            flags,
+            port,
+            seconds,
+            u32::try_from(packets).unwrap_or(u32::MAX),
+        )
+    }
+
+    fn spawn(
+        from: &Namespace,
+        target: &str,
+        rate: &[&str],
+        flags: &[&str],
+        port: u16,
+        seconds: u32,
+        packets: u32,
+    ) -> Self {
         let child = from
             .command("timeout")
-            .args(["-s", "INT", &seconds.to_string(), "hping3", "--flood", "-q"])
+            .args(["-s", "INT", &seconds.to_string(), "hping3"])
+            .args(rate)
+            .arg("-q")
             .args(flags)
             .args(["-c", &packets.to_string(), "-p", &port.to_string()])
             .arg(target)

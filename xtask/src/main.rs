@@ -22,8 +22,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what the build and tests need (the Rust toolchain rust-toolchain.toml pins,
-    /// nightly rust-src, LLVM 22, bpf-linker, hping3, iproute2, ethtool, curl) when it is
-    /// missing.
+    /// nightly rust-src, LLVM 22, bpf-linker, hping3, iproute2, ethtool, curl, promtool) when
+    /// it is missing.
     Setup,
     /// Set up, build, and run every test (needs root: BPF, network namespaces, XDP).
     Test,

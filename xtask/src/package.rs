@@ -1,6 +1,6 @@
 //! `cargo xtask package`: the Debian package, built by cargo-deb, then opened and checked: the
-//! binary, the unit, the example configuration as a conffile, and maintainer scripts that
-//! enable the unit.
+//! binary, the unit, the example configuration as a conffile, the dashboard and alerting
+//! rules, and maintainer scripts that enable the unit.
 
 use std::{path::PathBuf, process::Command};
 
@@ -15,6 +15,9 @@ const CONTENTS: &[&str] = &[
     "./usr/share/doc/tcpguard/README.md",
     "./usr/lib/sysusers.d/tcpguard.conf",
     "./usr/lib/tmpfiles.d/tcpguard.conf",
+    // README ("Dashboard and alerts") tells where to load them from.
+    "./usr/share/tcpguard/grafana-dashboard.json",
+    "./usr/share/tcpguard/prometheus-alerts.yml",
     "tcpguard.service",
 ];
 

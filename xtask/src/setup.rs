@@ -24,6 +24,8 @@ const PACKAGES: &[&str] = &[
     "ethtool",
     "curl",
     "python3",
+    // The monitoring tests read the alerting rules and promtool's unit tests (YAML) with it.
+    "python3-yaml",
 ];
 
 /// cargo-deb builds the Debian package; 3.8.0 is the release the package metadata was written
@@ -41,6 +43,7 @@ pub fn run() -> anyhow::Result<()> {
     pinned_toolchain()?;
     nightly_rust_src()?;
     debian_packages()?;
+    promtool()?;
     bpf_linker()?;
     python_packages()?;
     cargo_deb()?;
@@ -167,6 +170,46 @@ fn debian_packages() -> anyhow::Result<()> {
             "could not install {}; install them as root with `apt-get install {}`",
             missing.join(" "),
             missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// promtool checks the shipped alerting rules and runs their unit tests. Debian ships it in its
+/// `prometheus` package (2.42 on Debian 12, whose rule and unit-test formats the files in
+/// monitoring/ are written in; they are the same through Prometheus 3). Installing that package
+/// also enables and starts a Prometheus server, which nothing here uses (the VM test starts
+/// its own, in its namespace): setup stops and disables it again when it installed it.
+fn promtool() -> anyhow::Result<()> {
+    if succeeds(Command::new("sh").args(["-c", "command -v promtool >/dev/null"])) {
+        return Ok(());
+    }
+    println!(
+        "setup: installing Debian's prometheus package for promtool (checks the alerting rules)"
+    );
+    let apt = |args: &[&str]| {
+        succeeds(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if !apt(&["update", "-q"])
+        || !apt(&[
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "prometheus",
+        ])
+    {
+        bail!("could not install promtool; run `apt-get install prometheus` as root");
+    }
+    if std::path::Path::new("/run/systemd/system").exists()
+        && !succeeds(Command::new("systemctl").args(["disable", "--now", "prometheus.service"]))
+    {
+        println!(
+            "setup: the prometheus package started a Prometheus server that could not be stopped; `systemctl disable --now prometheus` stops it"
         );
     }
     Ok(())

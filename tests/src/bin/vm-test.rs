@@ -9,6 +9,10 @@
 //! kernel alone (the baseline), then with tcpguard. The figures come from Prometheus's query
 //! API and are checked against what tcpguard itself reports.
 //!
+//! The Prometheus server loads the alerting rules the package installs, and the test checks
+//! the dashboard the package installs against it: during the floods every panel's query
+//! returns data, and the attack alert fires during the SYN flood and ends after the floods.
+//!
 //! Usage: vm-test KERNEL INITRD DISK PACKAGE
 
 use std::{
@@ -26,6 +30,7 @@ use std::{
 
 use serde_json::Value;
 use tcpguard_tests::{
+    monitoring::{self, PanelQuery},
     netns::Namespace,
     rig::{Flood, kernel_counters},
 };
@@ -35,6 +40,19 @@ const HOST: &str = "10.202.0.1";
 const TAP: &str = "tap0";
 const WEB: u16 = 80;
 const FLOOD_SECONDS: u32 = 5;
+/// The SYN flood is paced, one SYN every 10 µs (hping3's own pause comes on top: it sends
+/// some 10 000 to 15 000 a second that way), and runs longer than the others. Paced: at
+/// hping3's full rate the tap drops most of what it forwards to the emulated NIC, Prometheus's
+/// scrapes of the guest included, and whether one lands during the flood is luck (a run saw
+/// none in 10 s). Longer: the attack alert's 1m rate passes its 1000/s once the last minute
+/// holds 60 000 unanswered SYNs, some 5 s of this flood, and then a scrape and an evaluation
+/// (every 2 s here) must follow while it lasts. The other floods run at full rate.
+const SYN_FLOOD_SECONDS: u32 = 20;
+const SYN_FLOOD_INTERVAL_US: u32 = 10;
+/// The alert that must fire during the SYN flood.
+const ATTACK_ALERT: &str = "TcpguardAttack";
+/// tcpguard's scrape target, the instance the dashboard is looked at for.
+const INSTANCE: &str = "10.202.0.2:9877";
 const FLOOD_PACKETS: u32 = 200_000;
 /// How long the guest may take to boot and set itself up under software emulation.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -60,6 +78,8 @@ const FLOODS: &[(&str, &[&str], &str)] = &[
 ];
 
 struct Guest {
+    /// The dashboard's panel queries, from the dashboard the package installs.
+    dashboard: Vec<PanelQuery>,
     qemu: Child,
     web: Child,
     prometheus: Child,
@@ -100,7 +120,12 @@ fn main() {
     });
     println!("vm: guest up in {:.0?}", started.elapsed());
 
-    let baseline = scenario(&host, &guest, "baseline: the guest's kernel alone");
+    let baseline = scenario(
+        &host,
+        &guest,
+        "baseline: the guest's kernel alone",
+        &mut |_, _| {},
+    );
     // Tell the guest to configure and start tcpguard (the second half of setup.sh).
     fs::write(guest._served.join("phase2"), "go\n").unwrap();
     wait_for(&guest, "tcpguard's metrics", || {
@@ -136,7 +161,22 @@ fn main() {
         Some(1.0),
         "tcpguard answers with its own cookies in the guest"
     );
-    let guarded = scenario(&host, &guest, "with tcpguard");
+    let mut attack_seen = None;
+    let mut empty_panels = Vec::new();
+    let guarded = scenario(&host, &guest, "with tcpguard", &mut |flood, ends| {
+        if flood == FLOODS[0].0 {
+            let started = Instant::now();
+            while attack_seen.is_none() && Instant::now() < ends {
+                if query_all(&host, &firing_query(ATTACK_ALERT)).is_some_and(|s| !s.is_empty()) {
+                    attack_seen = Some(started.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        } else if flood == FLOODS[FLOODS.len() - 1].0 {
+            // The last flood: every reason's rate window holds the floods before it.
+            empty_panels = evaluate_dashboard(&host, &guest.dashboard);
+        }
+    });
 
     println!("\n| | baseline (kernel alone) | tcpguard |");
     println!("| --- | --- | --- |");
@@ -154,6 +194,34 @@ fn main() {
         "the baseline flood did not even make the guest's kernel send cookies"
     );
     check(&host, &guarded);
+    println!(
+        "vm: {ATTACK_ALERT} firing {} into the {SYN_FLOOD_SECONDS} s SYN flood",
+        attack_seen.map_or("never".to_owned(), |after| format!("{after:.1?}"))
+    );
+    assert!(
+        attack_seen.is_some(),
+        "{ATTACK_ALERT} did not fire during the SYN flood"
+    );
+    assert!(
+        empty_panels.is_empty(),
+        "dashboard queries returned no data during the floods:\n{}",
+        empty_panels.join("\n")
+    );
+    // After the floods, the attack alert resolves once its 1m rate window holds no flood.
+    let floods_over = Instant::now();
+    let deadline = floods_over + Duration::from_secs(180);
+    // An answer without the alert, not a failed query, is what ends the wait.
+    while query_all(&host, &firing_query(ATTACK_ALERT)).is_none_or(|series| !series.is_empty()) {
+        assert!(
+            Instant::now() < deadline,
+            "{ATTACK_ALERT} still fires 3 minutes after the floods"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    println!(
+        "vm: {ATTACK_ALERT} resolved {:.0?} after the checks that follow the floods",
+        floods_over.elapsed()
+    );
     println!("vm-test: passed in {:.0?}", started.elapsed());
 }
 
@@ -163,6 +231,25 @@ fn boot(host: &Namespace, kernel: &Path, initrd: &Path, disk: &Path, package: &P
     fs::create_dir_all(&served).unwrap();
     fs::copy(package, served.join("tcpguard.deb")).unwrap();
     fs::write(served.join("setup.sh"), SETUP).unwrap();
+    // The dashboard and the rules, from where the package installs them (README says so).
+    let unpacked = work.join("package");
+    tcpguard_tests::netns::run(
+        "dpkg-deb",
+        &["-x", package.to_str().unwrap(), unpacked.to_str().unwrap()],
+    );
+    let shipped = |name: &str| {
+        let path = unpacked.join("usr/share/tcpguard").join(name);
+        assert!(
+            path.exists(),
+            "the package does not install /usr/share/tcpguard/{name}"
+        );
+        path
+    };
+    let rules = shipped(monitoring::ALERTS);
+    let dashboard: Value =
+        serde_json::from_str(&fs::read_to_string(shipped(monitoring::DASHBOARD)).unwrap())
+            .expect("the shipped dashboard is JSON");
+    let dashboard = monitoring::panel_queries(&dashboard);
     let overlay = work.join("overlay.qcow2");
     tcpguard_tests::netns::run(
         "qemu-img",
@@ -190,9 +277,11 @@ fn boot(host: &Namespace, kernel: &Path, initrd: &Path, disk: &Path, package: &P
     fs::write(
         &prometheus_config,
         format!(
-            "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\nscrape_configs:\n\
+            "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n  evaluation_interval: 2s\n\
+             rule_files: ['{}']\nscrape_configs:\n\
              \x20 - job_name: tcpguard\n    static_configs: [{{targets: ['{GUEST}:9877']}}]\n\
-             \x20 - job_name: node\n    static_configs: [{{targets: ['{GUEST}:9100']}}]\n"
+             \x20 - job_name: node\n    static_configs: [{{targets: ['{GUEST}:9100']}}]\n",
+            rules.display()
         ),
     )
     .unwrap();
@@ -238,6 +327,7 @@ fn boot(host: &Namespace, kernel: &Path, initrd: &Path, disk: &Path, package: &P
         .spawn()
         .expect("starting qemu-system-x86_64 (installed by `cargo xtask setup`)");
     Guest {
+        dashboard,
         qemu,
         web,
         prometheus,
@@ -248,7 +338,13 @@ fn boot(host: &Namespace, kernel: &Path, initrd: &Path, disk: &Path, package: &P
 }
 
 /// Floods one after the other while a client keeps connecting; returns the guest's figures.
-fn scenario(host: &Namespace, guest: &Guest, name: &str) -> BTreeMap<String, f64> {
+/// `during` runs while each flood does, with the flood's name and when it ends at the latest.
+fn scenario(
+    host: &Namespace,
+    guest: &Guest,
+    name: &str,
+    during: &mut dyn FnMut(&str, Instant),
+) -> BTreeMap<String, f64> {
     println!("\n== {name}");
     let before = guest_counters(host);
     let stop = Arc::new(AtomicBool::new(false));
@@ -295,7 +391,22 @@ fn scenario(host: &Namespace, guest: &Guest, name: &str) -> BTreeMap<String, f64
     for (flood, flags, _) in FLOODS {
         print!("  flood {flood} ... ");
         let before = cookies();
-        Flood::start_to(host, GUEST, flags, WEB, FLOOD_SECONDS, FLOOD_PACKETS).wait();
+        let (seconds, running) = if *flood == FLOODS[0].0 {
+            let paced = Flood::paced_to(
+                host,
+                GUEST,
+                flags,
+                WEB,
+                SYN_FLOOD_SECONDS,
+                SYN_FLOOD_INTERVAL_US,
+            );
+            (SYN_FLOOD_SECONDS, paced)
+        } else {
+            let full = Flood::start_to(host, GUEST, flags, WEB, FLOOD_SECONDS, FLOOD_PACKETS);
+            (FLOOD_SECONDS, full)
+        };
+        during(flood, Instant::now() + Duration::from_secs(seconds.into()));
+        running.wait();
         sent += 1.0;
         println!(
             "done; the guest's kernel sent {} cookies",
@@ -452,6 +563,13 @@ fn check(host: &Namespace, guarded: &BTreeMap<String, f64>) {
 
 /// One instant value from Prometheus's query API.
 fn query(host: &Namespace, expression: &str) -> Option<f64> {
+    query_all(host, expression)?
+        .first()
+        .map(|(_, value)| *value)
+}
+
+/// Every series of an instant query's result: its labels and value (NaN included).
+fn query_all(host: &Namespace, expression: &str) -> Option<Vec<(Value, f64)>> {
     let output = host
         .command("curl")
         .args(["-sf", "--max-time", "10", "-G"])
@@ -461,10 +579,46 @@ fn query(host: &Namespace, expression: &str) -> Option<f64> {
         .output()
         .ok()?;
     let answer: Value = serde_json::from_slice(&output.stdout).ok()?;
-    answer["data"]["result"][0]["value"][1]
-        .as_str()?
-        .parse()
-        .ok()
+    answer["data"]["result"]
+        .as_array()?
+        .iter()
+        .map(|series| {
+            Some((
+                series["metric"].clone(),
+                series["value"][1].as_str()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// The series of `alert` that are firing.
+fn firing_query(alert: &str) -> String {
+    format!("ALERTS{{alertname=\"{alert}\",alertstate=\"firing\"}}")
+}
+
+/// Runs every query of the dashboard as Grafana would for tcpguard's instance (a 1m rate
+/// window: four of this Prometheus's 2 s scrape intervals would do, and Grafana's default
+/// scrape interval of 15 s makes it 1m); returns those that gave no number, by panel.
+fn evaluate_dashboard(host: &Namespace, queries: &[PanelQuery]) -> Vec<String> {
+    let mut empty = Vec::new();
+    for query in queries {
+        let expr = monitoring::substitute(&query.expr, INSTANCE, "1m", "1h");
+        let result = query_all(host, &expr).unwrap_or_default();
+        let numbers = result.iter().filter(|(_, value)| value.is_finite()).count();
+        println!(
+            "  panel {:?} ({}): {numbers} of {} series with a number",
+            query.panel,
+            query.legend,
+            result.len()
+        );
+        if numbers == 0 {
+            empty.push(format!(
+                "panel {:?}, query {:?}: {expr}",
+                query.panel, query.legend
+            ));
+        }
+    }
+    empty
 }
 
 /// Every series of a query's result, by the value of `label`.
