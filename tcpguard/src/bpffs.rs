@@ -74,14 +74,16 @@ pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
     fs::remove_file(path)
 }
 
-/// Removes everything tcpguard pinned in `dir`, links first, so that nothing stays attached,
-/// then the directory. A missing directory is nothing to remove.
+/// Removes everything tcpguard pinned in `dir`, links (and netlink TC filters) first, so that
+/// nothing stays attached, then the directory. A missing directory is nothing to remove.
 pub fn remove_pins(dir: &Path) -> io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(err) => return Err(err),
     };
+    // A TC filter added through netlink is no pinned link: it is deleted through netlink.
+    crate::tc::remove_recorded(dir)?;
     let mut others = Vec::new();
     for entry in entries {
         let path = entry?.path();
@@ -95,7 +97,8 @@ pub fn remove_pins(dir: &Path) -> io::Result<()> {
         }
     }
     for path in others {
-        fs::remove_file(path)?;
+        // The netlink TC filter's record may be listed after remove_recorded took it.
+        remove_pin(&path)?;
     }
     fs::remove_dir(dir)
 }

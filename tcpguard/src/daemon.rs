@@ -32,6 +32,7 @@ use crate::{
     notify::notify,
     reqsk::Reqsk,
     sysctl::{self, Outcome, TCP_SYNCOOKIES, TCP_TIMESTAMPS},
+    tc,
     tracker::{Effect, Tracker},
 };
 
@@ -55,12 +56,15 @@ impl ConfigSource {
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     let config = source.load()?;
+    crate::kernel::check()?;
     if crate::guard::if_index(&config.interface).is_none() {
         anyhow::bail!(
             "interface {:?} does not exist; `ip link` lists the interfaces of this network namespace",
             config.interface
         );
     }
+    let tc_choice = tc::probe(&std::ffi::CString::new(config.interface.as_str())?)
+        .context("cannot ask the kernel whether it has TCX")?;
     let mut choice = cookies::choose(config.cookie_mode)?;
     // The sysctls first, so that a refusal comes before anything is loaded.
     if choice.own {
@@ -135,14 +139,24 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     } else {
         None
     };
-    let attachment = guard.attach(&config.interface, config.xdp_mode)?;
+    let attachment = guard.attach(&config.interface, config.xdp_mode, tc_choice.mode)?;
+    let tc_reason = if attachment.tc_mode == tc_choice.mode {
+        tc_choice.reason
+    } else {
+        format!(
+            "the previous daemon attached it so, though {}",
+            tc_choice.reason
+        )
+    };
     // Logged once the daemon answers on its sockets too, as READY=1 is sent: tests and
     // operators may take it as the sign that everything is up.
     let protecting = format!(
-        "protecting TCP ports {:?} on {} in {} mode{} with {} cookies because {}{} (SYN-ACK window scale {}, SACK {})",
+        "protecting TCP ports {:?} on {} in {} mode, TC egress through {} because {}{}, with {} cookies because {}{} (SYN-ACK window scale {}, SACK {})",
         config.ports,
         attachment.interface,
         attachment.mode,
+        attachment.tc_mode,
+        tc_reason,
         if attachment.adopted {
             ", adopted from the previous daemon"
         } else {
@@ -167,6 +181,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         .context("cannot start the event loop")?;
     let mut daemon = Daemon::new(source, config, guard, flows, choice, keys);
     daemon.reqsk = reqsk;
+    daemon.tc_reason = tc_reason;
     let outcome = runtime.block_on(daemon.serve(events, &protecting));
     daemon.stop()?;
     outcome
@@ -189,6 +204,8 @@ struct Daemon {
     keys: KeyRing,
     /// The TC ingress program of the own-cookie path.
     reqsk: Option<Reqsk>,
+    /// Why the TC egress program is attached the way it is.
+    tc_reason: String,
 }
 
 /// What the kernel's cookies need: `tcp_syncookies=2` and `tcp_timestamps=2`, set (and said so)
@@ -246,6 +263,7 @@ impl Daemon {
             cookies,
             keys,
             reqsk: None,
+            tc_reason: String::new(),
         };
         let adopted = daemon.flows.entries();
         if !adopted.is_empty() {
@@ -575,6 +593,10 @@ impl Daemon {
             interface: self.config.interface.clone(),
             xdp_mode: attachment.map(|a| a.mode.clone()).unwrap_or_default(),
             adopted: attachment.is_some_and(|a| a.adopted),
+            tc_attach: attachment
+                .map(|a| a.tc_mode.to_string())
+                .unwrap_or_default(),
+            tc_attach_reason: self.tc_reason.clone(),
             ports: self.config.ports.iter().copied().collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
             tracked_connections: self.tracker.len(),

@@ -12,11 +12,13 @@ pub mod ebpf;
 pub mod guard;
 pub mod host;
 mod http;
+pub mod kernel;
 pub mod metrics;
 mod notify;
 pub mod prefix;
 pub mod reqsk;
 pub mod sysctl;
+pub mod tc;
 pub mod tcp_state;
 pub mod tracker;
 

@@ -1,4 +1,5 @@
-//! Developer and CI tasks: `cargo xtask setup | test | demo | package | bench xdp|state|flood|all`.
+//! Developer and CI tasks: `cargo xtask setup | test | demo | package | vm-test | vm-images |
+//! bench xdp|state|flood|all`.
 //!
 //! xtask depends on none of tcpguard's crates: their build needs bpf-linker, which `setup`
 //! installs, so it must build on a machine that has nothing yet.
@@ -32,9 +33,13 @@ enum Task {
     Demo,
     /// Set up, build the Debian package (cargo-deb) and check what it installs.
     Package,
-    /// Boot a Debian guest under qemu that installs the package and runs tcpguard as its
-    /// systemd service with Prometheus, then flood it from the host: baseline and tcpguard.
+    /// Boot Debian guests under qemu (12 with Linux 6.1, then 13 with 6.12), one after the
+    /// other, that install the package and run tcpguard as their systemd service with
+    /// Prometheus, then flood each from the host: baseline and tcpguard.
     VmTest,
+    /// Build the VM test's guest images (cached under /var/cache/tcpguard-vm) without booting
+    /// them.
+    VmImages,
     /// Set up and run a benchmark.
     Bench {
         #[command(subcommand)]
@@ -143,16 +148,26 @@ fn main() -> anyhow::Result<()> {
                 "--bin",
                 "vm-test",
             ])?;
-            let image = vm::image(std::path::Path::new("/var/cache/tcpguard-vm"))?;
-            let status = Command::new("target/release/vm-test")
-                .arg(&image.kernel)
-                .arg(&image.initrd)
-                .arg(&image.disk)
-                .arg(&package)
-                .status()
-                .context("cannot run vm-test")?;
+            let mut vm_test = Command::new("target/release/vm-test");
+            vm_test.arg(&package);
+            for release in vm::RELEASES {
+                let image = vm::image(std::path::Path::new(VM_CACHE), release.suite)?;
+                vm_test
+                    .arg(release.name)
+                    .arg(release.cookie_mode)
+                    .arg(&image.dir);
+            }
+            let status = vm_test.status().context("cannot run vm-test")?;
             if !status.success() {
                 bail!("the VM test failed");
+            }
+            Ok(())
+        }
+        Task::VmImages => {
+            require_root("mmdebstrap and mkfs.ext4 build the guests as root")?;
+            setup::vm_packages()?;
+            for release in vm::RELEASES {
+                vm::image(std::path::Path::new(VM_CACHE), release.suite)?;
             }
             Ok(())
         }
@@ -170,6 +185,9 @@ fn require_root(why: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Where the VM test's guest images are cached.
+const VM_CACHE: &str = "/var/cache/tcpguard-vm";
 
 /// The test suites that drive the real daemon, run once per cookie path.
 const END_TO_END_SUITES: &[&str] = &["flood", "operation", "lifecycle", "host"];
