@@ -68,19 +68,25 @@ fn main() -> anyhow::Result<()> {
             require_root("the tests load BPF programs and make network namespaces")?;
             setup::run()?;
             cargo(&["build", "--bins"])?;
-            // Every daemon the tests start takes the cookie path the kernel offers (own
-            // cookies on 6.9 and later); then the end-to-end suites run again on the kernel's
-            // cookies, so that both paths pass the same tests.
+            // Every daemon the tests start takes the paths the kernel offers (own cookies on
+            // 6.9 and later, TC through TCX on 6.6 and later); then the end-to-end suites run
+            // again as on the oldest kernel tcpguard supports (6.1): on the kernel's cookies,
+            // with TC attached through netlink, so that all paths pass the same tests.
             cargo(&["test", "--workspace", "--exclude", "tcpguard-ebpf"])?;
-            println!("test: the end-to-end suites again, on the kernel's cookies");
+            println!(
+                "test: the end-to-end suites again, on the kernel's cookies and TC through netlink"
+            );
             let mut kernel_path =
                 Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
             kernel_path
                 .args(["test", "-p", "tcpguard-tests"])
                 .args(END_TO_END_SUITES.iter().flat_map(|suite| ["--test", suite]))
-                .env("TCPGUARD_TEST_COOKIE_MODE", "kernel");
+                .env("TCPGUARD_TEST_COOKIE_MODE", "kernel")
+                .env("TCPGUARD_TEST_TC_NETLINK", "1");
             if !succeeds(&mut kernel_path) {
-                bail!("the end-to-end tests failed on the kernel's cookies");
+                bail!(
+                    "the end-to-end tests failed on the kernel's cookies with TC through netlink"
+                );
             }
             Ok(())
         }
@@ -155,6 +161,7 @@ fn main() -> anyhow::Result<()> {
                 vm_test
                     .arg(release.name)
                     .arg(release.cookie_mode)
+                    .arg(release.tc_attach)
                     .arg(&image.dir);
             }
             let status = vm_test.status().context("cannot run vm-test")?;

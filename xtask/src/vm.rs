@@ -23,6 +23,8 @@ pub struct Release {
     pub name: &'static str,
     /// The cookie path tcpguard must choose there with `cookie_mode = "auto"`.
     pub cookie_mode: &'static str,
+    /// How tcpguard must attach its TC egress program there.
+    pub tc_attach: &'static str,
 }
 
 /// The guests, oldest first: Debian 12's 6.1 kernel is the oldest tcpguard supports (no TCX,
@@ -33,11 +35,13 @@ pub const RELEASES: &[Release] = &[
         suite: "bookworm",
         name: "Debian 12 (6.1)",
         cookie_mode: "kernel",
+        tc_attach: "netlink",
     },
     Release {
         suite: "trixie",
         name: "Debian 13 (6.12)",
         cookie_mode: "own",
+        tc_attach: "tcx",
     },
 ];
 const MIRROR: &str = "http://deb.debian.org/debian";
