@@ -622,15 +622,23 @@ fn wait_for(guest: &Guest, what: &str, mut ready: impl FnMut() -> bool) {
             .is_ok_and(|console| console.contains("vm-setup: failed"));
         if Instant::now() > deadline || guest.qemu_exited() || setup_failed {
             let console = fs::read_to_string(&guest.console).unwrap_or_default();
-            let tail: Vec<&str> = console.lines().rev().take(60).collect();
-            panic!(
-                "timed out waiting for {what}; the guest's console ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+            // tcpguard's journal, when the setup script printed it, else the console's end.
+            let shown = match console.rfind(JOURNAL_MARKER) {
+                Some(start) => console[start..].to_owned(),
+                None => {
+                    let tail: Vec<&str> = console.lines().rev().take(60).collect();
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                }
+            };
+            panic!("timed out waiting for {what}; the guest's console:\n{shown}");
         }
         std::thread::sleep(Duration::from_secs(2));
     }
 }
+
+/// What the setup script prints on the console before tcpguard's journal, when tcpguard did not
+/// start.
+const JOURNAL_MARKER: &str = "vm-setup: tcpguard's journal follows";
 
 /// Run by the guest at boot (vm-setup.service): the first half sets up the web server and
 /// Prometheus; the second, once the host has taken its baseline, installs and configures
@@ -657,6 +665,7 @@ tcpguard check-config
 if ! systemctl restart tcpguard; then
     # Straight to the serial console: journald rate-limits what it forwards.
     sleep 2
+    echo "vm-setup: tcpguard's journal follows" > /dev/ttyS0
     journalctl -u tcpguard -b --no-pager -o cat | tail -n 60 > /dev/ttyS0 2>&1
     echo "vm-setup: failed" > /dev/ttyS0
     exit 1
