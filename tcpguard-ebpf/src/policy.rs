@@ -64,7 +64,8 @@ impl Lists {
         // LLVM writes with a call to `memset` (see crate::zero). Linux 6.1's verifier cannot
         // follow precision back through a call to a subprogram: it then marks every scalar
         // precise, later states stop matching earlier ones, and the SYN path runs past the
-        // verifier's 1M-instruction budget. With no call, the program has no subprogram.
+        // verifier's 1M-instruction budget. The kernel-cookie program now calls no function
+        // but the one the program's entry point is.
         let mut slot = MaybeUninit::uninit();
         let source: &mut SourceKey = zero::zeroed_in(&mut slot);
         source.addr = key.client_addr;
