@@ -143,13 +143,20 @@ pub fn load_header(
     if header_len < 20 {
         return Err(Counter::BadDataOffset);
     }
-    // SAFETY: header has room for the 60 bytes a 4-bit data offset allows.
+    // The length, re-bounded right at the call: LLVM spills it before the check above, and
+    // Linux 6.1's verifier does not apply the check to the spilled copy (6.12's does), so the
+    // length it reloads may be 0, which the helper refuses ("invalid zero-sized read"). As in
+    // `Socket::syn_cookie`, a volatile read keeps LLVM from dropping the mask as redundant,
+    // and the verifier derives 1..=64 from it (header_len is 20..=60; the buffer holds 66).
+    // SAFETY: a read of a local.
+    let load_len = (unsafe { core::ptr::read_volatile(&header_len) }.wrapping_sub(1) & 0x3f) + 1;
+    // SAFETY: header has room for the 64 bytes load_len allows.
     if unsafe {
         bpf_xdp_load_bytes(
             ctx.as_ptr().cast(),
             segment.l4 as u32,
             header.as_mut_ptr().cast(),
-            header_len,
+            load_len,
         )
     } != 0
     {
