@@ -674,6 +674,8 @@ if ! systemctl restart tcpguard; then
     journalctl -u tcpguard -b --no-pager -o cat \
         | grep -v -E '^([0-9]+: |; |from [0-9]+ to |last_idx |regs=|parent |mark_precise|[0-9]+: R)' \
         | tail -n 40 > /dev/ttyS0 2>&1
+    # And the last lines of the verifier's log that tcpguard's error quotes, instructions too.
+    journalctl -u tcpguard -b --no-pager -o cat | grep -m 1 -A 26 'rejected program' > /dev/ttyS0 2>&1
     echo "vm-setup: failed" > /dev/ttyS0
     exit 1
 fi
