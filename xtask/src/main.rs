@@ -161,7 +161,10 @@ fn main() -> anyhow::Result<()> {
             ])?;
             let mut vm_test = Command::new("target/release/vm-test");
             vm_test.arg(&package);
-            for release in vm::RELEASES.iter().filter(|release| all || release.supported) {
+            for release in vm::RELEASES
+                .iter()
+                .filter(|release| all || release.supported)
+            {
                 let image = vm::image(std::path::Path::new(VM_CACHE), release.suite)?;
                 vm_test
                     .arg(release.name)
