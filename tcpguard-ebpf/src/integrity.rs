@@ -128,7 +128,12 @@ pub fn tcp_checksum(
         let scratch = scratch()?;
         load(ctx, segment.l4 + header_len, scratch, payload_len)?;
         // The checksum pads an odd length with a zero byte; whole words need up to three.
-        let tail = payload_len.min(MAX_PAYLOAD);
+        // The index is masked, through a volatile read that keeps LLVM from dropping the mask:
+        // LLVM spills payload_len before its check, and Linux 6.1's verifier does not apply
+        // the check to the spilled copy, so the index it reloads could be negative. The mask
+        // changes no length that passed the check.
+        // SAFETY: a read of a local.
+        let tail = unsafe { core::ptr::read_volatile(&payload_len) } & (SCRATCH_LEN - 1);
         scratch.0[tail] = 0;
         scratch.0[tail + 1] = 0;
         scratch.0[tail + 2] = 0;

@@ -62,14 +62,34 @@ pub struct Segment {
 /// headers of at most 2 KiB each.
 const MAX_L3_OFFSET: usize = ETH_HLEN + 8;
 const MAX_L4_OFFSET: usize = MAX_L3_OFFSET + IPV6_HLEN + MAX_IPV6_EXTENSION_HEADERS * 2048;
+/// The smallest all-ones masks that keep every offset up to those limits.
+const MAX_L3_OFFSET_MASK: usize = MAX_L3_OFFSET.next_power_of_two() - 1;
+const MAX_L4_OFFSET_MASK: usize = MAX_L4_OFFSET.next_power_of_two() - 1;
 
 impl Segment {
     /// The same segment with its offsets checked against their limits, for code that receives
     /// a segment the verifier knows nothing about.
+    ///
+    /// The offsets handed on are masked copies of the checked ones, not the checked values
+    /// themselves: LLVM may spill an offset to the stack before the check, and Linux 6.1's
+    /// verifier keeps no spilled scalar that had no bounds when it was spilled (6.12's does, and
+    /// applies the check to it), so the reloaded offset was unbounded there and the packet
+    /// access the program was refused for. A mask gives each copy its range wherever it is
+    /// reloaded from; the mask changes no value that passed the check, and a volatile read
+    /// keeps LLVM from dropping it as redundant.
     #[inline(always)]
     pub fn bounded(self) -> Option<Self> {
-        (self.l3 <= MAX_L3_OFFSET && self.l4 <= MAX_L4_OFFSET && self.l4_len <= 0xffff)
-            .then_some(self)
+        if !(self.l3 <= MAX_L3_OFFSET && self.l4 <= MAX_L4_OFFSET && self.l4_len <= 0xffff) {
+            return None;
+        }
+        // SAFETY: reads of locals.
+        let hide = |value: usize| unsafe { core::ptr::read_volatile(&value) };
+        Some(Self {
+            l3: hide(self.l3) & MAX_L3_OFFSET_MASK,
+            l4: hide(self.l4) & MAX_L4_OFFSET_MASK,
+            l4_len: hide(self.l4_len) & 0xffff,
+            ..self
+        })
     }
 
     /// TCP payload bytes: what follows the header, options included.

@@ -1,6 +1,8 @@
 //! Source policy: deny-listed sources are dropped, allow-listed ones skip the cookie round trip,
 //! and a source with as many tracked connections as it may have gets no more.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
@@ -9,6 +11,8 @@ use tcpguard_common::{
     FULL_SOURCES_CAPACITY, FlowKey, POLICY_ALLOW, POLICY_CAPACITY, POLICY_DENY, POLICY_SLOT,
     POLICY_SOURCE_LIMIT, Policy, SourceKey,
 };
+
+use crate::zero;
 
 #[map(name = "POLICY")]
 static POLICY: Array<Policy> = Array::with_max_entries(1, 0);
@@ -77,7 +81,20 @@ impl Lists {
     /// Whether the client of `key` already has as many tracked connections as it may have.
     #[inline(always)]
     pub fn source_full(self, key: &FlowKey) -> bool {
-        self.0 & POLICY_SOURCE_LIMIT != 0 && FULL_SOURCES.get_ptr(key.source()).is_some()
+        if self.0 & POLICY_SOURCE_LIMIT == 0 {
+            return false;
+        }
+        // The key is built in zeroed memory rather than by `key.source()`, whose zero padding
+        // LLVM writes with a call to `memset` (see crate::zero). `memset` is a global function
+        // in the object, which the verifier checks on its own against its BTF signature, and
+        // Linux 6.1's refuses that signature's pointer argument ("reg type unsupported for
+        // arg#0 function memset"), and with it the program. The kernel-cookie program now
+        // calls no function but its own body.
+        let mut slot = MaybeUninit::uninit();
+        let source: &mut SourceKey = zero::zeroed_in(&mut slot);
+        source.addr = key.client_addr;
+        source.family = key.family;
+        FULL_SOURCES.get_ptr(source).is_some()
     }
 }
 

@@ -149,13 +149,22 @@ pub fn load_header(
     if header_len < 20 {
         return Err(Counter::BadDataOffset);
     }
-    // SAFETY: header has room for the 60 bytes a 4-bit data offset allows.
+    // The same length, re-derived right at the call: LLVM spills header_len before the check
+    // above, and Linux 6.1's verifier does not apply the check to the spilled copy (6.12's
+    // does), so the length it reloads may be 0, which the helper refuses ("invalid zero-sized
+    // read"). A volatile read keeps LLVM from reusing header_len and from dropping the mask
+    // as redundant, and the verifier derives 1..=64 from it (equal to header_len, 20..=60;
+    // the buffer holds 66).
+    // SAFETY: a read of a field of a live reference.
+    let data_offset = unsafe { core::ptr::read_volatile(&segment.data_offset) };
+    let load_len = (((u32::from(data_offset) & 0xf) * 4).wrapping_sub(1) & 0x3f) + 1;
+    // SAFETY: header has room for the 64 bytes load_len allows.
     if unsafe {
         bpf_xdp_load_bytes(
             ctx.as_ptr().cast(),
             segment.l4 as u32,
             header.as_mut_ptr().cast(),
-            header_len,
+            load_len,
         )
     } != 0
     {

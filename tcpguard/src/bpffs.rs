@@ -40,6 +40,7 @@ pub fn is_own_pin(name: &str) -> bool {
             .strip_prefix(PROGRAM_PREFIX)
             .is_some_and(|program| PROGRAMS.contains(&program))
         || is_own_link(name)
+        || name.starts_with(crate::tc::MARKER_PREFIX)
 }
 
 fn is_own_link(name: &str) -> bool {
@@ -277,6 +278,9 @@ pub fn remove_pins(dir: &Path) -> Result<Vec<String>, PinDirError> {
         }
         Ok(_) => {}
     }
+    // A TC filter added through netlink is no pinned link: it is deleted through netlink, and
+    // its record with it.
+    crate::tc::remove_recorded(dir).map_err(removing(dir))?;
     let mut links = Vec::new();
     let mut others = Vec::new();
     let mut foreign = Vec::new();

@@ -36,6 +36,12 @@ pub struct Status {
     pub xdp_mode: String,
     /// The programs were found attached (pinned) and adopted rather than attached anew.
     pub adopted: bool,
+    /// "tcx" or "netlink": how the TC egress program is attached.
+    #[serde(default)]
+    pub tc_attach: String,
+    /// Why it is attached so.
+    #[serde(default)]
+    pub tc_attach_reason: String,
     pub ports: Vec<u16>,
     pub uptime_seconds: u64,
     pub tracked_connections: usize,

@@ -36,6 +36,7 @@ use crate::{
     notify::notify,
     reqsk::Reqsk,
     sysctl::{self, Outcome, TCP_SYNCOOKIES, TCP_TIMESTAMPS},
+    tc,
     tracker::{Effect, Tracker},
 };
 
@@ -61,6 +62,7 @@ impl ConfigSource {
 /// Runs the daemon until SIGINT or SIGTERM.
 pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     let config = source.load()?;
+    crate::kernel::check()?;
     logging::follow_config(source.level_source, config.log_level);
     if crate::guard::if_index(&config.interface).is_none() {
         anyhow::bail!(
@@ -68,6 +70,8 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
             config.interface
         );
     }
+    let tc_choice = tc::probe(&std::ffi::CString::new(config.interface.as_str())?)
+        .context("cannot ask the kernel whether it has TCX")?;
     let mut choice = cookies::choose(config.cookie_mode)?;
     // Refused before anything is loaded.
     cookies::when(config.cookies, &choice)?;
@@ -147,14 +151,24 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     } else {
         None
     };
-    let attachment = guard.attach(&config.interface, config.xdp_mode)?;
+    let attachment = guard.attach(&config.interface, config.xdp_mode, tc_choice.mode)?;
+    let tc_reason = if attachment.tc_mode == tc_choice.mode {
+        tc_choice.reason
+    } else {
+        format!(
+            "the previous daemon attached it so, though {}",
+            tc_choice.reason
+        )
+    };
     // Logged once the daemon answers on its sockets too, as READY=1 is sent: tests and
     // operators may take it as the sign that everything is up.
     let protecting = format!(
-        "protecting TCP ports {:?} on {} in {} mode{} with {} cookies because {}{} (SYN-ACK window scale {}, SACK {}); {}",
+        "protecting TCP ports {:?} on {} in {} mode, TC egress through {} because {}{}, with {} cookies because {}{} (SYN-ACK window scale {}, SACK {}); {}",
         config.ports,
         attachment.interface,
         attachment.mode,
+        attachment.tc_mode,
+        tc_reason,
         if attachment.adopted {
             ", adopted from the previous daemon"
         } else {
@@ -190,6 +204,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     let mut daemon = Daemon::new(source, config, guard, flows, choice, keys);
     daemon.reqsk = reqsk;
     daemon.when = when;
+    daemon.tc_reason = tc_reason;
     let outcome = runtime.block_on(daemon.serve(events, rare_events, &protecting));
     daemon.stop()?;
     outcome
@@ -218,6 +233,8 @@ struct Daemon {
     attack: AttackState,
     /// Whether this daemon made the control socket (and so removes it when it stops).
     control_socket_bound: bool,
+    /// Why the TC egress program is attached the way it is.
+    tc_reason: String,
 }
 
 /// The data plane's [`AttackConfig`] for `config` when cookies are sent `when`.
@@ -287,6 +304,7 @@ impl Daemon {
             when: (Cookies::Always, String::new()),
             attack: AttackState::default(),
             control_socket_bound: false,
+            tc_reason: String::new(),
         };
         let adopted = daemon.flows.entries();
         if !adopted.is_empty() {
@@ -673,6 +691,10 @@ impl Daemon {
             interface: self.config.interface.clone(),
             xdp_mode: attachment.map(|a| a.mode.clone()).unwrap_or_default(),
             adopted: attachment.is_some_and(|a| a.adopted),
+            tc_attach: attachment
+                .map(|a| a.tc_mode.to_string())
+                .unwrap_or_default(),
+            tc_attach_reason: self.tc_reason.clone(),
             ports: self.config.ports.iter().copied().collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
             tracked_connections: self.tracker.len(),

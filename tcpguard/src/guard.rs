@@ -1,6 +1,7 @@
 //! The eBPF programs loaded into the kernel, their maps, and (once attached) their links:
-//! XDP on the interface's ingress, TC on its egress. With a pin directory, maps, programs and
-//! links are pinned there, so that a restarted daemon adopts them without a gap in protection.
+//! XDP on the interface's ingress, TC on its egress (a TCX link, or a netlink filter where the
+//! kernel has no TCX: see [`crate::tc`]). With a pin directory, maps, programs and links are
+//! pinned there, so that a restarted daemon adopts them without a gap in protection.
 
 use std::{
     collections::BTreeSet,
@@ -15,9 +16,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::{
-        SchedClassifier, TcAttachType, Xdp, XdpMode,
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{SchedClassifierLink, TcAttach},
         xdp::XdpLink,
     },
 };
@@ -30,7 +31,12 @@ use tcpguard_common::{
     xdp_program,
 };
 
-use crate::{bpffs, ebpf::TCPGUARD_OBJECT, prefix::Prefix};
+use crate::{
+    bpffs,
+    ebpf::TCPGUARD_OBJECT,
+    prefix::Prefix,
+    tc::{self, TcMode},
+};
 
 /// How the XDP program is attached to the interface.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -149,12 +155,24 @@ pub struct Attachment {
     pub interface: String,
     /// `native` or `skb`.
     pub mode: String,
+    /// How the TC egress program is attached.
+    pub tc_mode: TcMode,
     /// The links were found pinned and their programs replaced in place.
     pub adopted: bool,
-    /// XDP and TC links. Held for their drop: closing the last reference to an unpinned link
+    /// The XDP link. Held for its drop: closing the last reference to an unpinned link
     /// detaches it.
     #[expect(dead_code, reason = "held only to be dropped")]
-    links: (FdLink, FdLink),
+    xdp: FdLink,
+    tc: TcLink,
+}
+
+/// The TC egress attachment. Held for its drop, which detaches an unpinned TCX link and deletes
+/// a netlink filter.
+#[derive(Debug)]
+enum TcLink {
+    #[expect(dead_code, reason = "held only to be dropped")]
+    Tcx(FdLink),
+    Netlink(SchedClassifierLink),
 }
 
 /// Allow and deny lists written into the slot of tries not in force, with the
@@ -478,11 +496,17 @@ impl Guard {
         }
     }
 
-    /// Attaches XDP to `interface`'s ingress and TC to its egress. With a pin directory that
-    /// already holds this interface's links, the programs in them are replaced atomically and
-    /// `mode` is the one they were attached with. In [`AttachMode::Auto`], native mode is tried
-    /// first and generic mode used, with a log line, when the driver refuses it.
-    pub fn attach(&mut self, interface: &str, mode: AttachMode) -> Result<&Attachment, GuardError> {
+    /// Attaches XDP to `interface`'s ingress and TC to its egress (`tc_mode`, see
+    /// [`tc::probe`]). With a pin directory that already holds this interface's links, the
+    /// programs in them are replaced atomically and `mode` and `tc_mode` are the ones they were
+    /// attached with. In [`AttachMode::Auto`], native mode is tried first and generic mode
+    /// used, with a log line, when the driver refuses it.
+    pub fn attach(
+        &mut self,
+        interface: &str,
+        mode: AttachMode,
+        tc_mode: TcMode,
+    ) -> Result<&Attachment, GuardError> {
         if if_index(interface).is_none() {
             return Err(GuardError::UnknownInterface(interface.to_owned()));
         }
@@ -499,18 +523,20 @@ impl Guard {
                     dir: self.pin_dir.clone().unwrap_or_default(),
                 });
             }
-            None => self.attach_fresh(interface, mode)?,
+            None => self.attach_fresh(interface, mode, tc_mode)?,
         };
+        self.attachment = Some(attachment);
         if let Some(dir) = self.pin_dir.clone() {
             self.pin_programs(&dir)?;
         }
-        Ok(self.attachment.insert(attachment))
+        Ok(self.attachment.as_ref().expect("attached above"))
     }
 
     fn attach_fresh(
         &mut self,
         interface: &str,
         mode: AttachMode,
+        tc_mode: TcMode,
     ) -> Result<Attachment, GuardError> {
         // aya takes interface names as C strings; one with a NUL byte names no interface.
         let interface_name = CString::new(interface)
@@ -548,39 +574,54 @@ impl Guard {
             interface: interface.to_owned(),
             source,
         };
-        let tc_link = tc
-            .attach(&interface_name, TcAttachType::Egress)
-            .and_then(|id| tc.take_link(id))
-            .map_err(|source| tc_error(source.into()))?;
-        let tc_link = FdLink::try_from(tc_link).map_err(|source| tc_error(source.into()))?;
-        let (xdp, tc) = match &self.pin_dir {
-            Some(dir) => {
-                let pin = |link: FdLink, path: PathBuf| {
-                    link.pin(&path)
-                        .map(FdLink::from)
-                        .map_err(|source| GuardError::Pin {
-                            dir: path,
-                            source: io::Error::other(source),
-                        })
-                };
-                (
-                    pin(
-                        xdp_link,
-                        dir.join(format!("{}{mode}_{interface}", bpffs::XDP_LINK_PREFIX)),
-                    )?,
-                    pin(
-                        tc_link,
+        let pin = |link: FdLink, path: PathBuf| {
+            link.pin(&path)
+                .map(FdLink::from)
+                .map_err(|source| GuardError::Pin {
+                    dir: path,
+                    source: io::Error::other(source),
+                })
+        };
+        let tc_link = match tc_mode {
+            TcMode::Tcx => {
+                let link = tc
+                    .attach(
+                        &interface_name,
+                        TcAttach::Tcx {
+                            attach_type: TcAttachType::Egress,
+                            order: LinkOrder::default(),
+                        },
+                    )
+                    .and_then(|id| tc.take_link(id))
+                    .map_err(|source| tc_error(source.into()))?;
+                let link = FdLink::try_from(link).map_err(|source| tc_error(source.into()))?;
+                TcLink::Tcx(match &self.pin_dir {
+                    Some(dir) => pin(
+                        link,
                         dir.join(format!("{}{interface}", bpffs::TC_LINK_PREFIX)),
                     )?,
-                )
+                    None => link,
+                })
             }
-            None => (xdp_link, tc_link),
+            TcMode::Netlink => TcLink::Netlink(
+                tc::attach_netlink(tc, &interface_name)
+                    .map_err(|source| tc_error(source.into()))?,
+            ),
+        };
+        let xdp = match &self.pin_dir {
+            Some(dir) => pin(
+                xdp_link,
+                dir.join(format!("{}{mode}_{interface}", bpffs::XDP_LINK_PREFIX)),
+            )?,
+            None => xdp_link,
         };
         Ok(Attachment {
             interface: interface.to_owned(),
             mode: mode.to_owned(),
+            tc_mode,
             adopted: false,
-            links: (xdp, tc),
+            xdp,
+            tc: tc_link,
         })
     }
 
@@ -601,24 +642,36 @@ impl Guard {
             .attach_to_link(xdp_link)
             .and_then(|id| xdp.take_link(id))
             .map_err(|source| error("XDP", source.into()))?;
-        let tc_link = PinnedLink::from_pin(&found.tc)
-            .map(FdLink::from)
-            .map_err(|source| error("TC", source.into()))?;
         let tc: &mut SchedClassifier = program_mut(&mut self.ebpf, EGRESS_PROGRAM)?;
-        let tc_link =
-            SchedClassifierLink::try_from(tc_link).map_err(|source| error("TC", source.into()))?;
-        let tc_link = tc
-            .attach_to_link(tc_link)
-            .and_then(|id| tc.take_link(id))
-            .map_err(|source| error("TC", source.into()))?;
+        let (tc_mode, tc_link) = match &found.tc {
+            PinnedTc::Tcx(path) => {
+                let link = PinnedLink::from_pin(path)
+                    .map(FdLink::from)
+                    .map_err(|source| error("TC", source.into()))?;
+                let link = SchedClassifierLink::try_from(link)
+                    .map_err(|source| error("TC", source.into()))?;
+                let link = tc
+                    .attach_to_link(link)
+                    .and_then(|id| tc.take_link(id))
+                    .map_err(|source| error("TC", source.into()))?;
+                let link = FdLink::try_from(link).map_err(|source| error("TC", source.into()))?;
+                (TcMode::Tcx, TcLink::Tcx(link))
+            }
+            PinnedTc::Netlink => {
+                let name = CString::new(interface.as_str())
+                    .map_err(|_| GuardError::UnknownInterface(interface.clone()))?;
+                let link =
+                    tc::replace_netlink(tc, &name).map_err(|source| error("TC", source.into()))?;
+                (TcMode::Netlink, TcLink::Netlink(link))
+            }
+        };
         Ok(Attachment {
             interface: found.interface,
             mode: found.mode,
+            tc_mode,
             adopted: true,
-            links: (
-                FdLink::try_from(xdp_link).map_err(|source| error("XDP", source.into()))?,
-                FdLink::try_from(tc_link).map_err(|source| error("TC", source.into()))?,
-            ),
+            xdp: FdLink::try_from(xdp_link).map_err(|source| error("XDP", source.into()))?,
+            tc: tc_link,
         })
     }
 
@@ -632,8 +685,20 @@ impl Guard {
             let path = dir.join(bpffs::program_pin(name));
             bpffs::remove_pin(&path).map_err(|err| pin_error(&path, err))?;
         }
-        for name in [self.xdp, EGRESS_PROGRAM] {
-            let path = dir.join(bpffs::program_pin(name));
+        let mut pins: Vec<(&'static str, PathBuf)> = [self.xdp, EGRESS_PROGRAM]
+            .into_iter()
+            .map(|name| (name, dir.join(bpffs::program_pin(name))))
+            .collect();
+        // A netlink filter is recorded with a pin of its program (see crate::tc).
+        if let Some(attachment) = &self.attachment
+            && attachment.tc_mode == TcMode::Netlink
+        {
+            let marker =
+                tc::marker(dir, &attachment.interface).map_err(|err| pin_error(dir, err))?;
+            bpffs::remove_pin(&marker).map_err(|err| pin_error(&marker, err))?;
+            pins.push((EGRESS_PROGRAM, marker));
+        }
+        for (name, path) in pins {
             let program = self
                 .ebpf
                 .program_mut(name)
@@ -655,7 +720,13 @@ impl Guard {
         if self.pin_dir.is_none() {
             return self.detach();
         }
-        self.attachment.take();
+        if let Some(attachment) = self.attachment.take()
+            && let TcLink::Netlink(link) = attachment.tc
+        {
+            // The filter belongs to the interface's qdisc, not to this process: forgetting the
+            // handle, rather than dropping it, leaves it attached.
+            std::mem::forget(link);
+        }
         Ok(())
     }
 
@@ -792,15 +863,25 @@ struct PinnedLinks {
     interface: String,
     mode: String,
     xdp: PathBuf,
-    tc: PathBuf,
+    tc: PinnedTc,
+}
+
+/// How the TC egress program found attached is attached.
+enum PinnedTc {
+    /// A TCX link, pinned at this path.
+    Tcx(PathBuf),
+    /// A netlink filter, recorded in the pin directory.
+    Netlink,
 }
 
 /// The links an earlier daemon pinned in `dir`, if both are there.
 fn pinned_links(dir: &Path) -> Result<Option<PinnedLinks>, GuardError> {
-    let entries = fs::read_dir(dir).map_err(|source| GuardError::Pin {
+    let pin_error = |source| GuardError::Pin {
         dir: dir.to_owned(),
         source,
-    })?;
+    };
+    let entries = fs::read_dir(dir).map_err(pin_error)?;
+    let netlink = tc::recorded(dir).map_err(pin_error)?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(rest) = name.strip_prefix(bpffs::XDP_LINK_PREFIX) else {
@@ -809,15 +890,20 @@ fn pinned_links(dir: &Path) -> Result<Option<PinnedLinks>, GuardError> {
         let Some((mode, interface)) = rest.split_once('_') else {
             continue;
         };
-        let tc = dir.join(format!("{}{interface}", bpffs::TC_LINK_PREFIX));
-        if tc.exists() {
-            return Ok(Some(PinnedLinks {
-                interface: interface.to_owned(),
-                mode: mode.to_owned(),
-                xdp: entry.path(),
-                tc,
-            }));
-        }
+        let tcx = dir.join(format!("{}{interface}", bpffs::TC_LINK_PREFIX));
+        let tc = if tcx.exists() {
+            PinnedTc::Tcx(tcx)
+        } else if netlink.iter().any(|(recorded, _)| recorded == interface) {
+            PinnedTc::Netlink
+        } else {
+            continue;
+        };
+        return Ok(Some(PinnedLinks {
+            interface: interface.to_owned(),
+            mode: mode.to_owned(),
+            xdp: entry.path(),
+            tc,
+        }));
     }
     Ok(None)
 }

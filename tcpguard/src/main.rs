@@ -204,6 +204,10 @@ fn print_status(status: &control::Status) {
     );
     println!("protected ports: {}", ports.join(", "));
     println!(
+        "TC egress: {} ({})",
+        status.tc_attach, status.tc_attach_reason
+    );
+    println!(
         "SYN cookies: {} ({})",
         status.cookie_mode, status.cookie_mode_reason
     );

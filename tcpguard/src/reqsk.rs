@@ -14,9 +14,9 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        ProgramError, SchedClassifier, TcAttachType,
+        LinkOrder, ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLink,
+        tc::{SchedClassifierLink, TcAttach},
     },
 };
 use tcpguard_common::maps::RARE_EVENTS;
@@ -234,8 +234,15 @@ impl Reqsk {
             None => {
                 let name = CString::new(interface)
                     .map_err(|_| ReqskError::UnknownInterface(interface.to_owned()))?;
+                // TCX, chosen explicitly: the kfunc came in 6.9, after TCX (6.6).
                 let link = program
-                    .attach(&name, TcAttachType::Ingress)
+                    .attach(
+                        &name,
+                        TcAttach::Tcx {
+                            attach_type: TcAttachType::Ingress,
+                            order: LinkOrder::default(),
+                        },
+                    )
                     .and_then(|id| program.take_link(id))
                     .map_err(|source| attach_error(source.into()))?;
                 let link = FdLink::try_from(link).map_err(|source| attach_error(source.into()))?;

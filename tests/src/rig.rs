@@ -138,6 +138,9 @@ pub fn tcpguard_binary() -> PathBuf {
 pub struct DaemonPaths {
     pub pin_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// The network namespace the daemon runs in, where `tcpguard` commands run too: a TC
+    /// filter added through netlink can only be deleted from there.
+    pub namespace: String,
 }
 
 impl DaemonPaths {
@@ -146,19 +149,57 @@ impl DaemonPaths {
         Self {
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}", namespace.name)),
             control_socket: PathBuf::from(format!("/run/tcpguard-tests/{}.sock", namespace.name)),
+            namespace: namespace.name.clone(),
         }
     }
 
-    /// Runs `tcpguard` with `args` and these paths, and returns its output.
+    /// Runs `tcpguard` with `args` and these paths in the daemon's network namespace, and
+    /// returns its output.
     pub fn tcpguard(&self, args: &[&str]) -> std::process::Output {
-        let mut command = Command::new(tcpguard_binary());
-        command.args(args);
+        // nsenter rather than `ip netns exec`: see Daemon::start_wrapped.
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net={}", self.namespace_path().display()))
+            .arg(tcpguard_binary())
+            .args(args);
         match args.first() {
             Some(&"status" | &"flows") => command.arg("--socket").arg(&self.control_socket),
             Some(&"detach") => command.arg("--pin-dir").arg(&self.pin_dir),
             _ => &mut command,
         };
         command.output().expect("running tcpguard")
+    }
+}
+
+impl DaemonPaths {
+    fn namespace_path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.namespace))
+    }
+
+    /// Detaches whatever the daemon left, also when its namespace is gone already (a test's
+    /// rig dropped first): its interfaces, and any TC filter on them, went with it, so only
+    /// the pins are left, and the record of a netlink filter, which names that namespace, is
+    /// removed here rather than by `tcpguard detach` in another one.
+    fn clean_up(&self) {
+        if self.namespace_path().exists() {
+            let _ = self.tcpguard(&["detach"]);
+            return;
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+            for entry in entries.flatten() {
+                if entry
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("tc_netlink_")
+                {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+        }
+        let _ = Command::new(tcpguard_binary())
+            .args(["detach", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
     }
 }
 
@@ -392,7 +433,7 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
         if self.clean_up_pins {
-            let _ = self.paths.tcpguard(&["detach"]);
+            self.paths.clean_up();
         }
     }
 }

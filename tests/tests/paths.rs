@@ -187,6 +187,7 @@ fn the_control_socket_replaces_only_a_stale_socket() {
     let paths = DaemonPaths {
         pin_dir: pin_dir.clone(),
         control_socket: socket.clone(),
+        namespace: namespace.name.clone(),
     };
     let daemon = Daemon::start_at(
         &namespace,

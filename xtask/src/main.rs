@@ -1,4 +1,5 @@
-//! Developer and CI tasks: `cargo xtask setup | test | demo | package | bench xdp|state|flood|all`.
+//! Developer and CI tasks: `cargo xtask setup | test | demo | package | vm-test | vm-images |
+//! bench xdp|state|flood|all`.
 //!
 //! xtask depends on none of tcpguard's crates: their build needs bpf-linker, which `setup`
 //! installs, so it must build on a machine that has nothing yet.
@@ -32,9 +33,18 @@ enum Task {
     Demo,
     /// Set up, build the Debian package (cargo-deb) and check what it installs.
     Package,
-    /// Boot a Debian guest under qemu that installs the package and runs tcpguard as its
-    /// systemd service with Prometheus, then flood it from the host: baseline and tcpguard.
-    VmTest,
+    /// Boot Debian guests under qemu, one after the other, that install the package and run
+    /// tcpguard as their systemd service with Prometheus, then flood each from the host:
+    /// baseline and tcpguard. Debian 13 (Linux 6.12); with --all also Debian 12 (6.1), which
+    /// tcpguard does not support yet.
+    VmTest {
+        /// Also boot the releases tcpguard does not support yet.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Build the VM test's guest images (cached under /var/cache/tcpguard-vm) without booting
+    /// them.
+    VmImages,
     /// Set up and run a benchmark.
     Bench {
         #[command(subcommand)]
@@ -63,19 +73,25 @@ fn main() -> anyhow::Result<()> {
             require_root("the tests load BPF programs and make network namespaces")?;
             setup::run()?;
             cargo(&["build", "--bins"])?;
-            // Every daemon the tests start takes the cookie path the kernel offers (own
-            // cookies on 6.9 and later); then the end-to-end suites run again on the kernel's
-            // cookies, so that both paths pass the same tests.
+            // Every daemon the tests start takes the paths the kernel offers (own cookies on
+            // 6.9 and later, TC through TCX on 6.6 and later); then the end-to-end suites run
+            // again as on the oldest kernel tcpguard supports (6.1): on the kernel's cookies,
+            // with TC attached through netlink, so that all paths pass the same tests.
             cargo(&["test", "--workspace", "--exclude", "tcpguard-ebpf"])?;
-            println!("test: the end-to-end suites again, on the kernel's cookies");
+            println!(
+                "test: the end-to-end suites again, on the kernel's cookies and TC through netlink"
+            );
             let mut kernel_path =
                 Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
             kernel_path
                 .args(["test", "-p", "tcpguard-tests"])
                 .args(END_TO_END_SUITES.iter().flat_map(|suite| ["--test", suite]))
-                .env("TCPGUARD_TEST_COOKIE_MODE", "kernel");
+                .env("TCPGUARD_TEST_COOKIE_MODE", "kernel")
+                .env("TCPGUARD_TEST_TC_NETLINK", "1");
             if !succeeds(&mut kernel_path) {
-                bail!("the end-to-end tests failed on the kernel's cookies");
+                bail!(
+                    "the end-to-end tests failed on the kernel's cookies with TC through netlink"
+                );
             }
             Ok(())
         }
@@ -129,7 +145,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Task::VmTest => {
+        Task::VmTest { all } => {
             require_root("the VM test makes a network namespace with a tap device")?;
             setup::run()?;
             setup::vm_packages()?;
@@ -143,16 +159,30 @@ fn main() -> anyhow::Result<()> {
                 "--bin",
                 "vm-test",
             ])?;
-            let image = vm::image(std::path::Path::new("/var/cache/tcpguard-vm"))?;
-            let status = Command::new("target/release/vm-test")
-                .arg(&image.kernel)
-                .arg(&image.initrd)
-                .arg(&image.disk)
-                .arg(&package)
-                .status()
-                .context("cannot run vm-test")?;
+            let mut vm_test = Command::new("target/release/vm-test");
+            vm_test.arg(&package);
+            for release in vm::RELEASES
+                .iter()
+                .filter(|release| all || release.supported)
+            {
+                let image = vm::image(std::path::Path::new(VM_CACHE), release.suite)?;
+                vm_test
+                    .arg(release.name)
+                    .arg(release.cookie_mode)
+                    .arg(release.tc_attach)
+                    .arg(&image.dir);
+            }
+            let status = vm_test.status().context("cannot run vm-test")?;
             if !status.success() {
                 bail!("the VM test failed");
+            }
+            Ok(())
+        }
+        Task::VmImages => {
+            require_root("mmdebstrap and mkfs.ext4 build the guests as root")?;
+            setup::vm_packages()?;
+            for release in vm::RELEASES {
+                vm::image(std::path::Path::new(VM_CACHE), release.suite)?;
             }
             Ok(())
         }
@@ -170,6 +200,9 @@ fn require_root(why: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Where the VM test's guest images are cached.
+const VM_CACHE: &str = "/var/cache/tcpguard-vm";
 
 /// The test suites that drive the real daemon, run once per cookie path.
 const END_TO_END_SUITES: &[&str] = &["flood", "operation", "lifecycle", "host"];

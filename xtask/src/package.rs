@@ -1,12 +1,12 @@
 //! `cargo xtask package`: the Debian package, built by cargo-deb, then opened and checked: the
 //! binary, the unit, the example configuration as a conffile, the dashboard and alerting
-//! rules, and maintainer scripts that enable the unit.
+//! rules, maintainer scripts that enable the unit, and a glibc dependency Debian 12 meets.
 
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use crate::{capture, cargo};
+use crate::{capture, cargo, succeeds};
 
 /// Files the package must install.
 const CONTENTS: &[&str] = &[
@@ -20,6 +20,11 @@ const CONTENTS: &[&str] = &[
     "./usr/share/tcpguard/prometheus-alerts.yml",
     "tcpguard.service",
 ];
+
+/// The glibc of Debian 12, the oldest release the package is for: the binary links against the
+/// glibc of the machine that builds it, and cargo-deb makes the package depend on the newest
+/// symbol version it uses, so a package built on a newer distribution would not install there.
+const OLDEST_GLIBC: &str = "2.36";
 
 pub fn run() -> anyhow::Result<PathBuf> {
     cargo(&["deb", "--package", "tcpguard", "--quiet"])?;
@@ -56,7 +61,28 @@ pub fn run() -> anyhow::Result<PathBuf> {
     if user.is_none_or(|at| Some(at) > postinst.find("tcpguard.service")) {
         bail!("postinst does not make the tcpguard user before it starts the unit:\n{postinst}");
     }
-    println!("package: {} (contents checked)", deb.display());
+    let depends = capture(
+        Command::new("dpkg-deb")
+            .arg("--field")
+            .arg(&deb)
+            .arg("Depends"),
+    )
+    .context("cannot read the package's Depends")?;
+    let libc = depends
+        .split(',')
+        .find_map(|dependency| dependency.trim().strip_prefix("libc6 (>= "))
+        .and_then(|rest| rest.strip_suffix(')'))
+        .with_context(|| format!("the package depends on no libc6 version: {depends}"))?;
+    if !succeeds(Command::new("dpkg").args(["--compare-versions", libc, "le", OLDEST_GLIBC])) {
+        bail!(
+            "{} needs glibc {libc}, newer than Debian 12's {OLDEST_GLIBC}: build it on Debian 12",
+            deb.display()
+        );
+    }
+    println!(
+        "package: {} (contents checked; needs glibc {libc}, Debian 12 has {OLDEST_GLIBC})",
+        deb.display()
+    );
     Ok(deb)
 }
 

@@ -1,19 +1,23 @@
-//! `cargo xtask vm-test`: a Debian guest under qemu (software emulation), its virtio-net NIC on
-//! a tap device in a network namespace this test makes. The guest installs tcpguard from the
-//! Debian package the way README tells an operator, runs it as the systemd service with native
-//! XDP in front of a web server, and the node exporter (the guest kernel's TCP counters). A
-//! real Prometheus server on the host side scrapes both over the tap network.
+//! `cargo xtask vm-test`: Debian guests under qemu (software emulation), one after the other,
+//! each with its virtio-net NIC on a tap device in a network namespace this test makes. A guest
+//! installs tcpguard from the Debian package the way README tells an operator, runs it as the
+//! systemd service with native XDP in front of a web server, and the node exporter (the guest
+//! kernel's TCP counters). A real Prometheus server on the host side scrapes both over the tap
+//! network.
 //!
 //! From the host namespace: bounded hping3 floods (SYN with random sources, ACK, FIN, RST,
 //! NULL, XMAS, SYN+FIN, fragments) while a client keeps connecting, first against the guest's
 //! kernel alone (the baseline), then with tcpguard. The figures come from Prometheus's query
-//! API and are checked against what tcpguard itself reports.
+//! API and are checked against what tcpguard itself reports. Every guest runs, even after one
+//! failed; then all guests' figures are printed side by side.
 //!
 //! The Prometheus server loads the alerting rules the package installs, and the test checks
 //! the dashboard the package installs against it: during the floods every panel's query
 //! returns data, and the attack alert fires during the SYN flood and ends after the floods.
 //!
-//! Usage: vm-test KERNEL INITRD DISK PACKAGE
+//! Usage: vm-test PACKAGE (NAME COOKIE_MODE TC_ATTACH IMAGE_DIR)... where COOKIE_MODE (own or
+//! kernel) and TC_ATTACH (tcx or netlink) are what tcpguard must choose on that guest's kernel,
+//! and IMAGE_DIR holds its vmlinuz, initrd.img and disk.raw.
 
 use std::{
     collections::BTreeMap,
@@ -99,11 +103,118 @@ impl Drop for Guest {
     }
 }
 
+/// One guest: its name, what tcpguard must choose there, and its image.
+struct Release {
+    name: String,
+    cookie_mode: String,
+    tc_attach: String,
+    image: PathBuf,
+}
+
+/// A guest's figures: baseline and with tcpguard, and how long it all took.
+struct Run {
+    baseline: BTreeMap<String, f64>,
+    guarded: BTreeMap<String, f64>,
+    wall: Duration,
+}
+
 fn main() {
-    let args: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
-    let [kernel, initrd, disk, package] = args.as_slice() else {
-        panic!("usage: vm-test KERNEL INITRD DISK PACKAGE");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let usage = "usage: vm-test PACKAGE (NAME COOKIE_MODE TC_ATTACH IMAGE_DIR)...";
+    let (package, releases) = args.split_first().expect(usage);
+    assert!(!releases.is_empty() && releases.len() % 4 == 0, "{usage}");
+    let releases: Vec<Release> = releases
+        .chunks(4)
+        .map(|chunk| Release {
+            name: chunk[0].clone(),
+            cookie_mode: chunk[1].clone(),
+            tc_attach: chunk[2].clone(),
+            image: PathBuf::from(&chunk[3]),
+        })
+        .collect();
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    for release in &releases {
+        println!("\n=== {}", release.name);
+        // A guest that fails does not keep the next from running: its panic is reported below.
+        let run = std::panic::catch_unwind(|| run_guest(release, Path::new(package)));
+        runs.push(run.map_err(|panic| {
+            panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|text| (*text).to_owned()))
+                .unwrap_or_default()
+        }));
+    }
+    print_side_by_side(&releases, &runs);
+    let mut failed = false;
+    for (release, run) in releases.iter().zip(&runs) {
+        match run {
+            Ok(run) => println!("vm-test: {} passed in {:.0?}", release.name, run.wall),
+            Err(panic) => {
+                failed = true;
+                println!("vm-test: {} FAILED: {panic}", release.name);
+            }
+        }
+    }
+    assert!(!failed, "a guest failed");
+    println!("vm-test: passed in {:.0?}", started.elapsed());
+}
+
+/// Every figure of every guest in one table: a baseline and a tcpguard column per guest.
+fn print_side_by_side(releases: &[Release], runs: &[Result<Run, String>]) {
+    let mut header = String::from("\n| |");
+    let mut rule = String::from("| --- |");
+    for release in releases {
+        header.push_str(&format!(
+            " {0}: kernel alone | {0}: tcpguard |",
+            release.name
+        ));
+        rule.push_str(" --- | --- |");
+    }
+    println!("{header}\n{rule}");
+    let keys: std::collections::BTreeSet<&String> = runs
+        .iter()
+        .flatten()
+        .flat_map(|run| run.baseline.keys().chain(run.guarded.keys()))
+        .collect();
+    let show = |figures: &BTreeMap<String, f64>, key: &String| {
+        figures
+            .get(key)
+            .map_or("-".to_owned(), |value| value.to_string())
     };
+    for key in keys {
+        let mut line = format!("| {key} |");
+        for run in runs {
+            match run {
+                Ok(run) => line.push_str(&format!(
+                    " {} | {} |",
+                    show(&run.baseline, key),
+                    show(&run.guarded, key)
+                )),
+                Err(_) => line.push_str(" failed | failed |"),
+            }
+        }
+        println!("{line}");
+    }
+    let mut wall = String::from("| wall time, boot to last check |");
+    for run in runs {
+        match run {
+            Ok(run) => wall.push_str(&format!(" {:.0?} | |", run.wall)),
+            Err(_) => wall.push_str(" failed | |"),
+        }
+    }
+    println!("{wall}");
+}
+
+/// Boots one guest, floods it without and with tcpguard, and checks it.
+fn run_guest(release: &Release, package: &Path) -> Run {
+    let (kernel, initrd, disk) = (
+        release.image.join("vmlinuz"),
+        release.image.join("initrd.img"),
+        release.image.join("disk.raw"),
+    );
+    let (kernel, initrd, disk) = (&kernel, &initrd, &disk);
     let host = Namespace::new("vmh");
     host.run("ip", &["tuntap", "add", TAP, "mode", "tap", "multi_queue"]);
     host.run("ip", &["addr", "add", &format!("{HOST}/24"), "dev", TAP]);
@@ -152,15 +263,19 @@ fn main() {
         "{identity}"
     );
     println!("{}", said("Overall exposure level for tcpguard.service"));
-    // Debian 13's 6.12 kernel has bpf_sk_assign_tcp_reqsk: tcpguard must run its own cookies
-    // there, not fall back to the kernel's.
-    let own = query(&host, "tcpguard_cookie_mode{mode=\"own\"}");
-    println!("vm: tcpguard_cookie_mode{{mode=\"own\"}} = {own:?}");
+    // Debian 13's 6.12 kernel has bpf_sk_assign_tcp_reqsk and TCX: tcpguard must run its own
+    // cookies there, not fall back to the kernel's. Debian 12's 6.1 has neither: the kernel's
+    // cookies, and TC through netlink.
+    let mode = format!("tcpguard_cookie_mode{{mode=\"{}\"}}", release.cookie_mode);
+    let chosen = query(&host, &mode);
+    println!("vm: {mode} = {chosen:?}");
     assert_eq!(
-        own,
+        chosen,
         Some(1.0),
-        "tcpguard answers with its own cookies in the guest"
+        "tcpguard answers with the {} cookies in the guest",
+        release.cookie_mode
     );
+    check_tc_attach(&guest, &release.tc_attach);
     let mut attack_seen = None;
     let mut empty_panels = Vec::new();
     let guarded = scenario(&host, &guest, "with tcpguard", &mut |flood, ends| {
@@ -178,17 +293,6 @@ fn main() {
         }
     });
 
-    println!("\n| | baseline (kernel alone) | tcpguard |");
-    println!("| --- | --- | --- |");
-    let keys: std::collections::BTreeSet<&String> = baseline.keys().chain(guarded.keys()).collect();
-    for key in keys {
-        let show = |figures: &BTreeMap<String, f64>| {
-            figures
-                .get(key)
-                .map_or("-".to_owned(), |value| value.to_string())
-        };
-        println!("| {key} | {} | {} |", show(&baseline), show(&guarded));
-    }
     assert!(
         baseline["node_netstat_TcpExt_SyncookiesSent"] > 0.0,
         "the baseline flood did not even make the guest's kernel send cookies"
@@ -222,7 +326,43 @@ fn main() {
         "vm: {ATTACK_ALERT} resolved {:.0?} after the checks that follow the floods",
         floods_over.elapsed()
     );
-    println!("vm-test: passed in {:.0?}", started.elapsed());
+    Run {
+        baseline,
+        guarded,
+        wall: started.elapsed(),
+    }
+}
+
+/// What the guest's setup script printed on the console: `tcpguard status` names the TC mode,
+/// and the guest's own `tc` lists tcpguard's egress filter exactly when it is attached through
+/// netlink.
+fn check_tc_attach(guest: &Guest, expected: &str) {
+    let console = fs::read_to_string(&guest.console).unwrap_or_default();
+    let status = console
+        .lines()
+        .filter_map(|line| line.split("vm-setup: status: ").nth(1))
+        // The shell's trace of the command that prints it has the prefix too.
+        .find(|status| status.starts_with("TC egress"))
+        .unwrap_or_else(|| panic!("the guest printed no tcpguard status:\n{console}"));
+    println!("vm: {status}");
+    assert!(
+        status.starts_with(&format!("TC egress: {expected} (")),
+        "TC egress is not attached through {expected}: {status}"
+    );
+    let filters: Vec<&str> = console
+        .lines()
+        .filter_map(|line| line.split("vm-setup: tc: ").nth(1))
+        .collect();
+    // tcpguard's netlink filter: its priority, its program.
+    let priority = format!("pref {} bpf", tcpguard::tc::PRIORITY);
+    let listed = filters
+        .iter()
+        .any(|line| line.contains(&priority) && line.contains("tcpguard_egress"));
+    assert_eq!(
+        listed,
+        expected == "netlink",
+        "the guest's tc lists these egress filters: {filters:#?}"
+    );
 }
 
 fn boot(host: &Namespace, kernel: &Path, initrd: &Path, disk: &Path, package: &Path) -> Guest {
@@ -655,15 +795,23 @@ fn wait_for(guest: &Guest, what: &str, mut ready: impl FnMut() -> bool) {
             .is_ok_and(|console| console.contains("vm-setup: failed"));
         if Instant::now() > deadline || guest.qemu_exited() || setup_failed {
             let console = fs::read_to_string(&guest.console).unwrap_or_default();
-            let tail: Vec<&str> = console.lines().rev().take(60).collect();
-            panic!(
-                "timed out waiting for {what}; the guest's console ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
+            // tcpguard's journal, when the setup script printed it, else the console's end.
+            let shown = match console.rfind(JOURNAL_MARKER) {
+                Some(start) => console[start..].to_owned(),
+                None => {
+                    let tail: Vec<&str> = console.lines().rev().take(60).collect();
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                }
+            };
+            panic!("timed out waiting for {what}; the guest's console:\n{shown}");
         }
         std::thread::sleep(Duration::from_secs(2));
     }
 }
+
+/// What the setup script prints on the console before tcpguard's journal, when tcpguard did not
+/// start.
+const JOURNAL_MARKER: &str = "vm-setup: tcpguard's journal follows";
 
 /// Run by the guest at boot (vm-setup.service): the first half sets up the web server and
 /// Prometheus; the second, once the host has taken its baseline, installs and configures
@@ -689,9 +837,19 @@ sed -i -e 's/^# interface = "eth0"/interface = "eth0"/' \
        -e 's/^# listen = "127.0.0.1:9877"/listen = "0.0.0.0:9877"/' /etc/tcpguard/tcpguard.toml
 tcpguard check-config
 if ! systemctl restart tcpguard; then
-    # Straight to the serial console: journald rate-limits what it forwards.
+    # Straight to the serial console: journald rate-limits what it forwards. Without the
+    # shell's trace, which would interleave with it there.
+    set +x
     sleep 2
-    journalctl -u tcpguard -b --no-pager -o cat | tail -n 60 > /dev/ttyS0 2>&1
+    echo "vm-setup: tcpguard's journal follows" > /dev/ttyS0
+    # Without the verifier's trace of instructions, states and source lines: on a rejection
+    # it can run to megabytes, cut short where the log buffer ended, and what it says (the
+    # error, how many instructions were processed) is in the lines around it.
+    journalctl -u tcpguard -b --no-pager -o cat \
+        | grep -v -E '^([0-9]+: |; |from [0-9]+ to |last_idx |regs=|parent |mark_precise|[0-9]+: R)' \
+        | tail -n 40 > /dev/ttyS0 2>&1
+    # And the last lines of the verifier's log that tcpguard's error quotes, instructions too.
+    journalctl -u tcpguard -b --no-pager -o cat | grep -m 1 -A 26 'rejected program' > /dev/ttyS0 2>&1
     echo "vm-setup: failed" > /dev/ttyS0
     exit 1
 fi
@@ -706,5 +864,7 @@ if ! systemd-analyze security --threshold=20 tcpguard.service > security.txt 2>&
     exit 1
 fi
 echo "vm-setup: $(grep 'Overall exposure' security.txt)" > /dev/ttyS0
+tcpguard status | grep '^TC egress' | sed 's/^/vm-setup: status: /' > /dev/ttyS0
+tc filter show dev eth0 egress | sed 's/^/vm-setup: tc: /' > /dev/ttyS0
 echo "vm-setup: tcpguard running"
 "#;
