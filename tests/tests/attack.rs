@@ -19,7 +19,7 @@ use tcpguard_common::tcp_flags::SYN;
 
 use tcpguard_tests::{
     netns::Namespace,
-    observe::{flows, negotiated, status, wait_until},
+    observe::{Negotiated, flows, negotiated, status, wait_until},
     raw::{RawTcp, Segment},
     rig::{CLIENT, CLIENT_IF, Daemon, Flood, Rig, SERVER, SERVER_IF, kernel_counters},
 };
@@ -56,9 +56,12 @@ impl Drop for ConfigFile {
     }
 }
 
-/// The rig, with listeners on both ports that record the server's TCP_INFO MSS of each
+/// What the server's kernel negotiated for each connection it accepted, by port.
+type Seen = Arc<std::sync::Mutex<Vec<(u16, Negotiated)>>>;
+
+/// The rig, with listeners on both ports that record the server's TCP_INFO of each
 /// connection, and a client route that offers [`ODD_MSS`].
-fn served_rig() -> (Rig, Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<(u16, u32)>>>) {
+fn served_rig() -> (Rig, Arc<AtomicBool>, Seen) {
     let rig = Rig::new();
     rig.client.run(
         "ip",
@@ -83,10 +86,7 @@ fn served_rig() -> (Rig, Arc<AtomicBool>, Arc<std::sync::Mutex<Vec<(u16, u32)>>>
             ready_tx.send(()).unwrap();
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => seen
-                        .lock()
-                        .unwrap()
-                        .push((port, negotiated(&stream).snd_mss)),
+                    Ok((stream, _)) => seen.lock().unwrap().push((port, negotiated(&stream))),
                     Err(_) => thread::sleep(Duration::from_millis(2)),
                 }
             }
@@ -114,8 +114,8 @@ fn start(rig: &Rig, config: &ConfigFile) -> Daemon {
     )
 }
 
-/// One connection to `port`; the server's MSS for it.
-fn connect(rig: &Rig, seen: &std::sync::Mutex<Vec<(u16, u32)>>, port: u16) -> u32 {
+/// One connection to `port`; what the server's kernel negotiated for it.
+fn connect(rig: &Rig, seen: &Seen, port: u16) -> Negotiated {
     let before = seen.lock().unwrap().len();
     let stream = rig.client.within(move || {
         TcpStream::connect_timeout(&SocketAddr::from((SERVER, port)), Duration::from_secs(5))
@@ -125,7 +125,7 @@ fn connect(rig: &Rig, seen: &std::sync::Mutex<Vec<(u16, u32)>>, port: u16) -> u3
         seen.lock().unwrap()[before..]
             .iter()
             .find(|(p, _)| *p == port)
-            .map(|(_, mss)| *mss)
+            .map(|(_, info)| *info)
     });
     drop(stream);
     mss
@@ -158,10 +158,11 @@ fn below_the_threshold_the_kernel_answers_with_its_normal_handshake() {
         let guarded = connect(&rig, &seen, PROTECTED);
         assert_eq!(
             guarded, alone,
-            "the protected port's MSS is the kernel's own, not a cookie's"
+            "the protected port's options, window scales and MSS are the kernel's own"
         );
-        // With timestamps, the MSS the server sends with is the offer less their 12 bytes.
-        assert_eq!(alone, u32::from(ODD_MSS) - 12);
+        // With timestamps, the MSS the server sends with is the offer less their 12 bytes: a
+        // cookie would have rounded the offer down to 536.
+        assert_eq!(alone.snd_mss, u32::from(ODD_MSS) - 12);
     }
     let kernel_after = kernel_counters(&rig.server);
     let status = status(&daemon.paths);
