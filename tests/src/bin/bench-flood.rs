@@ -188,7 +188,7 @@ fn main() {
     )
     .unwrap();
     // Per defence: its cost against the kernel's and against the floor, round by round.
-    let mut ratios: [(Vec<f64>, Vec<f64>); 4] = Default::default();
+    let mut ratios: [(Vec<f64>, Vec<f64>); Defence::COUNT] = Default::default();
     for (round, runs) in rounds.iter().enumerate() {
         let [kernel, .., floor] = runs;
         for (index, run) in runs.iter().enumerate() {
