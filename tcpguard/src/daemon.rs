@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tcpguard_common::{
     AttackConfig, AttackState, Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey,
     attack::{WINDOW_NS, WINDOWS_PER_S},
@@ -474,7 +474,10 @@ impl Daemon {
                 // SAFETY: the record is a LifecycleEvent written by the data plane; the
                 // length was checked, and read_unaligned copes with any alignment.
                 let event = unsafe { item.as_ptr().cast::<LifecycleEvent>().read_unaligned() };
-                self.tracker.on_event(&event, &mut self.effects);
+                if let Err(unknown) = self.tracker.on_event(&event, &mut self.effects) {
+                    self.metrics.observe_unknown_event();
+                    debug!("{unknown}");
+                }
             }
             handled += 1;
         }

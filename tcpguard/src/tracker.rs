@@ -5,10 +5,7 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use tcpguard_common::{
-    EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_KERNEL_HANDSHAKE, FROM_CLIENT, FlowKey,
-    LifecycleEvent, SourceKey,
-};
+use tcpguard_common::{Direction, EventKind, FlowKey, LifecycleEvent, SourceKey, UnknownValue};
 
 use crate::{
     connection::{CloseReason, Connection, Segment, Side, Timeouts},
@@ -156,17 +153,22 @@ impl Tracker {
         }
     }
 
-    /// Applies one lifecycle event.
-    pub fn on_event(&mut self, event: &LifecycleEvent, effects: &mut Vec<Effect>) {
-        let segment = segment_of(event);
+    /// Applies one lifecycle event; one whose kind or direction is unknown changes nothing.
+    pub fn on_event(
+        &mut self,
+        event: &LifecycleEvent,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), UnknownValue> {
+        let kind = event.kind()?;
+        let segment = segment_of(event)?;
         let now = event.time_ns;
-        match event.kind {
-            EVENT_COOKIE_HANDSHAKE | EVENT_KERNEL_HANDSHAKE => {
+        match kind {
+            EventKind::CookieHandshake | EventKind::KernelHandshake => {
                 // A 4-tuple reused after TIME-WAIT: the old connection is over.
                 self.finish(&event.key, now.saturating_add(self.longest_ns()), effects);
                 let connection = Connection::from_cookie_ack(&segment, now);
                 let syn_ns = (event.syn_time_ns != 0).then_some(event.syn_time_ns);
-                let origin = if event.kind == EVENT_KERNEL_HANDSHAKE {
+                let origin = if kind == EventKind::KernelHandshake {
                     Origin::Kernel
                 } else {
                     Origin::Cookie
@@ -178,17 +180,17 @@ impl Tracker {
                     });
                 }
             }
-            EVENT_ALLOWED_SYN => {
+            EventKind::AllowedSyn => {
                 self.finish(&event.key, now.saturating_add(self.longest_ns()), effects);
                 let connection = Connection::from_syn(&segment, now);
                 self.insert(event.key, connection, Origin::Allowed, Some(now), effects);
             }
-            _ => {
+            EventKind::Segment => {
                 if !self.connections.contains_key(&event.key) {
                     self.adopt(event.key, now, effects);
                 }
                 let Some(tracked) = self.connections.get_mut(&event.key) else {
-                    return;
+                    return Ok(());
                 };
                 let was_established = tracked.connection.established_ns.is_some();
                 tracked.connection.on_segment(&segment, now);
@@ -209,6 +211,7 @@ impl Tracker {
                 }
             }
         }
+        Ok(())
     }
 
     /// Applies the passing of time up to `now_ns`. `last_seen` gives the data plane's last
@@ -314,20 +317,19 @@ impl Tracker {
     }
 }
 
-fn segment_of(event: &LifecycleEvent) -> Segment {
-    let from = if event.direction == FROM_CLIENT {
-        Side::Client
-    } else {
-        Side::Server
+fn segment_of(event: &LifecycleEvent) -> Result<Segment, UnknownValue> {
+    let from = match event.direction()? {
+        Direction::FromClient => Side::Client,
+        Direction::FromServer => Side::Server,
     };
-    Segment {
+    Ok(Segment {
         from,
         flags: event.flags,
         seq: event.seq,
         ack: event.ack,
         payload_len: u32::from(event.payload_len),
         receiver_ack: Some(event.receiver_ack),
-    }
+    })
 }
 
 fn seconds(nanoseconds: u64) -> f64 {
@@ -336,7 +338,7 @@ fn seconds(nanoseconds: u64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use tcpguard_common::{EVENT_SEGMENT, FLOW_IPV4, FROM_SERVER, tcp_flags};
+    use tcpguard_common::{FLOW_IPV4, tcp_flags};
 
     use super::*;
 
@@ -361,8 +363,8 @@ mod tests {
             ack: 501,
             receiver_ack: 101,
             flags: tcp_flags::ACK,
-            kind: EVENT_COOKIE_HANDSHAKE,
-            direction: FROM_CLIENT,
+            kind: EventKind::CookieHandshake as u8,
+            direction: Direction::FromClient as u8,
             ..LifecycleEvent::default()
         }
     }
@@ -371,27 +373,31 @@ mod tests {
     fn a_source_at_its_limit_is_reported_full_until_one_closes() {
         let mut tracker = Tracker::new(Timeouts::default(), 2);
         let mut effects = Vec::new();
-        tracker.on_event(&cookie_ack(key(2, 1000), 10_000_000), &mut effects);
+        tracker
+            .on_event(&cookie_ack(key(2, 1000), 10_000_000), &mut effects)
+            .unwrap();
         assert!(
             !effects
                 .iter()
                 .any(|e| matches!(e, Effect::SourceFull { .. }))
         );
-        tracker.on_event(&cookie_ack(key(2, 1001), 10_000_000), &mut effects);
+        tracker
+            .on_event(&cookie_ack(key(2, 1001), 10_000_000), &mut effects)
+            .unwrap();
         let source = key(2, 0).source();
         assert!(effects.contains(&Effect::SourceFull { source, full: true }));
         assert!(effects.contains(&Effect::Handshake { seconds: 0.002 }));
         effects.clear();
         let rst = LifecycleEvent {
-            kind: EVENT_SEGMENT,
+            kind: EventKind::Segment as u8,
             flags: tcp_flags::RST | tcp_flags::ACK,
-            direction: FROM_SERVER,
+            direction: Direction::FromServer as u8,
             seq: 501,
             receiver_ack: 501,
             time_ns: 20_000_000,
             ..cookie_ack(key(2, 1000), 20_000_000)
         };
-        tracker.on_event(&rst, &mut effects);
+        tracker.on_event(&rst, &mut effects).unwrap();
         assert!(effects.contains(&Effect::SourceFull {
             source,
             full: false
@@ -411,10 +417,12 @@ mod tests {
         let mut tracker = Tracker::new(Timeouts::default(), 0);
         let mut effects = Vec::new();
         let key = key(4, 1000);
-        tracker.on_event(&cookie_ack(key, 10_000_000), &mut effects);
+        tracker
+            .on_event(&cookie_ack(key, 10_000_000), &mut effects)
+            .unwrap();
         let segment = |direction, flags, seq, ack, time_ns| LifecycleEvent {
-            kind: EVENT_SEGMENT,
-            direction,
+            kind: EventKind::Segment as u8,
+            direction: direction as u8,
             flags,
             seq,
             ack,
@@ -423,19 +431,25 @@ mod tests {
             ..cookie_ack(key, time_ns)
         };
         use tcp_flags::{ACK, FIN};
-        tracker.on_event(
-            &segment(FROM_CLIENT, FIN | ACK, 101, 501, 20_000_000),
-            &mut effects,
-        );
-        tracker.on_event(
-            &segment(FROM_SERVER, FIN | ACK, 501, 102, 21_000_000),
-            &mut effects,
-        );
+        tracker
+            .on_event(
+                &segment(Direction::FromClient, FIN | ACK, 101, 501, 20_000_000),
+                &mut effects,
+            )
+            .unwrap();
+        tracker
+            .on_event(
+                &segment(Direction::FromServer, FIN | ACK, 501, 102, 21_000_000),
+                &mut effects,
+            )
+            .unwrap();
         effects.clear();
-        tracker.on_event(
-            &segment(FROM_CLIENT, ACK, 102, 502, 22_000_000),
-            &mut effects,
-        );
+        tracker
+            .on_event(
+                &segment(Direction::FromClient, ACK, 102, 502, 22_000_000),
+                &mut effects,
+            )
+            .unwrap();
         assert_eq!(effects, vec![Effect::Untracked { key }]);
         let tracked = tracker.get(&key).expect("still listed while in TIME-WAIT");
         assert_eq!(
@@ -445,12 +459,40 @@ mod tests {
     }
 
     #[test]
+    fn an_event_of_unknown_kind_or_direction_is_an_error_and_changes_nothing() {
+        let mut tracker = Tracker::new(Timeouts::default(), 0);
+        let mut effects = Vec::new();
+        let unknown_kind = LifecycleEvent {
+            kind: 9,
+            ..cookie_ack(key(5, 1000), 10_000_000)
+        };
+        let error = tracker.on_event(&unknown_kind, &mut effects).unwrap_err();
+        assert_eq!(
+            (error.field, error.value),
+            ("kind", 9),
+            "not taken for a segment"
+        );
+        let unknown_direction = LifecycleEvent {
+            direction: 2,
+            ..cookie_ack(key(5, 1000), 10_000_000)
+        };
+        let error = tracker
+            .on_event(&unknown_direction, &mut effects)
+            .unwrap_err();
+        assert_eq!((error.field, error.value), ("direction", 2));
+        assert!(tracker.is_empty());
+        assert!(effects.is_empty());
+    }
+
+    #[test]
     fn expiry_asks_the_data_plane_before_reaping() {
         let timeouts = Timeouts::default();
         let horizon = timeouts.established.as_nanos() as u64;
         let mut tracker = Tracker::new(timeouts, 0);
         let mut effects = Vec::new();
-        tracker.on_event(&cookie_ack(key(3, 1000), 10_000_000), &mut effects);
+        tracker
+            .on_event(&cookie_ack(key(3, 1000), 10_000_000), &mut effects)
+            .unwrap();
         effects.clear();
         let later = horizon + 20_000_000;
         tracker.expire(later, |_| Some(later - 1), &mut effects);
