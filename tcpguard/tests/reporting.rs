@@ -42,6 +42,8 @@ enum Action {
     Fin,
     /// A pure ACK of what this end has received (a delayed ACK coming due).
     Ack,
+    /// This end's FIN again, as a retransmission timer would send it.
+    RetransmitFin,
     Rst,
 }
 
@@ -55,6 +57,8 @@ struct End {
     snd_nxt: u32,
     rcv_nxt: u32,
     fin_sent: bool,
+    /// Sequence number of its FIN, once sent.
+    fin_seq: u32,
     in_flight: VecDeque<Segment>,
 }
 
@@ -66,6 +70,7 @@ impl End {
             snd_nxt: isn,
             rcv_nxt: 0,
             fin_sent: false,
+            fin_seq: 0,
             in_flight: VecDeque::new(),
         }
     }
@@ -116,6 +121,7 @@ impl Conversation {
         }
         if flags & FIN != 0 {
             end.fin_sent = true;
+            end.fin_seq = seq.wrapping_add(u32::from(len));
         }
         let segment = Segment {
             from,
@@ -239,6 +245,21 @@ impl Conversation {
             Action::Data(len) if can_send => self.send(side, ACK | PSH, len),
             Action::Fin if can_send => self.send(side, FIN | ACK, 0),
             Action::Ack if end.open => self.send(side, ACK, 0),
+            Action::RetransmitFin if end.fin_sent => {
+                let (fin_seq, rcv_nxt) = (end.fin_seq, end.rcv_nxt);
+                let segment = Segment {
+                    from: side,
+                    flags: FIN | ACK,
+                    seq: fin_seq,
+                    ack: rcv_nxt,
+                    payload_len: 0,
+                    receiver_ack: None,
+                };
+                end.in_flight.push_back(segment);
+                if side == Side::Server {
+                    self.observe(segment);
+                }
+            }
             Action::Rst if end.open => self.send(side, RST | ACK, 0),
             _ => {}
         }
@@ -302,6 +323,7 @@ fn any_step() -> impl Strategy<Value = (Side, Action)> {
         4 => (1u16..1500).prop_map(Action::Data),
         2 => Just(Action::Fin),
         2 => Just(Action::Ack),
+        1 => Just(Action::RetransmitFin),
         1 => Just(Action::Rst),
     ];
     (side, action)
@@ -362,6 +384,18 @@ fn the_model_reaches_every_lifecycle() {
             (Server, Fin),
         ];
         assert_eq!(run(origin, &client_close), (TimeWait, Closed), "{origin:?}");
+        // The client's FIN sent twice, the second copy arriving after the server's FIN.
+        let retransmitted = [
+            (Client, Fin),
+            (Client, Deliver),
+            (Server, Fin),
+            (Client, RetransmitFin),
+        ];
+        assert_eq!(
+            run(origin, &retransmitted),
+            (TimeWait, Closed),
+            "{origin:?}"
+        );
         let server_close = [
             (Server, Fin),
             (Server, Deliver),
