@@ -208,6 +208,19 @@ impl Connection {
         connection
     }
 
+    /// A new connection on a tracked 4-tuple, opened by `opening`: an allow-listed client's
+    /// SYN, or the server's SYN-ACK (its client in SYN-SENT, the server a listener).
+    pub fn reopened_by(opening: &Segment, now_ns: u64) -> Self {
+        match opening.from {
+            Side::Client => Self::from_syn(opening, now_ns),
+            Side::Server => {
+                let mut connection = Self::with_states(TcpState::SynSent, TcpState::Listen, now_ns);
+                connection.on_segment(opening, now_ns);
+                connection
+            }
+        }
+    }
+
     /// A connection whose start was not seen (adopted from an earlier daemon's flow map).
     pub fn adopted(now_ns: u64) -> Self {
         let mut connection =

@@ -502,7 +502,10 @@ impl Daemon {
         for effect in &effects {
             self.metrics.observe_effect(effect);
             match effect {
-                Effect::Closed { key, .. } | Effect::Untracked { key } => self.flows.remove(key),
+                Effect::Closed {
+                    key, forget: true, ..
+                }
+                | Effect::Untracked { key } => self.flows.remove(key),
                 Effect::SourceFull { source, full } => {
                     if *full {
                         self.sources_full.insert(*source);
@@ -513,7 +516,9 @@ impl Daemon {
                         warn!("cannot update the per-source limit: {err}");
                     }
                 }
-                Effect::Opened { .. } | Effect::Handshake { .. } => {}
+                Effect::Closed { forget: false, .. }
+                | Effect::Opened { .. }
+                | Effect::Handshake { .. } => {}
             }
         }
         effects.clear();

@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 
 use serde::Serialize;
-use tcpguard_common::{Direction, EventKind, FlowKey, LifecycleEvent, SourceKey, UnknownValue};
+use tcpguard_common::{
+    Direction, EventKind, FlowKey, LifecycleEvent, SourceKey, UnknownValue,
+    tcp_flags::{ACK, RST, SYN},
+};
 
 use crate::{
     connection::{CloseReason, Connection, Segment, Side, Timeouts},
@@ -57,11 +60,14 @@ pub enum Effect {
     Untracked {
         key: FlowKey,
     },
-    /// The connection is over: its flow entry can go.
+    /// The connection is over.
     Closed {
         key: FlowKey,
         reason: CloseReason,
         seconds: f64,
+        /// Its flow entry in the data plane can go; not when a new connection on the same
+        /// 4-tuple already holds it.
+        forget: bool,
     },
     /// `source` reached (true) or fell below (false) its connection limit.
     SourceFull {
@@ -165,7 +171,7 @@ impl Tracker {
         match kind {
             EventKind::CookieHandshake | EventKind::KernelHandshake => {
                 // A 4-tuple reused after TIME-WAIT: the old connection is over.
-                self.finish(&event.key, now.saturating_add(self.longest_ns()), effects);
+                self.finish(&event.key, now, effects);
                 let connection = Connection::from_cookie_ack(&segment, now);
                 let syn_ns = (event.syn_time_ns != 0).then_some(event.syn_time_ns);
                 let origin = if kind == EventKind::KernelHandshake {
@@ -181,11 +187,20 @@ impl Tracker {
                 }
             }
             EventKind::AllowedSyn => {
-                self.finish(&event.key, now.saturating_add(self.longest_ns()), effects);
+                self.finish(&event.key, now, effects);
                 let connection = Connection::from_syn(&segment, now);
                 self.insert(event.key, connection, Origin::Allowed, Some(now), effects);
             }
             EventKind::Segment => {
+                if let Some(origin) = self.reopened_by(&event.key, &segment) {
+                    // The old connection's flow entry carries the new one: the data plane
+                    // knows no more than a tracked 4-tuple.
+                    self.finish(&event.key, now, effects);
+                    let connection = Connection::reopened_by(&segment, now);
+                    let syn_ns = (origin == Origin::Allowed).then_some(now);
+                    self.insert(event.key, connection, origin, syn_ns, effects);
+                    return Ok(());
+                }
                 if !self.connections.contains_key(&event.key) {
                     self.adopt(event.key, now, effects);
                 }
@@ -203,7 +218,7 @@ impl Tracker {
                     });
                 }
                 if tracked.connection.closed.is_some() {
-                    self.remove(&event.key, effects);
+                    self.remove(&event.key, true, effects);
                 } else if tracked.connection.server.state == TcpState::Closed && !tracked.untracked
                 {
                     tracked.untracked = true;
@@ -243,7 +258,7 @@ impl Tracker {
             }
             tracked.connection.on_time(now_ns, &self.timeouts);
             if tracked.connection.closed.is_some() {
-                self.remove(&key, effects);
+                self.remove(&key, true, effects);
             }
         }
     }
@@ -252,11 +267,32 @@ impl Tracker {
         u64::try_from(self.timeouts.longest().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Ends the connection `key`, if there is one, as the passing of time would at `at_ns`.
-    fn finish(&mut self, key: &FlowKey, at_ns: u64, effects: &mut Vec<Effect>) {
+    /// Ends the connection `key`, if there is one, as the passing of time would, because a
+    /// new connection on its 4-tuple began at `now_ns`; the data plane's flow entry, which is
+    /// the new connection's now, stays.
+    fn finish(&mut self, key: &FlowKey, now_ns: u64, effects: &mut Vec<Effect>) {
+        let at_ns = now_ns.saturating_add(self.longest_ns());
         if let Some(tracked) = self.connections.get_mut(key) {
             tracked.connection.on_time(at_ns, &self.timeouts);
-            self.remove(key, effects);
+            self.remove(key, false, effects);
+        }
+    }
+
+    /// Whether `segment` opens a new connection on the 4-tuple `key`, whose tracked connection
+    /// is over at both ends (CLOSED or TIME-WAIT, which Linux lets a new SYN end): an
+    /// allow-listed client's SYN, or the SYN-ACK the kernel answers a SYN with (the SYN itself,
+    /// met by the kernel's TIME-WAIT socket, is not reported). Returns the new one's origin.
+    fn reopened_by(&self, key: &FlowKey, segment: &Segment) -> Option<Origin> {
+        let tracked = self.connections.get(key)?;
+        let over = |state| matches!(state, TcpState::Closed | TcpState::TimeWait);
+        let (client, server) = tracked.connection.states();
+        if !(over(client) && over(server)) {
+            return None;
+        }
+        match (segment.from, segment.flags & (SYN | ACK | RST)) {
+            (Side::Client, SYN) => Some(Origin::Allowed),
+            (Side::Server, flags) if flags == SYN | ACK => Some(Origin::Kernel),
+            _ => None,
         }
     }
 
@@ -290,7 +326,7 @@ impl Tracker {
         }
     }
 
-    fn remove(&mut self, key: &FlowKey, effects: &mut Vec<Effect>) {
+    fn remove(&mut self, key: &FlowKey, forget: bool, effects: &mut Vec<Effect>) {
         let Some(tracked) = self.connections.remove(key) else {
             return;
         };
@@ -300,6 +336,7 @@ impl Tracker {
             key: *key,
             reason: connection.closed.unwrap_or(CloseReason::Timeout),
             seconds: seconds(ended.saturating_sub(connection.opened_ns)),
+            forget,
         });
         let source = key.source();
         if let Some(count) = self.per_source.get_mut(&source) {
@@ -456,6 +493,77 @@ mod tests {
             tracked.connection.states(),
             (TcpState::TimeWait, TcpState::Closed)
         );
+    }
+
+    /// The client reconnects from the same port while the server's end of the old connection
+    /// is in TIME-WAIT: the kernel answers the SYN, and the SYN-ACK opens the new connection
+    /// without taking its flow entry from the data plane.
+    #[test]
+    fn a_syn_ack_on_a_4_tuple_over_at_both_ends_opens_a_new_connection() {
+        use tcp_flags::{ACK, FIN, SYN};
+        let mut tracker = Tracker::new(Timeouts::default(), 0);
+        let mut effects = Vec::new();
+        let key = key(6, 1000);
+        tracker
+            .on_event(&cookie_ack(key, 10_000_000), &mut effects)
+            .unwrap();
+        let segment = |direction: Direction, flags, seq, ack, time_ns| LifecycleEvent {
+            kind: EventKind::Segment as u8,
+            direction: direction as u8,
+            flags,
+            seq,
+            ack,
+            receiver_ack: ack,
+            time_ns,
+            ..cookie_ack(key, time_ns)
+        };
+        for event in [
+            segment(Direction::FromServer, FIN | ACK, 501, 101, 20_000_000),
+            segment(Direction::FromClient, FIN | ACK, 101, 502, 21_000_000),
+            segment(Direction::FromServer, ACK, 502, 102, 22_000_000),
+        ] {
+            tracker.on_event(&event, &mut effects).unwrap();
+        }
+        let old = tracker.get(&key).unwrap().connection.states();
+        assert_eq!(old, (TcpState::Closed, TcpState::TimeWait));
+        effects.clear();
+        tracker
+            .on_event(
+                &segment(Direction::FromServer, SYN | ACK, 9000, 70_001, 30_000_000),
+                &mut effects,
+            )
+            .unwrap();
+        assert!(matches!(
+            effects[0],
+            Effect::Closed {
+                reason: CloseReason::Fin,
+                forget: false,
+                ..
+            }
+        ));
+        assert_eq!(
+            effects[1],
+            Effect::Opened {
+                origin: Origin::Kernel
+            }
+        );
+        let tracked = tracker.get(&key).unwrap();
+        assert_eq!(tracked.origin, Origin::Kernel);
+        assert_eq!(
+            tracked.connection.states(),
+            (TcpState::Established, TcpState::SynReceived)
+        );
+        tracker
+            .on_event(
+                &segment(Direction::FromClient, ACK, 70_001, 9001, 31_000_000),
+                &mut effects,
+            )
+            .unwrap();
+        assert_eq!(
+            tracker.get(&key).unwrap().connection.states(),
+            (TcpState::Established, TcpState::Established)
+        );
+        assert_eq!(tracker.len(), 1);
     }
 
     #[test]

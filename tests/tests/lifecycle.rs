@@ -617,3 +617,73 @@ fn kernel_handshake_connections_end_in_the_kernels_states() {
     );
     follows_the_kernel(&lab, "kernel");
 }
+
+/// A connection from the client's `port`, bound with SO_REUSEADDR so that the port can be
+/// taken again while the server's end of an earlier connection from it is in TIME-WAIT.
+fn connect_from(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
+    let client = lab.rig.client.within(move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns, with sockaddr_in
+        // values of the size passed.
+        unsafe {
+            let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(socket >= 0, "socket: {}", std::io::Error::last_os_error());
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                socket,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as u32,
+            );
+            let address = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let size = size_of::<libc::sockaddr_in>() as u32;
+            let local = address(CLIENT, port);
+            let status = libc::bind(socket, (&raw const local).cast(), size);
+            assert_eq!(status, 0, "bind: {}", std::io::Error::last_os_error());
+            let remote = address(SERVER, PORT);
+            let status = libc::connect(socket, (&raw const remote).cast(), size);
+            assert_eq!(status, 0, "connect: {}", std::io::Error::last_os_error());
+            <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(socket)
+        }
+    });
+    let (server, _) = lab.listener.accept().expect("accepting");
+    (client, server)
+}
+
+/// The client connects again from the same port while the server's end of its last connection
+/// is in TIME-WAIT (Linux lets the new SYN end it): each new connection is followed from its
+/// start, as the kernel's sockets show it.
+fn follows_a_reused_4_tuple(lab: &Lab) {
+    const REUSED: u16 = 40_000;
+    for round in 0..3 {
+        let (mut client, server) = connect_from(lab, REUSED);
+        let what = format!("connection {round} from port {REUSED}");
+        let opened = agrees_with_the_kernel(lab, REUSED, &format!("{what}, opened"));
+        assert_eq!(opened, ("ESTABLISHED".to_owned(), "ESTABLISHED".to_owned()));
+        drop(server);
+        assert!(read_to_end(&mut client).is_empty());
+        drop(client);
+        let closed = agrees_with_the_kernel(lab, REUSED, &format!("{what}, closed"));
+        assert_eq!(closed, ("CLOSED".to_owned(), "TIME-WAIT".to_owned()));
+    }
+}
+
+#[test]
+fn a_reused_4_tuple_is_followed_on_the_cookie_path() {
+    follows_a_reused_4_tuple(&Lab::with(LINUX_TIME_WAIT, &[]));
+}
+
+#[test]
+fn a_reused_4_tuple_is_followed_on_the_allowed_path() {
+    follows_a_reused_4_tuple(&Lab::with(
+        &format!("{LINUX_TIME_WAIT}[policy]\nallow = [\"{CLIENT}/32\"]\n"),
+        &[],
+    ));
+}
