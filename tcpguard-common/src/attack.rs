@@ -236,9 +236,11 @@ mod tests {
 
     #[test]
     fn a_slot_is_emptied_when_its_window_begins() {
-        let mut state = AttackState::default();
-        state.syns = [7; 4];
-        state.window = 1;
+        let mut state = AttackState {
+            syns: [7; 4],
+            window: 1,
+            ..AttackState::default()
+        };
         state.roll(5, &CONFIG);
         assert_eq!(state.syns[AttackState::slot(5)], 0);
         // Window 1's count (70 SYN/s) was judged, window 2..4 empty.

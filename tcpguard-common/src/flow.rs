@@ -1,6 +1,8 @@
 //! The flow map: connections tcpguard tracks, keyed by their 4-tuple, and the lifecycle events
 //! the data plane reports about them.
 
+use crate::report::{Direction, EventKind, UnknownValue};
+
 /// [`FlowKey::family`] of an IPv4 connection.
 pub const FLOW_IPV4: u8 = 4;
 /// [`FlowKey::family`] of an IPv6 connection.
@@ -21,32 +23,25 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// [`Flow::fins`] bit: the client has sent a FIN, at [`Flow::client_fin_seq`].
-pub const CLIENT_FIN: u8 = 1 << 0;
-/// [`Flow::fins`] bit: the server has sent a FIN, at [`Flow::server_fin_seq`].
-pub const SERVER_FIN: u8 = 1 << 1;
-/// [`Flow::fins`] bit: the server has acknowledged the client's FIN.
-pub const CLIENT_FIN_ACKED: u8 = 1 << 2;
-/// [`Flow::fins`] bit: the client has acknowledged the server's FIN.
-pub const SERVER_FIN_ACKED: u8 = 1 << 3;
-
 /// What the data plane keeps per tracked connection: enough to refresh its idle timer and to
-/// report the segments that change its state without reporting the ones that do not.
+/// report the segments that change its state without reporting the ones that do not (see
+/// [`crate::report`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the last segment either way.
     pub last_seen_ns: u64,
-    /// Sequence number of the client's FIN, valid with [`CLIENT_FIN`].
-    pub client_fin_seq: u32,
-    /// Sequence number of the server's FIN, valid with [`SERVER_FIN`].
-    pub server_fin_seq: u32,
+    /// Sequence number of the client's last SYN or FIN.
+    pub client_control_seq: u32,
+    /// Sequence number of the server's last SYN or FIN.
+    pub server_control_seq: u32,
     /// Acknowledgment number of the client's last segment: its RCV.NXT.
     pub client_ack: u32,
     /// Acknowledgment number of the server's last segment: its RCV.NXT.
     pub server_ack: u32,
-    /// [`CLIENT_FIN`], [`SERVER_FIN`], [`CLIENT_FIN_ACKED`], [`SERVER_FIN_ACKED`].
-    pub fins: u8,
+    /// [`crate::CLIENT_UNACKED`], [`crate::SERVER_UNACKED`]: which end's SYN or FIN awaits
+    /// its ACK.
+    pub unacked: u8,
     pub _pad: [u8; 7],
 }
 
@@ -105,24 +100,6 @@ impl FlowKey {
     }
 }
 
-/// [`LifecycleEvent::kind`]: an ACK with a valid SYN cookie was passed to the kernel, which
-/// builds an established connection from it; the flow is now tracked.
-pub const EVENT_COOKIE_HANDSHAKE: u8 = 1;
-/// [`LifecycleEvent::kind`]: a SYN from an allow-listed source, passed to the kernel without a
-/// cookie; the flow is now tracked from its first segment.
-pub const EVENT_ALLOWED_SYN: u8 = 2;
-/// [`LifecycleEvent::kind`]: a segment of a tracked flow that can change its state: SYN, FIN,
-/// RST, or the ACK of a FIN.
-pub const EVENT_SEGMENT: u8 = 3;
-/// [`LifecycleEvent::kind`]: an ACK completing a handshake the kernel answered itself (a SYN
-/// outside an attack); the flow is now tracked.
-pub const EVENT_KERNEL_HANDSHAKE: u8 = 4;
-
-/// [`LifecycleEvent::direction`]: client → server, seen by XDP.
-pub const FROM_CLIENT: u8 = 0;
-/// [`LifecycleEvent::direction`]: server → client, seen by TC egress.
-pub const FROM_SERVER: u8 = 1;
-
 /// One record in the lifecycle ring buffer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -130,8 +107,9 @@ pub struct LifecycleEvent {
     pub key: FlowKey,
     /// `bpf_ktime_get_ns` when the segment was seen.
     pub time_ns: u64,
-    /// When the data plane answered this flow's SYN with a cookie, for the handshake time of
-    /// [`EVENT_COOKIE_HANDSHAKE`]; 0 when it no longer knows.
+    /// When the data plane saw this flow's SYN answered, for the handshake time of
+    /// [`EventKind::CookieHandshake`] and [`EventKind::KernelHandshake`]; 0 when it no longer
+    /// knows.
     pub syn_time_ns: u64,
     pub seq: u32,
     pub ack: u32,
@@ -142,12 +120,23 @@ pub struct LifecycleEvent {
     pub payload_len: u16,
     /// TCP flags byte ([`crate::tcp_flags`]).
     pub flags: u8,
-    /// [`EVENT_COOKIE_HANDSHAKE`], [`EVENT_ALLOWED_SYN`], [`EVENT_SEGMENT`] or
-    /// [`EVENT_KERNEL_HANDSHAKE`].
+    /// An [`EventKind`], as written by the data plane; read it with [`LifecycleEvent::kind`].
     pub kind: u8,
-    /// [`FROM_CLIENT`] or [`FROM_SERVER`].
+    /// A [`Direction`]; read it with [`LifecycleEvent::direction`].
     pub direction: u8,
     pub _pad: [u8; 7],
+}
+
+impl LifecycleEvent {
+    /// What the record reports, or the unknown byte.
+    pub fn kind(&self) -> Result<EventKind, UnknownValue> {
+        EventKind::try_from(self.kind)
+    }
+
+    /// Which way the segment went, or the unknown byte.
+    pub fn direction(&self) -> Result<Direction, UnknownValue> {
+        Direction::try_from(self.direction)
+    }
 }
 
 /// Bytes of lifecycle ring buffer. A record takes 88 bytes with the ring's header, so this holds

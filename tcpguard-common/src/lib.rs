@@ -9,6 +9,7 @@ mod counter;
 mod flow;
 mod host;
 mod rare;
+pub mod report;
 
 pub use attack::{AttackConfig, AttackState};
 pub use config::{
@@ -22,15 +23,16 @@ pub use cookie_ack::{
 };
 pub use counter::{Counter, CounterKind};
 pub use flow::{
-    CLIENT_FIN, CLIENT_FIN_ACKED, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE,
-    EVENT_KERNEL_HANDSHAKE, EVENT_RING_BYTES, EVENT_SEGMENT, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4,
-    FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow, FlowKey, LifecycleEvent, SERVER_FIN,
-    SERVER_FIN_ACKED, SourceKey, SynTime,
+    EVENT_RING_BYTES, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, Flow, FlowKey,
+    LifecycleEvent, SourceKey, SynTime,
 };
 pub use host::{HostAddress, HostFilter, InterfaceConfig, is_for_interface, is_martian};
 pub use rare::{
     LogLimit, RARE_ERROR, RARE_EVENT_RING_BYTES, RARE_LOG_INTERVAL_NS, RARE_WARN, RareEvent,
     rare_event,
+};
+pub use report::{
+    CLIENT_UNACKED, Direction, EventKind, SERVER_UNACKED, SegmentHeader, UnknownValue,
 };
 
 /// Names of the maps in the eBPF object, as the daemon looks them up.

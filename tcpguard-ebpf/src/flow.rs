@@ -8,11 +8,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
+pub use tcpguard_common::Direction;
 use tcpguard_common::{
-    CLIENT_FIN, CLIENT_FIN_ACKED, DEFAULT_FLOW_CAPACITY, EVENT_RING_BYTES, EVENT_SEGMENT,
-    EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, FROM_CLIENT, FROM_SERVER, Flow, FlowKey,
-    LifecycleEvent, SERVER_FIN, SERVER_FIN_ACKED, SYN_TIMES_CAPACITY, SynTime,
-    tcp_flags::{ACK, FIN, RST, SYN},
+    DEFAULT_FLOW_CAPACITY, EVENT_RING_BYTES, EVENTS_LOST, EVENTS_SENT, EventKind, FLOW_IPV4,
+    FLOW_IPV6, Flow, FlowKey, LifecycleEvent, SYN_TIMES_CAPACITY, SegmentHeader, SynTime,
 };
 
 use crate::{
@@ -38,15 +37,6 @@ static KEY_SCRATCH: PerCpuArray<FlowKey> = PerCpuArray::with_max_entries(2, 0);
 
 #[map(name = "EVENT_STATS")]
 static EVENT_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
-
-/// Which way a segment travels relative to the protected server.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Client → server, seen by XDP on ingress.
-    FromClient,
-    /// Server → client, seen by TC on egress.
-    FromServer,
-}
 
 /// The segment's connection as a [`FlowKey`], oriented client → server.
 #[inline(always)]
@@ -127,18 +117,32 @@ pub enum SynClock {
     Tai(u64),
 }
 
+/// The fields of `segment` the reporting decision ([`tcpguard_common::report`]) reads.
+#[inline(always)]
+fn header(segment: &Segment) -> SegmentHeader {
+    SegmentHeader {
+        flags: segment.flags,
+        seq: segment.seq,
+        ack: segment.ack,
+        payload_len: segment.payload_len(),
+    }
+}
+
 /// Starts tracking a connection whose opening segment (`segment`, from the client) was just
 /// passed to the kernel, and reports it as `kind`.
 #[inline(always)]
-pub fn start(key: &FlowKey, segment: &Segment, kind: u8, clock: SynClock) {
+pub fn start(key: &FlowKey, segment: &Segment, kind: EventKind, clock: SynClock) {
     let now = now_ns();
+    let opened = Flow::opened_by(&header(segment), now);
     let mut flow = MaybeUninit::uninit();
-    // Flow is plain old data; all-zero is a valid value.
+    // Flow is plain old data; all-zero is a valid value. Built in place, field by field, to
+    // keep it off the SYN path's crowded stack.
     let flow: &mut Flow = zero::zeroed_in(&mut flow);
-    flow.last_seen_ns = now;
-    flow.client_ack = segment.ack;
-    // What the server has acknowledged so far: the client's next sequence number.
-    flow.server_ack = segment.seq;
+    flow.last_seen_ns = opened.last_seen_ns;
+    flow.client_control_seq = opened.client_control_seq;
+    flow.client_ack = opened.client_ack;
+    flow.server_ack = opened.server_ack;
+    flow.unacked = opened.unacked;
     // A full LRU map evicts its least recently used entry, so this only fails on allocation.
     if let Err(error) = FLOWS.insert(key, flow, 0) {
         rare::flow_insert_failed(key, error.into());
@@ -219,8 +223,8 @@ fn syn_slot(key: &FlowKey) -> (u32, u16) {
 /// timeouts count in seconds.
 const LAST_SEEN_STEP_NS: i64 = 100_000_000;
 
-/// The tracked flow `key`, refreshed by `segment`, with an event when the segment can change
-/// the connection's state. `None` when the flow is not tracked.
+/// The tracked flow `key`, refreshed by `segment`, with an event when the state machine needs
+/// the segment ([`Flow::observe`] decides). `None` when the flow is not tracked.
 #[inline(always)]
 pub fn track(key: &FlowKey, segment: &Segment, direction: Direction) -> Option<()> {
     let flow = FLOWS.get_ptr_mut(key)?;
@@ -235,48 +239,12 @@ pub fn track(key: &FlowKey, segment: &Segment, direction: Direction) -> Option<(
     if seen.wrapping_sub(flow.last_seen_ns) as i64 >= LAST_SEEN_STEP_NS {
         flow.last_seen_ns = seen;
     }
-    let flags = segment.flags;
-    let (own_fin, own_fin_acked, peer_fin, peer_fin_acked) = match direction {
-        Direction::FromClient => (CLIENT_FIN, CLIENT_FIN_ACKED, SERVER_FIN, SERVER_FIN_ACKED),
-        Direction::FromServer => (SERVER_FIN, SERVER_FIN_ACKED, CLIENT_FIN, CLIENT_FIN_ACKED),
-    };
-    let (peer_fin_seq, receiver_ack) = match direction {
-        Direction::FromClient => (flow.server_fin_seq, flow.server_ack),
-        Direction::FromServer => (flow.client_fin_seq, flow.client_ack),
-    };
-    let mut report_it = flags & (SYN | RST) != 0;
-    if flags & FIN != 0 {
-        // The FIN occupies the sequence number after the payload.
-        let fin_seq = segment.seq.wrapping_add(u32::from(segment.payload_len()));
-        match direction {
-            Direction::FromClient => flow.client_fin_seq = fin_seq,
-            Direction::FromServer => flow.server_fin_seq = fin_seq,
-        }
-        flow.fins = (flow.fins | own_fin) & !own_fin_acked;
-        report_it = true;
-    }
-    if flags & ACK != 0 {
-        if flow.fins & (peer_fin | peer_fin_acked) == peer_fin
-            && segment.ack == peer_fin_seq.wrapping_add(1)
-        {
-            flow.fins |= peer_fin_acked;
-            report_it = true;
-        }
-        // Written when it moves only, for the same reason.
-        let ack = match direction {
-            Direction::FromClient => &mut flow.client_ack,
-            Direction::FromServer => &mut flow.server_ack,
-        };
-        if *ack != segment.ack {
-            *ack = segment.ack;
-        }
-    }
-    if report_it {
+    if let Some(receiver_ack) = flow.observe(direction, &header(segment)) {
         report(
             key,
             segment,
             direction,
-            EVENT_SEGMENT,
+            EventKind::Segment,
             now_ns(),
             0,
             receiver_ack,
@@ -290,7 +258,7 @@ fn report(
     key: &FlowKey,
     segment: &Segment,
     direction: Direction,
-    kind: u8,
+    kind: EventKind,
     time_ns: u64,
     syn_time_ns: u64,
     receiver_ack: u32,
@@ -313,11 +281,8 @@ fn report(
         (*event).receiver_ack = receiver_ack;
         (*event).payload_len = segment.payload_len();
         (*event).flags = segment.flags;
-        (*event).kind = kind;
-        (*event).direction = match direction {
-            Direction::FromClient => FROM_CLIENT,
-            Direction::FromServer => FROM_SERVER,
-        };
+        (*event).kind = kind as u8;
+        (*event).direction = direction as u8;
         zero::clear(&mut (*event)._pad);
     }
     entry.submit(0);

@@ -34,8 +34,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use tcpguard_common::{
-    Counter, CounterKind, EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_KERNEL_HANDSHAKE,
-    FAMILY_IPV4, FAMILY_IPV6, FlowKey, PORT_COUNT, ProtectedPort, SynCookieConfig,
+    Counter, CounterKind, EventKind, FAMILY_IPV4, FAMILY_IPV6, FlowKey, PORT_COUNT, ProtectedPort,
+    SynCookieConfig,
     tcp_flags::{ACK, FIN, RST, SYN},
 };
 
@@ -169,7 +169,7 @@ fn handle_syn<const OWN: bool>(
     let cookies = attack::syn_seen();
     if policy.allowed(key) {
         if flow::track(key, segment, Direction::FromClient).is_none() {
-            flow::start(key, segment, EVENT_ALLOWED_SYN, SynClock::Monotonic);
+            flow::start(key, segment, EventKind::AllowedSyn, SynClock::Monotonic);
         }
         return Counter::AllowedSource;
     }
@@ -252,7 +252,7 @@ fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKe
             } else {
                 SynClock::Monotonic
             };
-            flow::start(key, segment, EVENT_KERNEL_HANDSHAKE, clock);
+            flow::start(key, segment, EventKind::KernelHandshake, clock);
             Counter::KernelHandshake
         }
         Some(socket) if !socket.is_listener() => Counter::KnownSocket,
@@ -261,7 +261,12 @@ fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKe
             None => Counter::CookieUnavailable,
         },
         Some(listener) if listener.cookie_is_valid(ctx, segment) => {
-            flow::start(key, segment, EVENT_COOKIE_HANDSHAKE, SynClock::Monotonic);
+            flow::start(
+                key,
+                segment,
+                EventKind::CookieHandshake,
+                SynClock::Monotonic,
+            );
             Counter::CookieAccepted
         }
         Some(_) => Counter::CookieRejected,

@@ -13,8 +13,8 @@ use aya_ebpf::{
 };
 use tcpguard_common::{
     COOKIE_ACK_ECN, COOKIE_ACK_LEN, COOKIE_ACK_MAGIC, COOKIE_ACK_SACK, COOKIE_ACK_TIMESTAMPS,
-    COOKIE_ACK_WSCALE, CookieAck, Counter, EVENT_COOKIE_HANDSHAKE, FLOW_IPV6, FlowKey,
-    NO_WINDOW_SCALE, SynCookieConfig,
+    COOKIE_ACK_WSCALE, CookieAck, Counter, EventKind, FLOW_IPV6, FlowKey, NO_WINDOW_SCALE,
+    SynCookieConfig,
     cookie::{self, CookieOptions, CookieReject, CookieSecrets, WSCALE_NONE},
     tcp_flags::{CWR, ECE},
 };
@@ -129,7 +129,12 @@ pub fn check_ack(
         rare::handover_failed(key, error);
         return Counter::CookieHandoverFailed;
     }
-    flow::start(key, segment, EVENT_COOKIE_HANDSHAKE, SynClock::Tai(tai_ns));
+    flow::start(
+        key,
+        segment,
+        EventKind::CookieHandshake,
+        SynClock::Tai(tai_ns),
+    );
     Counter::CookieAccepted
 }
 

@@ -156,6 +156,18 @@ impl End {
         };
         outstanding.is_none_or(|seq| ack == seq.wrapping_add(1))
     }
+
+    /// Whether `ack` acknowledges this end's FIN, outstanding or acknowledged before: what
+    /// tells a FIN sent after the peer had this end's FIN from one that crossed it. Without a
+    /// record of it, an end past its FIN takes any ACK to be it.
+    fn fin_is_acked_by(&self, ack: u32) -> bool {
+        match self.state {
+            TcpState::FinWait2 | TcpState::TimeWait => {
+                self.fin_seq.is_none_or(|seq| ack == seq.wrapping_add(1))
+            }
+            _ => self.is_acked_by(ack),
+        }
+    }
 }
 
 /// Both ends of one connection, the times that matter, and how it ended.
@@ -194,6 +206,19 @@ impl Connection {
         connection.client.rcv_nxt = Some(ack.ack);
         connection.server.rcv_nxt = Some(ack.seq);
         connection
+    }
+
+    /// A new connection on a tracked 4-tuple, opened by `opening`: an allow-listed client's
+    /// SYN, or the server's SYN-ACK (its client in SYN-SENT, the server a listener).
+    pub fn reopened_by(opening: &Segment, now_ns: u64) -> Self {
+        match opening.from {
+            Side::Client => Self::from_syn(opening, now_ns),
+            Side::Server => {
+                let mut connection = Self::with_states(TcpState::SynSent, TcpState::Listen, now_ns);
+                connection.on_segment(opening, now_ns);
+                connection
+            }
+        }
     }
 
     /// A connection whose start was not seen (adopted from an earlier daemon's flow map).
@@ -247,10 +272,11 @@ impl Connection {
                 SegmentKind::IgnoredRst
             };
         }
+        let fin_acks = flags & ACK != 0 && receiver.fin_is_acked_by(segment.ack);
         match (flags & SYN != 0, flags & FIN != 0, flags & ACK != 0) {
             (true, _, false) => SegmentKind::Syn,
             (true, _, true) => SegmentKind::SynAck,
-            (false, true, _) if acks => SegmentKind::FinAcks,
+            (false, true, _) if fin_acks => SegmentKind::FinAcks,
             (false, true, _) => SegmentKind::Fin,
             (false, false, _) if acks => SegmentKind::Acks,
             (false, false, _) => SegmentKind::Ack,

@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tcpguard_common::{
     AttackConfig, AttackState, Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey,
     attack::{WINDOW_NS, WINDOWS_PER_S},
@@ -492,7 +492,10 @@ impl Daemon {
                 // SAFETY: the record is a LifecycleEvent written by the data plane; the
                 // length was checked, and read_unaligned copes with any alignment.
                 let event = unsafe { item.as_ptr().cast::<LifecycleEvent>().read_unaligned() };
-                self.tracker.on_event(&event, &mut self.effects);
+                if let Err(unknown) = self.tracker.on_event(&event, &mut self.effects) {
+                    self.metrics.observe_unknown_event();
+                    debug!("{unknown}");
+                }
             }
             handled += 1;
         }
@@ -517,7 +520,10 @@ impl Daemon {
         for effect in &effects {
             self.metrics.observe_effect(effect);
             match effect {
-                Effect::Closed { key, .. } | Effect::Untracked { key } => self.flows.remove(key),
+                Effect::Closed {
+                    key, forget: true, ..
+                }
+                | Effect::Untracked { key } => self.flows.remove(key),
                 Effect::SourceFull { source, full } => {
                     if *full {
                         self.sources_full.insert(*source);
@@ -528,7 +534,9 @@ impl Daemon {
                         warn!("cannot update the per-source limit: {err}");
                     }
                 }
-                Effect::Opened { .. } | Effect::Handshake { .. } => {}
+                Effect::Closed { forget: false, .. }
+                | Effect::Opened { .. }
+                | Effect::Handshake { .. } => {}
             }
         }
         effects.clear();

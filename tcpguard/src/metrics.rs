@@ -31,6 +31,7 @@ pub struct Metrics {
     flow_capacity: IntGauge,
     events: IntCounter,
     events_lost: IntCounter,
+    events_unknown: IntCounter,
     sources_at_limit: IntGauge,
     reloads: IntCounterVec,
     handovers: IntCounterVec,
@@ -169,6 +170,14 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        let events_unknown = register(
+            &registry,
+            IntCounter::new(
+                "tcpguard_lifecycle_events_unknown_total",
+                "Lifecycle events of a kind or direction this daemon does not know, ignored.",
+            )
+            .expect("valid metric"),
+        );
         let sources_at_limit = register(
             &registry,
             IntGauge::new(
@@ -280,6 +289,7 @@ impl Metrics {
             flow_capacity,
             events,
             events_lost,
+            events_unknown,
             sources_at_limit,
             reloads,
             handovers,
@@ -325,6 +335,11 @@ impl Metrics {
         self.events_lost
             .inc_by(events.1.saturating_sub(self.last_events.1));
         self.last_events = events;
+    }
+
+    /// A lifecycle event the daemon could not read (see [`tcpguard_common::UnknownValue`]).
+    pub fn observe_unknown_event(&self) {
+        self.events_unknown.inc();
     }
 
     /// The connection table, as it stands now.

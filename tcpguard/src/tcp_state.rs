@@ -85,9 +85,11 @@ pub enum SegmentKind {
     Syn,
     /// SYN+ACK.
     SynAck,
-    /// FIN that does not acknowledge the receiver's FIN.
+    /// FIN that does not acknowledge the receiver's FIN: if the receiver has sent one, this
+    /// FIN was sent before it arrived (the two crossed).
     Fin,
-    /// FIN that also acknowledges the receiver's SYN or FIN.
+    /// FIN that also acknowledges the receiver's SYN or FIN (its FIN whether or not an earlier
+    /// segment acknowledged it).
     FinAcks,
     /// ACK (perhaps with data) that acknowledges nothing outstanding.
     Ack,
@@ -158,7 +160,10 @@ const ON_SEND: [[TcpState; 8]; 11] = [
     /* ESTAB */  [ES, ES,    F1, F1,     ES, ES,  CL, ES],
     /* FIN-WAIT-1 */ [F1, F1, F1, F1,    F1, F1,  CL, F1],
     /* FIN-WAIT-2 */ [F2, F2, F2, F2,    F2, F2,  CL, F2],
-    /* CLOSE-WAIT */ [CW, CW, LA, LA,    CW, CW,  CL, CW],
+    // A FIN that does not acknowledge the peer's FIN was sent before that FIN arrived: the FINs
+    // crossed (simultaneous close). The sender was ESTABLISHED, went to FIN-WAIT-1, and the
+    // peer's FIN, which this machine saw leave first, takes it on to CLOSING.
+    /* CLOSE-WAIT */ [CW, CW, CG, LA,    CW, CW,  CL, CW],
     /* CLOSING */ [CG, CG,   CG, CG,     CG, CG,  CL, CG],
     /* LAST-ACK */ [LA, LA,  LA, LA,     LA, LA,  CL, LA],
     /* TIME-WAIT */ [TW, TW, TW, TW,     TW, TW,  CL, TW],

@@ -6,8 +6,8 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use tcpguard_common::{
-    EVENT_ALLOWED_SYN, EVENT_COOKIE_HANDSHAKE, EVENT_KERNEL_HANDSHAKE, FROM_CLIENT, FlowKey,
-    LifecycleEvent, SourceKey,
+    Direction, EventKind, FlowKey, LifecycleEvent, SourceKey, UnknownValue,
+    tcp_flags::{ACK, RST, SYN},
 };
 
 use crate::{
@@ -60,11 +60,14 @@ pub enum Effect {
     Untracked {
         key: FlowKey,
     },
-    /// The connection is over: its flow entry can go.
+    /// The connection is over.
     Closed {
         key: FlowKey,
         reason: CloseReason,
         seconds: f64,
+        /// Its flow entry in the data plane can go; not when a new connection on the same
+        /// 4-tuple already holds it.
+        forget: bool,
     },
     /// `source` reached (true) or fell below (false) its connection limit.
     SourceFull {
@@ -156,17 +159,22 @@ impl Tracker {
         }
     }
 
-    /// Applies one lifecycle event.
-    pub fn on_event(&mut self, event: &LifecycleEvent, effects: &mut Vec<Effect>) {
-        let segment = segment_of(event);
+    /// Applies one lifecycle event; one whose kind or direction is unknown changes nothing.
+    pub fn on_event(
+        &mut self,
+        event: &LifecycleEvent,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), UnknownValue> {
+        let kind = event.kind()?;
+        let segment = segment_of(event)?;
         let now = event.time_ns;
-        match event.kind {
-            EVENT_COOKIE_HANDSHAKE | EVENT_KERNEL_HANDSHAKE => {
+        match kind {
+            EventKind::CookieHandshake | EventKind::KernelHandshake => {
                 // A 4-tuple reused after TIME-WAIT: the old connection is over.
-                self.finish(&event.key, now.saturating_add(self.longest_ns()), effects);
+                self.finish(&event.key, now, effects);
                 let connection = Connection::from_cookie_ack(&segment, now);
                 let syn_ns = (event.syn_time_ns != 0).then_some(event.syn_time_ns);
-                let origin = if event.kind == EVENT_KERNEL_HANDSHAKE {
+                let origin = if kind == EventKind::KernelHandshake {
                     Origin::Kernel
                 } else {
                     Origin::Cookie
@@ -178,17 +186,26 @@ impl Tracker {
                     });
                 }
             }
-            EVENT_ALLOWED_SYN => {
-                self.finish(&event.key, now.saturating_add(self.longest_ns()), effects);
+            EventKind::AllowedSyn => {
+                self.finish(&event.key, now, effects);
                 let connection = Connection::from_syn(&segment, now);
                 self.insert(event.key, connection, Origin::Allowed, Some(now), effects);
             }
-            _ => {
+            EventKind::Segment => {
+                if let Some(origin) = self.reopened_by(&event.key, &segment) {
+                    // The old connection's flow entry carries the new one: the data plane
+                    // knows no more than a tracked 4-tuple.
+                    self.finish(&event.key, now, effects);
+                    let connection = Connection::reopened_by(&segment, now);
+                    let syn_ns = (origin == Origin::Allowed).then_some(now);
+                    self.insert(event.key, connection, origin, syn_ns, effects);
+                    return Ok(());
+                }
                 if !self.connections.contains_key(&event.key) {
                     self.adopt(event.key, now, effects);
                 }
                 let Some(tracked) = self.connections.get_mut(&event.key) else {
-                    return;
+                    return Ok(());
                 };
                 let was_established = tracked.connection.established_ns.is_some();
                 tracked.connection.on_segment(&segment, now);
@@ -201,7 +218,7 @@ impl Tracker {
                     });
                 }
                 if tracked.connection.closed.is_some() {
-                    self.remove(&event.key, effects);
+                    self.remove(&event.key, true, effects);
                 } else if tracked.connection.server.state == TcpState::Closed && !tracked.untracked
                 {
                     tracked.untracked = true;
@@ -209,6 +226,7 @@ impl Tracker {
                 }
             }
         }
+        Ok(())
     }
 
     /// Applies the passing of time up to `now_ns`. `last_seen` gives the data plane's last
@@ -240,7 +258,7 @@ impl Tracker {
             }
             tracked.connection.on_time(now_ns, &self.timeouts);
             if tracked.connection.closed.is_some() {
-                self.remove(&key, effects);
+                self.remove(&key, true, effects);
             }
         }
     }
@@ -249,11 +267,32 @@ impl Tracker {
         u64::try_from(self.timeouts.longest().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Ends the connection `key`, if there is one, as the passing of time would at `at_ns`.
-    fn finish(&mut self, key: &FlowKey, at_ns: u64, effects: &mut Vec<Effect>) {
+    /// Ends the connection `key`, if there is one, as the passing of time would, because a
+    /// new connection on its 4-tuple began at `now_ns`; the data plane's flow entry, which is
+    /// the new connection's now, stays.
+    fn finish(&mut self, key: &FlowKey, now_ns: u64, effects: &mut Vec<Effect>) {
+        let at_ns = now_ns.saturating_add(self.longest_ns());
         if let Some(tracked) = self.connections.get_mut(key) {
             tracked.connection.on_time(at_ns, &self.timeouts);
-            self.remove(key, effects);
+            self.remove(key, false, effects);
+        }
+    }
+
+    /// Whether `segment` opens a new connection on the 4-tuple `key`, whose tracked connection
+    /// is over at both ends (CLOSED or TIME-WAIT, which Linux lets a new SYN end): an
+    /// allow-listed client's SYN, or the SYN-ACK the kernel answers a SYN with (the SYN itself,
+    /// met by the kernel's TIME-WAIT socket, is not reported). Returns the new one's origin.
+    fn reopened_by(&self, key: &FlowKey, segment: &Segment) -> Option<Origin> {
+        let tracked = self.connections.get(key)?;
+        let over = |state| matches!(state, TcpState::Closed | TcpState::TimeWait);
+        let (client, server) = tracked.connection.states();
+        if !(over(client) && over(server)) {
+            return None;
+        }
+        match (segment.from, segment.flags & (SYN | ACK | RST)) {
+            (Side::Client, SYN) => Some(Origin::Allowed),
+            (Side::Server, flags) if flags == SYN | ACK => Some(Origin::Kernel),
+            _ => None,
         }
     }
 
@@ -287,7 +326,7 @@ impl Tracker {
         }
     }
 
-    fn remove(&mut self, key: &FlowKey, effects: &mut Vec<Effect>) {
+    fn remove(&mut self, key: &FlowKey, forget: bool, effects: &mut Vec<Effect>) {
         let Some(tracked) = self.connections.remove(key) else {
             return;
         };
@@ -297,6 +336,7 @@ impl Tracker {
             key: *key,
             reason: connection.closed.unwrap_or(CloseReason::Timeout),
             seconds: seconds(ended.saturating_sub(connection.opened_ns)),
+            forget,
         });
         let source = key.source();
         if let Some(count) = self.per_source.get_mut(&source) {
@@ -314,20 +354,19 @@ impl Tracker {
     }
 }
 
-fn segment_of(event: &LifecycleEvent) -> Segment {
-    let from = if event.direction == FROM_CLIENT {
-        Side::Client
-    } else {
-        Side::Server
+fn segment_of(event: &LifecycleEvent) -> Result<Segment, UnknownValue> {
+    let from = match event.direction()? {
+        Direction::FromClient => Side::Client,
+        Direction::FromServer => Side::Server,
     };
-    Segment {
+    Ok(Segment {
         from,
         flags: event.flags,
         seq: event.seq,
         ack: event.ack,
         payload_len: u32::from(event.payload_len),
         receiver_ack: Some(event.receiver_ack),
-    }
+    })
 }
 
 fn seconds(nanoseconds: u64) -> f64 {
@@ -336,7 +375,7 @@ fn seconds(nanoseconds: u64) -> f64 {
 
 #[cfg(test)]
 mod tests {
-    use tcpguard_common::{EVENT_SEGMENT, FLOW_IPV4, FROM_SERVER, tcp_flags};
+    use tcpguard_common::{FLOW_IPV4, tcp_flags};
 
     use super::*;
 
@@ -361,8 +400,8 @@ mod tests {
             ack: 501,
             receiver_ack: 101,
             flags: tcp_flags::ACK,
-            kind: EVENT_COOKIE_HANDSHAKE,
-            direction: FROM_CLIENT,
+            kind: EventKind::CookieHandshake as u8,
+            direction: Direction::FromClient as u8,
             ..LifecycleEvent::default()
         }
     }
@@ -371,27 +410,31 @@ mod tests {
     fn a_source_at_its_limit_is_reported_full_until_one_closes() {
         let mut tracker = Tracker::new(Timeouts::default(), 2);
         let mut effects = Vec::new();
-        tracker.on_event(&cookie_ack(key(2, 1000), 10_000_000), &mut effects);
+        tracker
+            .on_event(&cookie_ack(key(2, 1000), 10_000_000), &mut effects)
+            .unwrap();
         assert!(
             !effects
                 .iter()
                 .any(|e| matches!(e, Effect::SourceFull { .. }))
         );
-        tracker.on_event(&cookie_ack(key(2, 1001), 10_000_000), &mut effects);
+        tracker
+            .on_event(&cookie_ack(key(2, 1001), 10_000_000), &mut effects)
+            .unwrap();
         let source = key(2, 0).source();
         assert!(effects.contains(&Effect::SourceFull { source, full: true }));
         assert!(effects.contains(&Effect::Handshake { seconds: 0.002 }));
         effects.clear();
         let rst = LifecycleEvent {
-            kind: EVENT_SEGMENT,
+            kind: EventKind::Segment as u8,
             flags: tcp_flags::RST | tcp_flags::ACK,
-            direction: FROM_SERVER,
+            direction: Direction::FromServer as u8,
             seq: 501,
             receiver_ack: 501,
             time_ns: 20_000_000,
             ..cookie_ack(key(2, 1000), 20_000_000)
         };
-        tracker.on_event(&rst, &mut effects);
+        tracker.on_event(&rst, &mut effects).unwrap();
         assert!(effects.contains(&Effect::SourceFull {
             source,
             full: false
@@ -411,10 +454,12 @@ mod tests {
         let mut tracker = Tracker::new(Timeouts::default(), 0);
         let mut effects = Vec::new();
         let key = key(4, 1000);
-        tracker.on_event(&cookie_ack(key, 10_000_000), &mut effects);
+        tracker
+            .on_event(&cookie_ack(key, 10_000_000), &mut effects)
+            .unwrap();
         let segment = |direction, flags, seq, ack, time_ns| LifecycleEvent {
-            kind: EVENT_SEGMENT,
-            direction,
+            kind: EventKind::Segment as u8,
+            direction: direction as u8,
             flags,
             seq,
             ack,
@@ -423,19 +468,25 @@ mod tests {
             ..cookie_ack(key, time_ns)
         };
         use tcp_flags::{ACK, FIN};
-        tracker.on_event(
-            &segment(FROM_CLIENT, FIN | ACK, 101, 501, 20_000_000),
-            &mut effects,
-        );
-        tracker.on_event(
-            &segment(FROM_SERVER, FIN | ACK, 501, 102, 21_000_000),
-            &mut effects,
-        );
+        tracker
+            .on_event(
+                &segment(Direction::FromClient, FIN | ACK, 101, 501, 20_000_000),
+                &mut effects,
+            )
+            .unwrap();
+        tracker
+            .on_event(
+                &segment(Direction::FromServer, FIN | ACK, 501, 102, 21_000_000),
+                &mut effects,
+            )
+            .unwrap();
         effects.clear();
-        tracker.on_event(
-            &segment(FROM_CLIENT, ACK, 102, 502, 22_000_000),
-            &mut effects,
-        );
+        tracker
+            .on_event(
+                &segment(Direction::FromClient, ACK, 102, 502, 22_000_000),
+                &mut effects,
+            )
+            .unwrap();
         assert_eq!(effects, vec![Effect::Untracked { key }]);
         let tracked = tracker.get(&key).expect("still listed while in TIME-WAIT");
         assert_eq!(
@@ -444,13 +495,112 @@ mod tests {
         );
     }
 
+    /// The client reconnects from the same port while the server's end of the old connection
+    /// is in TIME-WAIT: the kernel answers the SYN, and the SYN-ACK opens the new connection
+    /// without taking its flow entry from the data plane.
+    #[test]
+    fn a_syn_ack_on_a_4_tuple_over_at_both_ends_opens_a_new_connection() {
+        use tcp_flags::{ACK, FIN, SYN};
+        let mut tracker = Tracker::new(Timeouts::default(), 0);
+        let mut effects = Vec::new();
+        let key = key(6, 1000);
+        tracker
+            .on_event(&cookie_ack(key, 10_000_000), &mut effects)
+            .unwrap();
+        let segment = |direction: Direction, flags, seq, ack, time_ns| LifecycleEvent {
+            kind: EventKind::Segment as u8,
+            direction: direction as u8,
+            flags,
+            seq,
+            ack,
+            receiver_ack: ack,
+            time_ns,
+            ..cookie_ack(key, time_ns)
+        };
+        for event in [
+            segment(Direction::FromServer, FIN | ACK, 501, 101, 20_000_000),
+            segment(Direction::FromClient, FIN | ACK, 101, 502, 21_000_000),
+            segment(Direction::FromServer, ACK, 502, 102, 22_000_000),
+        ] {
+            tracker.on_event(&event, &mut effects).unwrap();
+        }
+        let old = tracker.get(&key).unwrap().connection.states();
+        assert_eq!(old, (TcpState::Closed, TcpState::TimeWait));
+        effects.clear();
+        tracker
+            .on_event(
+                &segment(Direction::FromServer, SYN | ACK, 9000, 70_001, 30_000_000),
+                &mut effects,
+            )
+            .unwrap();
+        assert!(matches!(
+            effects[0],
+            Effect::Closed {
+                reason: CloseReason::Fin,
+                forget: false,
+                ..
+            }
+        ));
+        assert_eq!(
+            effects[1],
+            Effect::Opened {
+                origin: Origin::Kernel
+            }
+        );
+        let tracked = tracker.get(&key).unwrap();
+        assert_eq!(tracked.origin, Origin::Kernel);
+        assert_eq!(
+            tracked.connection.states(),
+            (TcpState::Established, TcpState::SynReceived)
+        );
+        tracker
+            .on_event(
+                &segment(Direction::FromClient, ACK, 70_001, 9001, 31_000_000),
+                &mut effects,
+            )
+            .unwrap();
+        assert_eq!(
+            tracker.get(&key).unwrap().connection.states(),
+            (TcpState::Established, TcpState::Established)
+        );
+        assert_eq!(tracker.len(), 1);
+    }
+
+    #[test]
+    fn an_event_of_unknown_kind_or_direction_is_an_error_and_changes_nothing() {
+        let mut tracker = Tracker::new(Timeouts::default(), 0);
+        let mut effects = Vec::new();
+        let unknown_kind = LifecycleEvent {
+            kind: 9,
+            ..cookie_ack(key(5, 1000), 10_000_000)
+        };
+        let error = tracker.on_event(&unknown_kind, &mut effects).unwrap_err();
+        assert_eq!(
+            (error.field, error.value),
+            ("kind", 9),
+            "not taken for a segment"
+        );
+        let unknown_direction = LifecycleEvent {
+            direction: 2,
+            ..cookie_ack(key(5, 1000), 10_000_000)
+        };
+        let error = tracker
+            .on_event(&unknown_direction, &mut effects)
+            .unwrap_err();
+        assert_eq!((error.field, error.value), ("direction", 2));
+        assert!(tracker.is_empty());
+        assert!(effects.is_empty());
+    }
+
     #[test]
     fn expiry_asks_the_data_plane_before_reaping() {
         let timeouts = Timeouts::default();
         let horizon = timeouts.established.as_nanos() as u64;
         let mut tracker = Tracker::new(timeouts, 0);
         let mut effects = Vec::new();
-        tracker.on_event(&cookie_ack(key(3, 1000), 10_000_000), &mut effects);
+        tracker
+            .on_event(&cookie_ack(key(3, 1000), 10_000_000), &mut effects)
+            .unwrap();
         effects.clear();
         let later = horizon + 20_000_000;
         tracker.expire(later, |_| Some(later - 1), &mut effects);

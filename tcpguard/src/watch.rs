@@ -174,6 +174,8 @@ mod tests {
             cookie_mode: "own".to_owned(),
             cookie_mode_reason: String::new(),
             cookie_handovers: BTreeMap::from([("assigned".to_owned(), 3)]),
+            tc_attach: "tcx".to_owned(),
+            tc_attach_reason: String::new(),
             cookies: "under-attack".to_owned(),
             cookies_reason: String::new(),
             under_attack: packets.iter().any(|(name, _)| *name == "syn_cookie_sent"),

@@ -193,11 +193,15 @@ fn simultaneous_close_goes_through_closing() {
     assert_eq!(talk.states().1, FinWait1);
     assert_eq!(talk.deliver(client_fin), SegmentKind::Fin);
     assert_eq!(talk.states().1, Closing);
-    // Each end acknowledges the other's FIN; the server's leads it to TIME-WAIT.
+    // The client's FIN did not acknowledge the server's: it was sent before that arrived, so
+    // the client too went FIN-WAIT-1 → CLOSING.
+    assert_eq!(talk.states(), (Closing, Closing));
+    // Each end acknowledges the other's FIN, which takes it to TIME-WAIT: both ends, as the
+    // kernel's sockets show after a simultaneous close.
     assert_eq!(talk.send(Client, ACK, 0), SegmentKind::Acks);
     assert_eq!(talk.states().1, TimeWait);
     talk.send(Server, ACK, 0);
-    assert_eq!(talk.states(), (Closed, TimeWait));
+    assert_eq!(talk.states(), (TimeWait, TimeWait));
     talk.wait(Duration::from_secs(61));
     assert_eq!(talk.closed(), Some(CloseReason::Fin));
 }

@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 use tcpguard_tests::{
     observe::{flows, http_get, sample, scrape, status, wait_until},
-    rig::{Daemon, Rig, SERVER, SERVER_IF},
+    rig::{CLIENT, Daemon, Rig, SERVER, SERVER_IF},
 };
 
 const PORT: u16 = 8080;
@@ -25,21 +25,26 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
-        let rig = Rig::new();
-        let config = std::env::temp_dir().join(format!("{}.toml", rig.server.name));
         // TIME-WAIT lasts 2 s instead of 60 s, so that orderly closes finish within the test.
-        std::fs::write(&config, "stats_interval = 0\n[timeouts]\nmsl = 1\n").unwrap();
-        let daemon = Daemon::start(
-            &rig.server,
-            &[
-                "--config",
-                config.to_str().unwrap(),
-                "--iface",
-                SERVER_IF,
-                "--port",
-                &PORT.to_string(),
-            ],
-        );
+        Self::with("stats_interval = 0\n[timeouts]\nmsl = 1\n", &[])
+    }
+
+    /// A daemon with the config file `config` and the extra arguments `args`.
+    fn with(config: &str, args: &[&str]) -> Self {
+        let rig = Rig::new();
+        let path = std::env::temp_dir().join(format!("{}.toml", rig.server.name));
+        std::fs::write(&path, config).unwrap();
+        let port = PORT.to_string();
+        let mut all = vec![
+            "--config",
+            path.to_str().unwrap(),
+            "--iface",
+            SERVER_IF,
+            "--port",
+            &port,
+        ];
+        all.extend_from_slice(args);
+        let daemon = Daemon::start(&rig.server, &all);
         let listener = rig
             .server
             .within(|| TcpListener::bind(("0.0.0.0", PORT)).expect("binding the test server"));
@@ -323,4 +328,362 @@ fn the_metrics_endpoint_keeps_connections_alive() {
         assert!(head.contains("Connection: keep-alive"), "{head}");
         assert!(body.contains("tcpguard_build_info"));
     }
+}
+
+/// The states the kernel gives the two ends of the connection from the client's `port`, as
+/// `ss` lists its sockets in each namespace; a socket it no longer has is CLOSED.
+fn kernel_states(lab: &Lab, port: u16) -> (String, String) {
+    let client = format!("{CLIENT}:{port}");
+    let server = format!("{SERVER}:{PORT}");
+    let state = |namespace: &tcpguard_tests::netns::Namespace, local: &str, peer: &str| {
+        let output = namespace.run("ss", &["-tanH", "state", "all"]);
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields.len() >= 5 && fields[3] == local && fields[4] == peer)
+                    .then(|| rfc_name(fields[0]))
+            })
+            .unwrap_or("CLOSED")
+            .to_owned()
+    };
+    (
+        state(&lab.rig.client, &client, &server),
+        state(&lab.rig.server, &server, &client),
+    )
+}
+
+/// RFC 9293's name for a state as `ss` prints it.
+fn rfc_name(ss: &str) -> &'static str {
+    match ss {
+        "ESTAB" => "ESTABLISHED",
+        "SYN-SENT" => "SYN-SENT",
+        "SYN-RECV" => "SYN-RECEIVED",
+        "FIN-WAIT-1" => "FIN-WAIT-1",
+        "FIN-WAIT-2" => "FIN-WAIT-2",
+        "CLOSE-WAIT" => "CLOSE-WAIT",
+        "CLOSING" => "CLOSING",
+        "LAST-ACK" => "LAST-ACK",
+        "TIME-WAIT" => "TIME-WAIT",
+        "LISTEN" => "LISTEN",
+        "UNCONN" | "CLOSE" => "CLOSED",
+        other => panic!("ss printed a state it has no RFC 9293 name for: {other}"),
+    }
+}
+
+/// The states `tcpguard flows` shows for the connection from the client's `port`; a
+/// connection it no longer lists is CLOSED at both ends.
+fn tracked_states(lab: &Lab, port: u16) -> (String, String) {
+    let client = format!("{CLIENT}:{port}");
+    flows(&lab.daemon.paths)
+        .iter()
+        .find(|flow| flow["client"].as_str() == Some(client.as_str()))
+        .map_or(("CLOSED".to_owned(), "CLOSED".to_owned()), |flow| {
+            let state = |end: &str| flow[end].as_str().unwrap_or("").to_owned();
+            (state("client_state"), state("server_state"))
+        })
+}
+
+/// Waits until `tcpguard flows` shows the connection from `port` in the states the kernel's
+/// sockets are in, and returns them; panics with both when they do not meet. The kernel's
+/// states are read afresh each time: they are the truth, whatever the test expected.
+fn agrees_with_the_kernel(lab: &Lab, port: u16, what: &str) -> (String, String) {
+    let mut last = None;
+    for _ in 0..100 {
+        let kernel = kernel_states(lab, port);
+        let tracked = tracked_states(lab, port);
+        if kernel == tracked {
+            return kernel;
+        }
+        last = Some((kernel, tracked));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (kernel, tracked) = last.unwrap_or_default();
+    panic!(
+        "{what} (client port {port}): the kernel's sockets are {kernel:?} (client, server), \
+         tcpguard flows shows {tracked:?}"
+    );
+}
+
+/// A page from a server that closes after the response, fetched by curl; the client port.
+fn curl_fetch(lab: &Lab) -> u16 {
+    let listener = lab.listener.try_clone().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().expect("accepting curl");
+        let mut request = Vec::new();
+        let mut byte = [0u8; 1];
+        while !request.ends_with(b"\r\n\r\n") {
+            stream
+                .read_exact(&mut byte)
+                .expect("reading curl's request");
+            request.push(byte[0]);
+        }
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
+            .unwrap();
+    });
+    let output = lab.rig.client.run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            "-w",
+            "\n%{local_port}",
+            &format!("http://{SERVER}:{PORT}/"),
+        ],
+    );
+    server.join().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (body, port) = text.rsplit_once('\n').expect("curl's body and local port");
+    assert_eq!(body, "hello");
+    port.trim().parse().expect("curl's local port")
+}
+
+/// How the two ends of a test connection finish.
+#[derive(Clone, Copy, Debug)]
+enum Ending {
+    ClientCloses,
+    ServerCloses,
+    BothClose,
+    HalfClose,
+    ClientResets,
+    ServerResets,
+}
+
+/// One connection through its lifecycle, compared with the kernel's sockets at every stable
+/// point; the client port.
+fn live_through(lab: &Lab, ending: Ending) -> u16 {
+    let (mut client, mut server) = lab.connect();
+    let port = client_port(&client);
+    let what = format!("{ending:?}");
+    client.write_all(b"request").unwrap();
+    let mut request = [0u8; 7];
+    server.read_exact(&mut request).unwrap();
+    server.write_all(b"response").unwrap();
+    let mut response = [0u8; 8];
+    client.read_exact(&mut response).unwrap();
+    let opened = agrees_with_the_kernel(lab, port, &format!("{what}, opened"));
+    assert_eq!(opened, ("ESTABLISHED".to_owned(), "ESTABLISHED".to_owned()));
+    match ending {
+        Ending::ClientCloses => {
+            drop(client);
+            assert!(read_to_end(&mut server).is_empty());
+            drop(server);
+        }
+        Ending::ServerCloses => {
+            drop(server);
+            assert!(read_to_end(&mut client).is_empty());
+            agrees_with_the_kernel(lab, port, &format!("{what}, server's FIN"));
+            drop(client);
+        }
+        Ending::BothClose => {
+            // Both FINs leave before either end has read the other's: they cross, or nearly.
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+            let other = barrier.clone();
+            let closer = std::thread::spawn(move || {
+                other.wait();
+                server.shutdown(Shutdown::Write).unwrap();
+                server
+            });
+            barrier.wait();
+            client.shutdown(Shutdown::Write).unwrap();
+            let mut server = closer.join().unwrap();
+            assert!(read_to_end(&mut client).is_empty());
+            assert!(read_to_end(&mut server).is_empty());
+            drop((client, server));
+        }
+        Ending::HalfClose => {
+            client.shutdown(Shutdown::Write).unwrap();
+            assert!(read_to_end(&mut server).is_empty());
+            agrees_with_the_kernel(lab, port, &format!("{what}, half-closed"));
+            server.write_all(&[7u8; 64 * 1024]).unwrap();
+            drop(server);
+            assert_eq!(read_to_end(&mut client).len(), 64 * 1024);
+            drop(client);
+        }
+        Ending::ClientResets => {
+            reset_on_close(&client);
+            drop(client);
+            assert!(
+                server.read(&mut [0u8; 1]).is_err(),
+                "the server sees the reset"
+            );
+            drop(server);
+        }
+        Ending::ServerResets => {
+            reset_on_close(&server);
+            drop(server);
+            assert!(
+                client.read(&mut [0u8; 1]).is_err(),
+                "the client sees the reset"
+            );
+            drop(client);
+        }
+    }
+    agrees_with_the_kernel(lab, port, &format!("{what}, closed"));
+    port
+}
+
+const ENDINGS: [Ending; 6] = [
+    Ending::ClientCloses,
+    Ending::ServerCloses,
+    Ending::BothClose,
+    Ending::HalfClose,
+    Ending::ClientResets,
+    Ending::ServerResets,
+];
+
+/// Connections of every lifecycle, several of each, curl fetches among them: at every stable
+/// point, and again once all are over, `tcpguard flows` shows what the kernel's sockets say.
+/// Each connection's handshake is timed, and none is reaped for silence.
+fn follows_the_kernel(lab: &Lab, origin: &str) {
+    let mut ports = Vec::new();
+    for _ in 0..5 {
+        let port = curl_fetch(lab);
+        agrees_with_the_kernel(lab, port, "a curl fetch");
+        ports.push(port);
+        for ending in ENDINGS {
+            ports.push(live_through(lab, ending));
+        }
+    }
+    for &port in &ports {
+        agrees_with_the_kernel(lab, port, "once all are over");
+    }
+    let samples = scrape(&lab.rig.server);
+    let count = ports.len() as f64;
+    assert_eq!(
+        sample(
+            &samples,
+            "tcpguard_connections_opened_total",
+            &format!("origin=\"{origin}\"")
+        ),
+        count,
+        "{samples:#?}"
+    );
+    assert_eq!(
+        sample(&samples, "tcpguard_handshake_duration_seconds_count", ""),
+        count,
+        "every handshake timed"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "tcpguard_connections_closed_total",
+            "reason=\"rst\""
+        ),
+        10.0,
+        "the five resets of each side"
+    );
+    assert_eq!(
+        sample(
+            &samples,
+            "tcpguard_connections_closed_total",
+            "reason=\"timeout\""
+        ),
+        0.0
+    );
+    assert_eq!(
+        sample(&samples, "tcpguard_lifecycle_events_lost_total", ""),
+        0.0
+    );
+}
+
+/// TIME-WAIT held as long as Linux holds it (60 s), so that both can be compared.
+const LINUX_TIME_WAIT: &str = "stats_interval = 0\n";
+
+#[test]
+fn cookie_connections_end_in_the_kernels_states() {
+    let lab = Lab::with(LINUX_TIME_WAIT, &[]);
+    follows_the_kernel(&lab, "cookie");
+}
+
+#[test]
+fn allowed_connections_end_in_the_kernels_states() {
+    let lab = Lab::with(
+        &format!("{LINUX_TIME_WAIT}[policy]\nallow = [\"{CLIENT}/32\"]\n"),
+        &[],
+    );
+    follows_the_kernel(&lab, "allowed");
+}
+
+/// Outside an attack the kernel answers SYNs itself (only with tcpguard's own cookies: the
+/// kernel's need `tcp_syncookies = 2`, with which the kernel answers every SYN with a cookie).
+#[test]
+fn kernel_handshake_connections_end_in_the_kernels_states() {
+    let lab = Lab::with(
+        LINUX_TIME_WAIT,
+        &["--cookies", "under-attack", "--cookie-mode", "own"],
+    );
+    follows_the_kernel(&lab, "kernel");
+}
+
+/// A connection from the client's `port`, bound with SO_REUSEADDR so that the port can be
+/// taken again while the server's end of an earlier connection from it is in TIME-WAIT.
+fn connect_from(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
+    let client = lab.rig.client.within(move || {
+        // SAFETY: plain socket calls on a descriptor this closure owns, with sockaddr_in
+        // values of the size passed.
+        unsafe {
+            let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            assert!(socket >= 0, "socket: {}", std::io::Error::last_os_error());
+            let one: libc::c_int = 1;
+            libc::setsockopt(
+                socket,
+                libc::SOL_SOCKET,
+                libc::SO_REUSEADDR,
+                (&raw const one).cast(),
+                size_of::<libc::c_int>() as u32,
+            );
+            let address = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let size = size_of::<libc::sockaddr_in>() as u32;
+            let local = address(CLIENT, port);
+            let status = libc::bind(socket, (&raw const local).cast(), size);
+            assert_eq!(status, 0, "bind: {}", std::io::Error::last_os_error());
+            let remote = address(SERVER, PORT);
+            let status = libc::connect(socket, (&raw const remote).cast(), size);
+            assert_eq!(status, 0, "connect: {}", std::io::Error::last_os_error());
+            <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(socket)
+        }
+    });
+    let (server, _) = lab.listener.accept().expect("accepting");
+    (client, server)
+}
+
+/// The client connects again from the same port while the server's end of its last connection
+/// is in TIME-WAIT (Linux lets the new SYN end it): each new connection is followed from its
+/// start, as the kernel's sockets show it.
+fn follows_a_reused_4_tuple(lab: &Lab) {
+    const REUSED: u16 = 40_000;
+    for round in 0..3 {
+        let (mut client, server) = connect_from(lab, REUSED);
+        let what = format!("connection {round} from port {REUSED}");
+        let opened = agrees_with_the_kernel(lab, REUSED, &format!("{what}, opened"));
+        assert_eq!(opened, ("ESTABLISHED".to_owned(), "ESTABLISHED".to_owned()));
+        drop(server);
+        assert!(read_to_end(&mut client).is_empty());
+        drop(client);
+        let closed = agrees_with_the_kernel(lab, REUSED, &format!("{what}, closed"));
+        assert_eq!(closed, ("CLOSED".to_owned(), "TIME-WAIT".to_owned()));
+    }
+}
+
+#[test]
+fn a_reused_4_tuple_is_followed_on_the_cookie_path() {
+    follows_a_reused_4_tuple(&Lab::with(LINUX_TIME_WAIT, &[]));
+}
+
+#[test]
+fn a_reused_4_tuple_is_followed_on_the_allowed_path() {
+    follows_a_reused_4_tuple(&Lab::with(
+        &format!("{LINUX_TIME_WAIT}[policy]\nallow = [\"{CLIENT}/32\"]\n"),
+        &[],
+    ));
 }

@@ -10,8 +10,9 @@ use std::{collections::HashMap, hint::black_box, time::Instant};
 
 use tcpguard::{connection::Timeouts, tracker::Tracker};
 use tcpguard_common::{
-    EVENT_COOKIE_HANDSHAKE, EVENT_SEGMENT, FLOW_IPV4, FROM_CLIENT, FROM_SERVER, FlowKey,
-    LifecycleEvent,
+    Direction::{FromClient, FromServer},
+    EventKind::{CookieHandshake, Segment},
+    FLOW_IPV4, FlowKey, LifecycleEvent,
     tcp_flags::{ACK, FIN},
 };
 
@@ -32,7 +33,12 @@ fn key(n: u32) -> FlowKey {
 
 fn lifecycle(n: u32, time: u64) -> [LifecycleEvent; 5] {
     let (client, server) = (1000u32.wrapping_mul(n), 7000u32.wrapping_mul(n));
-    let event = |direction, kind, flags, seq: u32, ack: u32, receiver_ack| LifecycleEvent {
+    let event = |direction: tcpguard_common::Direction,
+                 kind: tcpguard_common::EventKind,
+                 flags,
+                 seq: u32,
+                 ack: u32,
+                 receiver_ack| LifecycleEvent {
         key: key(n),
         time_ns: time,
         syn_time_ns: time - 1000,
@@ -40,51 +46,37 @@ fn lifecycle(n: u32, time: u64) -> [LifecycleEvent; 5] {
         ack,
         receiver_ack,
         flags,
-        kind,
-        direction,
+        kind: kind as u8,
+        direction: direction as u8,
         ..LifecycleEvent::default()
     };
     [
         event(
-            FROM_CLIENT,
-            EVENT_COOKIE_HANDSHAKE,
+            FromClient,
+            CookieHandshake,
             ACK,
             client + 1,
             server + 1,
             client + 1,
         ),
         event(
-            FROM_CLIENT,
-            EVENT_SEGMENT,
+            FromClient,
+            Segment,
             FIN | ACK,
             client + 1,
             server + 1,
             client + 1,
         ),
+        event(FromServer, Segment, ACK, server + 1, client + 2, server + 1),
         event(
-            FROM_SERVER,
-            EVENT_SEGMENT,
-            ACK,
-            server + 1,
-            client + 2,
-            server + 1,
-        ),
-        event(
-            FROM_SERVER,
-            EVENT_SEGMENT,
+            FromServer,
+            Segment,
             FIN | ACK,
             server + 1,
             client + 2,
             server + 1,
         ),
-        event(
-            FROM_CLIENT,
-            EVENT_SEGMENT,
-            ACK,
-            client + 2,
-            server + 2,
-            client + 2,
-        ),
+        event(FromClient, Segment, ACK, client + 2, server + 2, client + 2),
     ]
 }
 
@@ -100,7 +92,7 @@ fn tracker_rate(events: &[LifecycleEvent]) -> f64 {
     let mut effects = Vec::new();
     let start = Instant::now();
     for event in events {
-        tracker.on_event(event, &mut effects);
+        tracker.on_event(event, &mut effects).unwrap();
         effects.clear();
     }
     let elapsed = start.elapsed();
@@ -113,7 +105,7 @@ fn baseline_rate(events: &[LifecycleEvent]) -> f64 {
     let mut table: HashMap<FlowKey, u64> = HashMap::new();
     let start = Instant::now();
     for event in events {
-        if event.kind == EVENT_COOKIE_HANDSHAKE {
+        if event.kind == CookieHandshake as u8 {
             table.insert(event.key, event.time_ns);
         } else if let Some(seen) = table.get_mut(&event.key) {
             *seen = event.time_ns;
@@ -140,7 +132,9 @@ fn memory_for(count: u32) -> u64 {
     let mut tracker = Tracker::new(Timeouts::default(), 0);
     let mut effects = Vec::new();
     for n in 0..count {
-        tracker.on_event(&lifecycle(n, 1_000_000)[0], &mut effects);
+        tracker
+            .on_event(&lifecycle(n, 1_000_000)[0], &mut effects)
+            .unwrap();
         effects.clear();
     }
     let after = resident_bytes();
