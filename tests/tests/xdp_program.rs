@@ -59,7 +59,15 @@ struct SynAck {
 }
 
 /// Checks every field and checksum of the SYN-ACK answering `syn`.
-fn assert_synack(syn: &TcpFrame, answer: &[u8], config: &SynCookieConfig) -> SynAck {
+/// `expected_mss` is the client's MSS rounded down to the kernel's cookie table for the family
+/// (`msstab` in net/ipv4/syncookies.c: 536, 1300, 1440, 1460; `msstab` in net/ipv6/syncookies.c:
+/// 1220, 1420, 1440, 8940), written out by each test.
+fn assert_synack(
+    syn: &TcpFrame,
+    answer: &[u8],
+    config: &SynCookieConfig,
+    expected_mss: u16,
+) -> SynAck {
     let headers = PacketHeaders::from_ethernet_slice(answer).expect("etherparse parses it");
     let ethernet = headers
         .link
@@ -160,26 +168,20 @@ fn assert_synack(syn: &TcpFrame, answer: &[u8], config: &SynCookieConfig) -> Syn
             other => panic!("unexpected option {other:?}"),
         }
     }
-    // The helper encodes the client's MSS rounded down to the kernel's table for the family
-    // (net/ipv4/syncookies.c, net/ipv6/syncookies.c); no MSS option means the minimum.
-    let table: [u16; 4] = match syn.ip {
-        Ip::V4 { .. } => [1460, 1440, 1300, 536],
-        Ip::V6 { .. } => [8940, 1440, 1420, 1220],
-    };
-    let expected_mss = table
-        .into_iter()
-        .find(|&m| m <= offered.mss.unwrap_or(table[3]))
-        .unwrap_or(table[3]);
     if syn.options.is_empty() {
-        // Answered without options; the client assumes the minimum MSS, which is what the
-        // cookie encodes.
+        // Answered without options: the client assumes the family's default MSS (536 for
+        // IPv4, RFC 9293 §3.7.1; 1220 for IPv6), which is what the cookie encodes, and the
+        // window, unscaled, is the most whole segments of it that fit in 16 bits.
         assert_eq!(
             tcp.options.as_slice(),
             &[] as &[u8],
             "no options for a SYN without"
         );
-        assert_eq!(offered.mss, None);
-        assert!(table.contains(&expected_mss));
+        assert_eq!(
+            tcp.window_size,
+            65_535 / expected_mss * expected_mss,
+            "a whole number of {expected_mss}-byte segments"
+        );
     } else {
         assert_eq!(mss, Some(expected_mss), "MSS from the cookie helper");
     }
@@ -265,12 +267,12 @@ fn ack_for(syn: &TcpFrame, synack: &SynAck) -> TcpFrame {
 
 /// SYN → SYN-ACK checked field by field → the ACK built from it passes, and the same ACK with
 /// a wrong cookie is dropped.
-fn handshake(syn: TcpFrame) {
+fn handshake(syn: TcpFrame, expected_mss: u16) {
     in_fresh_netns(move || {
         let (_listener, guard) = listener_and_guard();
         let config = tcpguard::sysctl::syn_cookie_config().unwrap();
         let answer = assert_verdict(&guard, &syn.bytes(), XDP_TX, Counter::SynCookieSent);
-        let synack = assert_synack(&syn, &answer, &config);
+        let synack = assert_synack(&syn, &answer, &config, expected_mss);
 
         let ack = ack_for(&syn, &synack);
         // A cookie off by one can still decode to a valid MSS index (the kernel's cookies keep
@@ -286,29 +288,41 @@ fn handshake(syn: TcpFrame) {
 
 #[test]
 fn ipv4_syn_with_linux_options() {
-    handshake(TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 0xdead_beef, 7)));
+    handshake(
+        TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 0xdead_beef, 7)),
+        1460,
+    );
 }
 
 /// A SYN without options is answered in a frame of the same size: no tailroom needed.
 #[test]
 fn ipv4_syn_without_options() {
-    handshake(TcpFrame::syn_v4(PORT));
+    handshake(TcpFrame::syn_v4(PORT), 536);
 }
 
 #[test]
 fn ipv4_syn_with_macos_options_and_large_window_scale() {
-    handshake(TcpFrame::syn_v4(PORT).with_options(macos_syn_options(1440, 77, 15)));
+    handshake(
+        TcpFrame::syn_v4(PORT).with_options(macos_syn_options(1440, 77, 15)),
+        1440,
+    );
 }
 
 #[test]
 fn ipv4_syn_with_windows_options() {
-    handshake(TcpFrame::syn_v4(PORT).with_options(windows_syn_options(1460, 8)));
+    handshake(
+        TcpFrame::syn_v4(PORT).with_options(windows_syn_options(1460, 8)),
+        1460,
+    );
 }
 
 /// Linux's layout is read at fixed offsets; a scale above 14 is clamped there as in the walk.
 #[test]
 fn ipv4_syn_with_linux_options_and_large_window_scale() {
-    handshake(TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 3, 15)));
+    handshake(
+        TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 3, 15)),
+        1460,
+    );
 }
 
 /// Linux's layout but for one byte (end-of-list where the NOP before the window scale goes):
@@ -317,14 +331,35 @@ fn ipv4_syn_with_linux_options_and_large_window_scale() {
 fn ipv4_syn_almost_in_linux_layout() {
     let mut options = linux_syn_options(1460, 3, 7);
     options[16] = 0;
-    handshake(TcpFrame::syn_v4(PORT).with_options(options));
+    handshake(TcpFrame::syn_v4(PORT).with_options(options), 1460);
 }
 
 #[test]
 fn ipv4_syn_with_timestamps_only() {
     let mut options = vec![2, 4, 0x05, 0x14, 1, 1, 8, 10];
     options.extend_from_slice(&[0, 0, 0, 9, 0, 0, 0, 0]);
-    handshake(TcpFrame::syn_v4(PORT).with_options(options));
+    handshake(TcpFrame::syn_v4(PORT).with_options(options), 1300);
+}
+
+/// An MSS between the kernel's table entries is rounded down to the one below it.
+#[test]
+fn ipv4_syn_mss_rounds_down_to_the_kernels_table() {
+    handshake(
+        TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1400, 11, 7)),
+        1300,
+    );
+}
+
+#[test]
+fn ipv6_syn_mss_rounds_down_to_the_kernels_table() {
+    handshake(
+        TcpFrame::syn_v6(PORT).with_options(linux_syn_options(9000, 11, 7)),
+        8940,
+    );
+    handshake(
+        TcpFrame::syn_v6(PORT).with_options(windows_syn_options(1400, 2)),
+        1220,
+    );
 }
 
 #[test]
@@ -336,31 +371,34 @@ fn ipv4_syn_with_ip_options() {
         destination: SERVER_V4,
         options: vec![7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0, 1],
     };
-    handshake(syn);
+    handshake(syn, 1460);
 }
 
 #[test]
 fn ipv4_syn_behind_one_vlan_tag() {
     let mut syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 1, 7));
     syn.vlans = vec![(TPID_8021Q, 100)];
-    handshake(syn);
+    handshake(syn, 1460);
 }
 
 #[test]
 fn ipv4_syn_behind_two_vlan_tags() {
     let mut syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 1, 7));
     syn.vlans = vec![(TPID_8021AD, 200), (TPID_8021Q, 100)];
-    handshake(syn);
+    handshake(syn, 1460);
 }
 
 #[test]
 fn ipv6_syn_with_linux_options() {
-    handshake(TcpFrame::syn_v6(PORT).with_options(linux_syn_options(1440, 42, 7)));
+    handshake(
+        TcpFrame::syn_v6(PORT).with_options(linux_syn_options(1440, 42, 7)),
+        1440,
+    );
 }
 
 #[test]
 fn ipv6_syn_without_options() {
-    handshake(TcpFrame::syn_v6(PORT));
+    handshake(TcpFrame::syn_v6(PORT), 1220);
 }
 
 #[test]
@@ -376,7 +414,7 @@ fn ipv6_syn_behind_extension_headers() {
         ],
     };
     syn.vlans = vec![(TPID_8021Q, 7)];
-    handshake(syn);
+    handshake(syn, 1440);
 }
 
 #[test]
@@ -589,7 +627,7 @@ fn an_unfragmented_ipv4_packet_without_df_is_legitimate() {
         refresh_ipv4_checksum(&mut frame, 14);
         let answer = assert_verdict(&guard, &frame, XDP_TX, Counter::SynCookieSent);
         let config = tcpguard::sysctl::syn_cookie_config().unwrap();
-        assert_synack(&syn, &answer, &config);
+        assert_synack(&syn, &answer, &config, 1460);
     });
 }
 
