@@ -35,7 +35,9 @@ pub use report::{
     CLIENT_UNACKED, Direction, EventKind, SERVER_UNACKED, SegmentHeader, UnknownValue,
 };
 
-/// Names of the maps in the eBPF object, as the daemon looks them up.
+/// Names of the maps in the eBPF objects, as the daemon looks them up. The programs declare
+/// them by the same names (`#[map(name = ...)]` takes only a literal); tests/tests/maps.rs
+/// checks that the built objects hold exactly these.
 pub mod maps {
     /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
@@ -76,6 +78,9 @@ pub mod maps {
     /// pinned: each daemon reads the rings of the programs it loaded. The TC ingress program
     /// (C) has one of the same name.
     pub const RARE_EVENTS: &str = "RARE_EVENTS";
+    /// `PerCpuArray<LogLimit>` beside [`RARE_EVENTS`], per object: when each kind of line was
+    /// last written.
+    pub const RARE_LIMITS: &str = "RARE_LIMITS";
     /// `Array<AttackConfig>` with a single entry, written by the daemon.
     pub const ATTACK_CONFIG: &str = "ATTACK_CONFIG";
     /// `Array<AttackState>` with a single entry: the SYN rate and whether an attack is on.
@@ -84,7 +89,26 @@ pub mod maps {
     /// own object: what it made of the own-cookie ACKs XDP handed it.
     pub const REQSK_RESULTS: &str = "REQSK_RESULTS";
 
-    /// Every map, for pinning.
+    /// Single-entry `PerCpuArray`s the programs of tcpguard's object use as scratch space within
+    /// one invocation, to keep values out of the verifier's sight or off the 512-byte stack.
+    /// Never pinned or read by the daemon.
+    pub const SCRATCH: &[&str] = &[
+        "SYN_SCRATCH",
+        "OPTIONS_SCRATCH",
+        "CHECK_SCRATCH",
+        "KEY_SCRATCH",
+        "HOST_KEY_SCRATCH",
+    ];
+
+    /// The maps of tcpguard's object that each load has to itself: [`SCRATCH`] and the
+    /// rare-event ring with its limits.
+    pub const UNPINNED: &[&str] = &[RARE_EVENTS, RARE_LIMITS];
+
+    /// The maps of the TC ingress object (`tcpguard-ebpf/c/reqsk.c`).
+    pub const REQSK_OBJECT: &[&str] = &[REQSK_RESULTS, RARE_EVENTS, RARE_LIMITS];
+
+    /// Every map of tcpguard's object that is pinned; with [`UNPINNED`] and [`SCRATCH`], every
+    /// map the object has.
     pub const ALL: &[&str] = &[
         COUNTERS,
         PROTECTED_PORTS,
