@@ -135,9 +135,9 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: EventKind, clock: SynClock)
     let now = now_ns();
     let opened = Flow::opened_by(&header(segment), now);
     let mut flow = MaybeUninit::uninit();
-    // Flow is plain old data; all-zero is a valid value. Built in place, field by field, to
-    // keep it off the SYN path's crowded stack.
-    let flow: &mut Flow = zero::zeroed_in(&mut flow);
+    // Built in place, field by field, to keep it off the SYN path's crowded stack.
+    // SAFETY: Flow is plain old data; all-zero is a valid value.
+    let flow: &mut Flow = unsafe { zero::zeroed_in(&mut flow) };
     flow.last_seen_ns = opened.last_seen_ns;
     flow.client_control_seq = opened.client_control_seq;
     flow.client_ack = opened.client_ack;

@@ -103,7 +103,8 @@ pub fn check_ack(
         return Counter::CookieRejected;
     };
     let mut header = core::mem::MaybeUninit::uninit();
-    let header: &mut Header = zero::zeroed_in(&mut header);
+    // SAFETY: a byte array; all-zero is a valid value.
+    let header: &mut Header = unsafe { zero::zeroed_in(&mut header) };
     let header_len = match syn::load_header(ctx, segment, header) {
         Ok(len) => len,
         Err(counter) => return counter,

@@ -91,7 +91,8 @@ impl Lists {
         // arg#0 function memset"), and with it the program. The kernel-cookie program now
         // calls no function but its own body.
         let mut slot = MaybeUninit::uninit();
-        let source: &mut SourceKey = zero::zeroed_in(&mut slot);
+        // SAFETY: SourceKey is plain old data; all-zero is a valid value.
+        let source: &mut SourceKey = unsafe { zero::zeroed_in(&mut slot) };
         source.addr = key.client_addr;
         source.family = key.family;
         FULL_SOURCES.get_ptr(source).is_some()

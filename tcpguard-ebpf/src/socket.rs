@@ -37,8 +37,8 @@ impl Socket {
     #[inline(always)]
     pub fn lookup(ctx: &XdpContext, segment: &Segment) -> Option<Self> {
         let mut tuple = MaybeUninit::uninit();
-        // bpf_sock_tuple is plain old data; all-zero is a valid value.
-        let tuple: &mut bpf_sock_tuple = zero::zeroed_in(&mut tuple);
+        // SAFETY: bpf_sock_tuple is plain old data; all-zero is a valid value.
+        let tuple: &mut bpf_sock_tuple = unsafe { zero::zeroed_in(&mut tuple) };
         let ports: [u8; 4] = read(ctx, segment.l4)?;
         let (sport, dport) = (
             u16::from_ne_bytes([ports[0], ports[1]]),

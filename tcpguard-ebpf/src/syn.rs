@@ -103,7 +103,8 @@ pub fn answer<const OWN: bool>(
     // gives it memory of a length the verifier can bound. The same buffer then becomes the
     // SYN-ACK's TCP header, which keeps the program within the 512-byte BPF stack.
     let mut header = MaybeUninit::uninit();
-    let header: &mut Header = zero::zeroed_in(&mut header);
+    // SAFETY: a byte array; all-zero is a valid value.
+    let header: &mut Header = unsafe { zero::zeroed_in(&mut header) };
     let header_len = match load_header(ctx, segment, header) {
         Ok(len) => len,
         Err(counter) => return counter,
@@ -387,7 +388,9 @@ fn be32(bytes: &[u8]) -> u32 {
 fn write_synack_header(header: &mut Header, plan: &SynAckPlan) -> usize {
     let client_ports = [header[0], header[1], header[2], header[3]];
     let client_seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    zero::clear_words(&mut header[12..SYNACK_MAX_HLEN]);
+    // SAFETY: `header` is 8-byte aligned (it comes from `zero::zeroed_in`) and 12 and
+    // SYNACK_MAX_HLEN are multiples of 4.
+    unsafe { zero::clear_words(&mut header[12..SYNACK_MAX_HLEN]) };
     let b = header;
     b[0..2].copy_from_slice(&client_ports[2..4]);
     b[2..4].copy_from_slice(&client_ports[0..2]);

@@ -10,10 +10,13 @@ use core::mem::MaybeUninit;
 #[repr(C, align(8))]
 pub struct Aligned<T>(pub T);
 
-/// Zeroes `slot` one 8-byte word at a time and returns it initialised. `T` must be valid
-/// all-zero.
+/// Zeroes `slot` one 8-byte word at a time and returns it initialised.
+///
+/// # Safety
+///
+/// All-zero bytes must be a valid `T` (plain old data: integers, arrays of them).
 #[inline(always)]
-pub fn zeroed_in<T>(slot: &mut MaybeUninit<Aligned<T>>) -> &mut T {
+pub unsafe fn zeroed_in<T>(slot: &mut MaybeUninit<Aligned<T>>) -> &mut T {
     let words = slot.as_mut_ptr().cast::<u64>();
     let mut word = 0;
     while word < size_of::<Aligned<T>>() / 8 {
@@ -21,7 +24,7 @@ pub fn zeroed_in<T>(slot: &mut MaybeUninit<Aligned<T>>) -> &mut T {
         unsafe { words.add(word).write_volatile(0) };
         word += 1;
     }
-    // SAFETY: every byte is written, and T is valid all-zero.
+    // SAFETY: every byte is written, and T is valid all-zero (the caller's promise).
     unsafe { &mut slot.assume_init_mut().0 }
 }
 
@@ -34,14 +37,18 @@ pub fn clear(bytes: &mut [u8]) {
     }
 }
 
-/// Zeroes `bytes` four at a time. `bytes` must start 4-byte aligned and be a multiple of 4
-/// long: a slice of a buffer that [`Aligned`] holds, at offsets that keep it so.
+/// Zeroes `bytes` four at a time.
+///
+/// # Safety
+///
+/// `bytes` must start 4-byte aligned and be a multiple of 4 long: a slice of a buffer that
+/// [`Aligned`] holds, at offsets that keep it so.
 #[inline(always)]
-pub fn clear_words(bytes: &mut [u8]) {
+pub unsafe fn clear_words(bytes: &mut [u8]) {
     let words = bytes.as_mut_ptr().cast::<u32>();
     let mut word = 0;
     while word < bytes.len() / 4 {
-        // SAFETY: inside `bytes`, aligned as the caller promises (the verifier rejects a
+        // SAFETY: inside `bytes`, aligned as the caller promises (and the verifier rejects a
         // misaligned stack store, so a broken promise fails the load, not the packet).
         unsafe { words.add(word).write_volatile(0) };
         word += 1;
