@@ -83,6 +83,13 @@ pub enum GuardError {
     MissingMap(&'static str),
     #[error("the eBPF object has no program {0:?}")]
     MissingProgram(&'static str),
+    #[error(
+        "program {name:?} in the eBPF object is not of the type tcpguard loads it as ({expected})"
+    )]
+    ProgramType {
+        name: &'static str,
+        expected: &'static str,
+    },
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -196,6 +203,7 @@ impl Guard {
     /// Loads the programs for the kernel's cookies or (`own_cookies`) tcpguard's, unpinned, and
     /// writes `ports` (protected for IPv4 and IPv6) and `config`: what BPF_PROG_TEST_RUN tests
     /// need.
+    #[cfg(feature = "testing")]
     pub fn load(
         ports: &BTreeSet<u16>,
         config: SynCookieConfig,
@@ -244,6 +252,7 @@ impl Guard {
     }
 
     /// The loaded XDP program, for BPF_PROG_TEST_RUN.
+    #[cfg(feature = "testing")]
     pub fn program(&self) -> &Xdp {
         self.ebpf
             .program(self.xdp)
@@ -253,6 +262,7 @@ impl Guard {
 
     /// The instructions the verifier processed to accept the TC egress program, if the kernel
     /// says.
+    #[cfg(feature = "testing")]
     pub fn egress_verified_instructions(&self) -> Option<u32> {
         let program: &SchedClassifier = self.ebpf.program(EGRESS_PROGRAM)?.try_into().ok()?;
         program.info().ok()?.verified_instruction_count()
@@ -915,7 +925,13 @@ where
     ebpf.program_mut(name)
         .ok_or(GuardError::MissingProgram(name))?
         .try_into()
-        .map_err(verifier(name))
+        .map_err(|_| GuardError::ProgramType {
+            name,
+            expected: std::any::type_name::<T>()
+                .rsplit("::")
+                .next()
+                .unwrap_or("?"),
+        })
 }
 
 /// Why a program did not load, in a few lines: the error, and the last lines of the verifier's
@@ -1017,4 +1033,35 @@ pub fn if_index(interface: &str) -> Option<u32> {
     // SAFETY: name is a valid NUL-terminated string.
     let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
     (index != 0).then_some(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loading a program as the wrong type is a defect of the object, not something the
+    /// verifier said: it must not pass for a rejection (which `cookie_mode = "auto"` answers by
+    /// falling back to the kernel's cookies).
+    #[test]
+    fn a_program_of_another_type_is_not_a_verifier_rejection() {
+        let mut ebpf = Ebpf::load(TCPGUARD_OBJECT).expect("loading the maps (needs root)");
+        let Err(err) = program_mut::<Xdp>(&mut ebpf, EGRESS_PROGRAM) else {
+            panic!("the egress program taken for XDP");
+        };
+        assert!(
+            matches!(
+                err,
+                GuardError::ProgramType {
+                    name: EGRESS_PROGRAM,
+                    expected: "Xdp"
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "program \"tcpguard_egress\" in the eBPF object is not of the type tcpguard loads \
+             it as (Xdp)"
+        );
+    }
 }

@@ -48,6 +48,8 @@ pub enum ReqskError {
     Load(#[from] EbpfError),
     #[error("the reqsk object has no {0}")]
     Missing(&'static str),
+    #[error("program {PROGRAM} in the reqsk object is not a TC classifier")]
+    ProgramType,
     #[error("the kernel rejected program {PROGRAM}: {}", crate::guard::rejection(.0))]
     Verifier(#[source] ProgramError),
     #[error("no interface {0:?} in this network namespace")]
@@ -178,22 +180,11 @@ impl Reqsk {
         })
     }
 
-    /// The loaded program, for BPF_PROG_TEST_RUN.
-    pub fn program(&self) -> Result<&SchedClassifier, ReqskError> {
-        self.ebpf
-            .program(PROGRAM)
-            .ok_or(ReqskError::Missing(PROGRAM))?
-            .try_into()
-            .map_err(ReqskError::Verifier)
-    }
-
     /// The instructions the verifier processed to accept the program, if the kernel says.
+    #[cfg(feature = "testing")]
     pub fn verified_instructions(&self) -> Option<u32> {
-        self.program()
-            .ok()?
-            .info()
-            .ok()?
-            .verified_instruction_count()
+        let program: &SchedClassifier = self.ebpf.program(PROGRAM)?.try_into().ok()?;
+        program.info().ok()?.verified_instruction_count()
     }
 
     /// Attaches the program to `interface`'s TC ingress (a TCX link). With a pin directory that
@@ -360,7 +351,7 @@ fn program_mut(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, ReqskError> {
     ebpf.program_mut(PROGRAM)
         .ok_or(ReqskError::Missing(PROGRAM))?
         .try_into()
-        .map_err(ReqskError::Verifier)
+        .map_err(|_| ReqskError::ProgramType)
 }
 
 #[cfg(test)]
