@@ -303,10 +303,11 @@ impl Connection {
         }
     }
 
-    /// Applies a segment seen at `now_ns`. Returns the kind it was judged to be.
-    pub fn on_segment(&mut self, segment: &Segment, now_ns: u64) -> SegmentKind {
+    /// Applies a segment seen at `now_ns`. Returns the kind it was judged to be, or `None`
+    /// once the connection is over: a closed connection judges nothing and stays as it is.
+    pub fn on_segment(&mut self, segment: &Segment, now_ns: u64) -> Option<SegmentKind> {
         if self.closed.is_some() {
-            return SegmentKind::Ack;
+            return None;
         }
         self.last_activity_ns = self.last_activity_ns.max(now_ns);
         if let Some(ack) = segment.receiver_ack {
@@ -342,7 +343,7 @@ impl Connection {
             self.established_ns = Some(now_ns);
         }
         self.settle();
-        kind
+        Some(kind)
     }
 
     /// Traffic the data plane saw without reporting it (plain data): the connection is alive.

@@ -90,7 +90,9 @@ impl Conversation {
 
     fn deliver(&mut self, segment: Segment) -> SegmentKind {
         self.now_ns += SECOND / 1000;
-        self.connection.on_segment(&segment, self.now_ns)
+        self.connection
+            .on_segment(&segment, self.now_ns)
+            .expect("a segment to an open connection")
     }
 
     fn wait(&mut self, duration: Duration) {
@@ -229,6 +231,26 @@ fn exact_rst_from_the_client_aborts() {
     talk.send(Client, ACK, 0);
     assert_eq!(talk.send(Client, RST, 0), SegmentKind::Rst);
     assert_eq!(talk.closed(), Some(CloseReason::Rst));
+}
+
+/// Once over, a connection judges no segment (no made-up kind) and nothing about it changes.
+#[test]
+fn a_closed_connection_judges_nothing() {
+    let mut talk = Conversation::from_cookie();
+    talk.send(Client, RST, 0);
+    let closed = talk.connection.clone();
+    for flags in [SYN, SYN | ACK, ACK, FIN | ACK, RST] {
+        let segment = Segment {
+            from: Server,
+            flags,
+            seq: SERVER_ISN + 1,
+            ack: CLIENT_ISN + 1,
+            payload_len: 0,
+            receiver_ack: None,
+        };
+        assert_eq!(talk.connection.on_segment(&segment, SECOND), None);
+        assert_eq!(talk.connection, closed);
+    }
 }
 
 #[test]
@@ -446,7 +468,7 @@ proptest! {
     ) {
         let mut connection = Connection::with_states(client, server, 0);
         let before = connection.states();
-        if connection.on_segment(&segment, 1) == SegmentKind::IgnoredRst {
+        if connection.on_segment(&segment, 1) == Some(SegmentKind::IgnoredRst) {
             prop_assert_eq!(connection.states(), before);
             prop_assert_ne!(connection.closed, Some(CloseReason::Rst));
         }
