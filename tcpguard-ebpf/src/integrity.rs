@@ -73,6 +73,10 @@ pub fn ipv4_header(ctx: &XdpContext, segment: &Segment) -> Result<(), Counter> {
 /// `syn::syn_options`): a structural check (every option fits its header, no length below 2)
 /// and the source-route options Linux refuses for local delivery.
 #[inline(always)]
+#[expect(
+    unused_assignments,
+    reason = "the last position of the unrolled walk advances `next` past every position"
+)]
 fn options(header: &[u8; SCRATCH_LEN + 8], end: usize) -> Result<(), Counter> {
     let mut next = 20;
     macro_rules! at_positions {

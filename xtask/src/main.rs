@@ -72,6 +72,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => {
             require_root("the tests load BPF programs and make network namespaces")?;
             setup::run()?;
+            clippy_ebpf()?;
             cargo(&["build", "--bins"])?;
             // Every daemon the tests start takes the paths the kernel offers (own cookies on
             // 6.9 and later, TC through TCX on 6.6 and later); then the end-to-end suites run
@@ -203,6 +204,50 @@ fn require_root(why: &str) -> anyhow::Result<()> {
 
 /// Where the VM test's guest images are cached.
 const VM_CACHE: &str = "/var/cache/tcpguard-vm";
+
+/// Lints the eBPF crate for the target it is built for (the nightly toolchain, as
+/// tcpguard/build.rs builds it), warnings denied: the workspace's `cargo clippy` leaves it out,
+/// since it builds for no host target.
+fn clippy_ebpf() -> anyhow::Result<()> {
+    println!("test: clippy on tcpguard-ebpf for bpfel-unknown-none");
+    let arch = match std::env::consts::ARCH {
+        arch if arch.starts_with("riscv64") => "riscv64",
+        arch => arch,
+    };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut clippy = Command::new("rustup");
+    clippy
+        .args([
+            "run",
+            "nightly",
+            "cargo",
+            "clippy",
+            "--package",
+            "tcpguard-ebpf",
+        ])
+        .args([
+            "--lib",
+            "--bins",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+        ])
+        .args(["-Z", "build-std=core", "--target-dir"])
+        .arg(root.join("target/ebpf-clippy"))
+        .args(["--", "-D", "warnings"])
+        .current_dir(root.join("tcpguard-ebpf"))
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            format!("--cfg=bpf_target_arch=\"{arch}\""),
+        )
+        // The outer cargo's compiler and wrappers are the pinned stable toolchain's.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER");
+    if !succeeds(&mut clippy) {
+        bail!("clippy found faults in tcpguard-ebpf (see above): {clippy:?}");
+    }
+    Ok(())
+}
 
 /// The test suites that drive the real daemon, run once per cookie path.
 const END_TO_END_SUITES: &[&str] = &["flood", "operation", "lifecycle", "host"];

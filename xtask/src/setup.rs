@@ -41,7 +41,7 @@ const PROMETHEUS_CLIENT: &str = "prometheus_client==0.21.1";
 
 pub fn run() -> anyhow::Result<()> {
     pinned_toolchain()?;
-    nightly_rust_src()?;
+    nightly_components()?;
     debian_packages()?;
     promtool()?;
     bpf_linker()?;
@@ -108,7 +108,11 @@ fn pinned_toolchain() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn nightly_rust_src() -> anyhow::Result<()> {
+/// What the nightly toolchain needs beyond its defaults: rust-src for the eBPF build's
+/// `-Z build-std`, clippy to lint the eBPF crate for its target (`cargo xtask test`).
+const NIGHTLY_COMPONENTS: [&str; 2] = ["rust-src", "clippy"];
+
+fn nightly_components() -> anyhow::Result<()> {
     let installed = capture(Command::new("rustup").args([
         "component",
         "list",
@@ -120,18 +124,22 @@ fn nightly_rust_src() -> anyhow::Result<()> {
         "rustup cannot list the nightly toolchain's components; install it with \
          `rustup toolchain install nightly`",
     )?;
-    if installed.lines().any(|line| line.starts_with("rust-src")) {
-        return Ok(());
-    }
-    println!("setup: adding rust-src to the nightly toolchain (the eBPF build needs -Z build-std)");
-    if !succeeds(Command::new("rustup").args([
-        "component",
-        "add",
-        "rust-src",
-        "--toolchain",
-        NIGHTLY,
-    ])) {
-        bail!("could not add rust-src; run `rustup component add rust-src --toolchain nightly`");
+    for component in NIGHTLY_COMPONENTS {
+        if installed.lines().any(|line| line.starts_with(component)) {
+            continue;
+        }
+        println!("setup: adding {component} to the nightly toolchain");
+        if !succeeds(Command::new("rustup").args([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            NIGHTLY,
+        ])) {
+            bail!(
+                "could not add {component}; run `rustup component add {component} --toolchain nightly`"
+            );
+        }
     }
     Ok(())
 }

@@ -51,7 +51,7 @@ fn is_bare_ipv4_ack(ctx: &XdpContext) -> bool {
         return false;
     }
     let tcp = IP + usize::from(byte(IP) & 0x0f) * 4;
-    if tcp < IP + 20 || tcp > 60 + IP || start + tcp + 20 > end {
+    if !(IP + 20..=IP + 60).contains(&tcp) || start + tcp + 20 > end {
         return false;
     }
     // SAFETY: as above.
