@@ -557,6 +557,7 @@ impl Daemon {
         }
         self.metrics.observe_table(
             &self.tracker.count_by_state(),
+            self.tracker.in_flow_map(),
             self.flows.capacity(),
             self.sources_full.len(),
         );

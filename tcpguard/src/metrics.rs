@@ -142,7 +142,7 @@ impl Metrics {
             &registry,
             IntGauge::new(
                 "tcpguard_flow_table_entries",
-                "Connections in the flow table.",
+                "Entries of the data plane's flow map: tracked connections, less those whose entry is already gone (a client's TIME-WAIT after the server closed).",
             )
             .expect("valid metric"),
         );
@@ -342,22 +342,21 @@ impl Metrics {
         self.events_unknown.inc();
     }
 
-    /// The connection table, as it stands now.
+    /// The connection table, as it stands now, and the flow map entries it accounts for.
     pub fn observe_table(
         &self,
         by_state: &HashMap<(TcpState, TcpState), usize>,
+        flow_entries: usize,
         capacity: u32,
         sources_at_limit: usize,
     ) {
         self.connections.reset();
-        let mut entries = 0;
         for ((client, server), &count) in by_state {
             self.connections
                 .with_label_values(&[client.label(), server.label()])
                 .set(count as i64);
-            entries += count;
         }
-        self.flow_entries.set(entries as i64);
+        self.flow_entries.set(flow_entries as i64);
         self.flow_capacity.set(i64::from(capacity));
         self.sources_at_limit.set(sources_at_limit as i64);
     }

@@ -142,6 +142,15 @@ impl Tracker {
         self.connections.iter()
     }
 
+    /// Connections whose flow the data plane still tracks: all but those whose entry was
+    /// removed from the flow map before they left this table ([`Effect::Untracked`]).
+    pub fn in_flow_map(&self) -> usize {
+        self.connections
+            .values()
+            .filter(|tracked| !tracked.untracked)
+            .count()
+    }
+
     /// How many connections have each (client state, server state) pair.
     pub fn count_by_state(&self) -> HashMap<(TcpState, TcpState), usize> {
         let mut counts = HashMap::new();

@@ -24,9 +24,18 @@ struct Lab {
 }
 
 impl Lab {
+    /// TIME-WAIT lasts 2 s instead of 60 s, so that orderly closes finish within the test.
     fn new() -> Self {
         // TIME-WAIT lasts 2 s instead of 60 s, so that orderly closes finish within the test.
         Self::with("stats_interval = 0\n[timeouts]\nmsl = 1\n", &[])
+    }
+
+    /// As [`Lab::new`], with TIME-WAIT lasting 2 × `seconds`.
+    fn with_msl(seconds: u32) -> Self {
+        Self::with(
+            &format!("stats_interval = 0\n[timeouts]\nmsl = {seconds}\n"),
+            &[],
+        )
     }
 
     /// A daemon with the config file `config` and the extra arguments `args`.
@@ -686,4 +695,59 @@ fn a_reused_4_tuple_is_followed_on_the_allowed_path() {
         &format!("{LINUX_TIME_WAIT}[policy]\nallow = [\"{CLIENT}/32\"]\n"),
         &[],
     ));
+}
+
+/// The entries of the data plane's flow map, read from the daemon's pin.
+fn flow_map_entries(lab: &Lab) -> usize {
+    let pin = lab.daemon.paths.pin_dir.join(tcpguard_common::maps::FLOWS);
+    let data = aya::maps::MapData::from_pin(&pin).expect("opening the pinned flow map");
+    let map: aya::maps::HashMap<_, tcpguard_common::FlowKey, tcpguard_common::Flow> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("a hash map");
+    map.keys().filter_map(Result::ok).count()
+}
+
+/// `tcpguard_flow_table_entries` is what the flow map holds: a connection whose server end has
+/// closed has left the map while the daemon still lists the client's TIME-WAIT, and counts
+/// there only in `tcpguard_connections`.
+#[test]
+fn flow_table_entries_are_the_flow_maps() {
+    // TIME-WAIT outlasts the test.
+    let lab = Lab::with_msl(60);
+    let (open_client, _open_server) = lab.connect();
+    let (client, mut server) = lab.connect();
+    let closing = client_port(&client);
+    client.shutdown(Shutdown::Write).unwrap();
+    assert!(read_to_end(&mut server).is_empty());
+    drop(server);
+    lab.flow_of(
+        closing,
+        "the client's TIME-WAIT after the server closed",
+        |c, s| (c, s) == ("TIME-WAIT", "CLOSED"),
+    );
+    lab.flow_of(client_port(&open_client), "the open connection", |c, s| {
+        (c, s) == ("ESTABLISHED", "ESTABLISHED")
+    });
+    assert_eq!(flow_map_entries(&lab), 1, "only the open connection's flow");
+    let samples = wait_until(Duration::from_secs(5), "metrics of both", || {
+        let samples = scrape(&lab.rig.server);
+        (sample(
+            &samples,
+            "tcpguard_connections",
+            "client_state=\"time_wait\",server_state=\"closed\"",
+        ) == 1.0)
+            .then_some(samples)
+    });
+    assert_eq!(
+        sample(
+            &samples,
+            "tcpguard_connections",
+            "client_state=\"established\",server_state=\"established\""
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample(&samples, "tcpguard_flow_table_entries", ""),
+        flow_map_entries(&lab) as f64
+    );
+    drop(client);
 }
