@@ -17,10 +17,6 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "parsed once per process; boxing buys nothing"
-)]
 enum Command {
     /// Attach to an interface and protect ports until SIGINT or SIGTERM; SIGHUP reloads the
     /// configuration file.
