@@ -144,6 +144,20 @@ fn nightly_components() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `apt-get ARGS`, non-interactive; whether it succeeded.
+fn apt(args: &[&str]) -> bool {
+    succeeds(
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+/// Whether `tool` is on the PATH.
+fn has_command(tool: &str) -> bool {
+    succeeds(Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null")]))
+}
+
 fn debian_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = PACKAGES
         .iter()
@@ -158,13 +172,6 @@ fn debian_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     println!("setup: installing Debian packages {}", missing.join(" "));
-    let apt = |args: &[&str]| {
-        succeeds(
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
     if !apt(&["update", "-q"]) {
         bail!(
             "`apt-get update` failed; run it as root, then `apt-get install {}`",
@@ -189,19 +196,12 @@ fn debian_packages() -> anyhow::Result<()> {
 /// also enables and starts a Prometheus server, which nothing here uses (the VM test starts
 /// its own, in its namespace): setup stops and disables it again when it installed it.
 fn promtool() -> anyhow::Result<()> {
-    if succeeds(Command::new("sh").args(["-c", "command -v promtool >/dev/null"])) {
+    if has_command("promtool") {
         return Ok(());
     }
     println!(
         "setup: installing Debian's prometheus package for promtool (checks the alerting rules)"
     );
-    let apt = |args: &[&str]| {
-        succeeds(
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
     if !apt(&["update", "-q"])
         || !apt(&[
             "install",
@@ -237,9 +237,7 @@ pub fn vm_packages() -> anyhow::Result<()> {
         "prometheus",
     ]
     .into_iter()
-    .any(|tool| {
-        !succeeds(Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null")]))
-    });
+    .any(|tool| !has_command(tool));
     if !missing {
         return Ok(());
     }
@@ -252,13 +250,6 @@ pub fn vm_packages() -> anyhow::Result<()> {
         .with_context(|| format!("cannot write {BACKPORTS}"))?;
     }
     println!("setup: installing qemu (from bookworm-backports), mmdebstrap and e2fsprogs");
-    let apt = |args: &[&str]| {
-        succeeds(
-            Command::new("apt-get")
-                .args(args)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )
-    };
     if !apt(&["update", "-q"])
         || !apt(&[
             "install",
