@@ -63,7 +63,7 @@ pub fn ipv4_header(ctx: &XdpContext, segment: &Segment) -> Result<(), Counter> {
     }
     let scratch = scratch()?;
     load(ctx, segment.l3, scratch, header_len)?;
-    if checksum::finish(sum_words(scratch, 0, header_len)?) != [0, 0] {
+    if checksum::finish(sum_words(scratch, header_len)?) != [0, 0] {
         return Err(Counter::BadChecksum);
     }
     options(&scratch.0, header_len)
@@ -141,7 +141,7 @@ pub fn tcp_checksum(
         scratch.0[tail] = 0;
         scratch.0[tail + 1] = 0;
         scratch.0[tail + 2] = 0;
-        sum += sum_words(scratch, 0, (payload_len + 3) & !3)?;
+        sum += sum_words(scratch, (payload_len + 3) & !3)?;
     }
     if checksum::finish(sum) != [0, 0] {
         return Err(Counter::BadChecksum);
@@ -185,11 +185,11 @@ fn load(ctx: &XdpContext, offset: usize, scratch: &mut Scratch, len: usize) -> R
     Ok(())
 }
 
-/// The one's complement sum of `len` bytes of `scratch` from `start` (a multiple of 4, at most
+/// The one's complement sum of the first `len` bytes of `scratch` (a multiple of 4, at most
 /// MAX_PAYLOAD), in `checksum`'s representation: `bpf_csum_diff` sums in the machine's byte
 /// order too.
 #[inline(always)]
-fn sum_words(scratch: &mut Scratch, start: usize, len: usize) -> Result<u64, Counter> {
+fn sum_words(scratch: &mut Scratch, len: usize) -> Result<u64, Counter> {
     let mut sum = 0u64;
     let mut chunk = 0;
     while chunk < MAX_PAYLOAD / CSUM_CHUNK {
@@ -198,12 +198,18 @@ fn sum_words(scratch: &mut Scratch, start: usize, len: usize) -> Result<u64, Cou
             break;
         }
         let size = (len - offset).min(CSUM_CHUNK) & !3;
-        // SAFETY: `size` bytes from `start + offset` lie inside the scratch buffer.
+        // The same size, masked through a volatile read that keeps LLVM from dropping the
+        // mask: LLVM spills `len` before its checks, and Linux 6.1's verifier does not apply
+        // them to the spilled copy, so the size it reloads could be negative. The mask
+        // (0..=1020, whole words) changes no size that passed them.
+        // SAFETY: a read of a local.
+        let size = unsafe { core::ptr::read_volatile(&size) } & (2 * CSUM_CHUNK - 4);
+        // SAFETY: `size` bytes from `offset` lie inside the scratch buffer.
         let partial = unsafe {
             bpf_csum_diff(
                 core::ptr::null_mut(),
                 0,
-                scratch.0.as_mut_ptr().add(start + offset).cast(),
+                scratch.0.as_mut_ptr().add(offset).cast(),
                 size as u32,
                 0,
             )

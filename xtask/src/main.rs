@@ -35,13 +35,8 @@ enum Task {
     Package,
     /// Boot Debian guests under qemu, one after the other, that install the package and run
     /// tcpguard as their systemd service with Prometheus, then flood each from the host:
-    /// baseline and tcpguard. Debian 13 (Linux 6.12); with --all also Debian 12 (6.1), which
-    /// tcpguard does not support yet.
-    VmTest {
-        /// Also boot the releases tcpguard does not support yet.
-        #[arg(long)]
-        all: bool,
-    },
+    /// baseline and tcpguard: Debian 12 (Linux 6.1), then Debian 13 (6.12).
+    VmTest,
     /// Build the VM test's guest images (cached under /var/cache/tcpguard-vm) without booting
     /// them.
     VmImages,
@@ -146,7 +141,7 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Task::VmTest { all } => {
+        Task::VmTest => {
             require_root("the VM test makes a network namespace with a tap device")?;
             setup::run()?;
             setup::vm_packages()?;
@@ -162,10 +157,7 @@ fn main() -> anyhow::Result<()> {
             ])?;
             let mut vm_test = Command::new("target/release/vm-test");
             vm_test.arg(&package);
-            for release in vm::RELEASES
-                .iter()
-                .filter(|release| all || release.supported)
-            {
+            for release in vm::RELEASES {
                 let image = vm::image(std::path::Path::new(VM_CACHE), release.suite)?;
                 vm_test
                     .arg(release.name)

@@ -25,29 +25,23 @@ pub struct Release {
     pub cookie_mode: &'static str,
     /// How tcpguard must attach its TC egress program there.
     pub tc_attach: &'static str,
-    /// Whether tcpguard runs there yet: `cargo xtask vm-test` (and so CI) boots only these;
-    /// `--all` boots every release.
-    pub supported: bool,
 }
 
-/// The guests, oldest first. Debian 12's 6.1 kernel has no TCX (TC goes through netlink) and no
-/// `bpf_sk_assign_tcp_reqsk` (the kernel's cookies); its verifier still refuses the XDP program
-/// (see README, "The VM test"), so it is not supported yet. Debian 13's 6.12 has both (TCX,
-/// tcpguard's own cookies) and is the oldest kernel tcpguard supports.
+/// The guests, oldest first. Debian 12's 6.1, the oldest kernel tcpguard supports, has no TCX
+/// (TC goes through netlink) and no `bpf_sk_assign_tcp_reqsk` (the kernel's cookies). Debian
+/// 13's 6.12 has both (TCX, tcpguard's own cookies).
 pub const RELEASES: &[Release] = &[
     Release {
         suite: "bookworm",
         name: "Debian 12 (6.1)",
         cookie_mode: "kernel",
         tc_attach: "netlink",
-        supported: false,
     },
     Release {
         suite: "trixie",
         name: "Debian 13 (6.12)",
         cookie_mode: "own",
         tc_attach: "tcx",
-        supported: true,
     },
 ];
 const MIRROR: &str = "http://deb.debian.org/debian";
