@@ -2,6 +2,7 @@
 #![no_std]
 
 pub mod attack;
+pub mod checksum;
 mod config;
 pub mod cookie;
 mod cookie_ack;
@@ -10,6 +11,7 @@ mod flow;
 mod host;
 mod rare;
 pub mod report;
+pub mod tcp;
 
 pub use attack::{AttackConfig, AttackState};
 pub use config::{

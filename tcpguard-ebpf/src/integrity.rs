@@ -9,10 +9,9 @@ use aya_ebpf::{
     maps::PerCpuArray,
     programs::XdpContext,
 };
-use tcpguard_common::Counter;
+use tcpguard_common::{Counter, checksum, tcp::Header};
 
 use crate::{
-    checksum,
     frame::read,
     parse::{Family, Segment},
 };
@@ -109,7 +108,7 @@ fn options(header: &[u8; SCRATCH_LEN + 8], end: usize) -> Result<(), Counter> {
 pub fn tcp_checksum(
     ctx: &XdpContext,
     segment: &Segment,
-    header: &[u8; 66],
+    header: &Header,
     header_len: usize,
 ) -> Result<(), Counter> {
     let mut sum = match segment.family {

@@ -13,7 +13,6 @@
 #![allow(internal_features)]
 
 mod attack;
-mod checksum;
 mod flow;
 mod frame;
 mod host;

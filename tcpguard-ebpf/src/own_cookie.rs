@@ -16,15 +16,14 @@ use tcpguard_common::{
     COOKIE_ACK_WSCALE, CookieAck, Counter, EventKind, FLOW_IPV6, FlowKey, NO_WINDOW_SCALE,
     SynCookieConfig,
     cookie::{self, CookieOptions, CookieReject, CookieSecrets, WSCALE_NONE},
+    tcp::{Header, SynAckPlan, TcpOptions},
     tcp_flags::{CWR, ECE},
 };
 
 use crate::{
     flow::{self, SynClock},
     parse::Segment,
-    rare,
-    syn::{self, Header, TcpOptions},
-    zero,
+    rare, syn, zero,
 };
 
 #[map(name = "COOKIE_SECRETS")]
@@ -57,7 +56,7 @@ pub fn plan(
     options: &TcpOptions,
     config: &SynCookieConfig,
     tai_ns: u64,
-) -> Option<syn::SynAckPlan> {
+) -> Option<SynAckPlan> {
     let secrets = secrets()?;
     let scales = config.window_scale != NO_WINDOW_SCALE && options.window_scale != NO_WINDOW_SCALE;
     let agreed = CookieOptions {
@@ -73,7 +72,7 @@ pub fn plan(
     };
     let made = cookie::make(secrets, tai_ns / NS_PER_S, key, segment.seq, agreed);
     let ipv6_extra = if key.family == FLOW_IPV6 { 20 } else { 0 };
-    Some(syn::SynAckPlan {
+    Some(SynAckPlan {
         options: options.any,
         isn: made.isn,
         mss: config.mss.saturating_sub(ipv6_extra),
