@@ -76,12 +76,14 @@ pub mod maps {
     pub const HOST_ADDRESS_FILTER: &str = "HOST_ADDRESS_FILTER";
     /// `Array<InterfaceConfig>` with a single entry.
     pub const INTERFACE: &str = "INTERFACE";
-    /// `RingBuf` of [`crate::RareEvent`]: the programs' lines for the daemon's log. Not
-    /// pinned: each daemon reads the rings of the programs it loaded. The TC ingress program
-    /// (C) has one of the same name.
+    /// aya-log-ebpf's `RingBuf` of log records: the Rust programs' lines for the daemon's log,
+    /// which aya-log's `EbpfLogger` reads. Not pinned: each daemon reads the ring of the
+    /// programs it loaded.
+    pub const AYA_LOGS: &str = "AYA_LOGS";
+    /// `RingBuf` of [`crate::RareEvent`]: the TC ingress program's (C) lines for the daemon's
+    /// log, which aya-log has no C side to write.
     pub const RARE_EVENTS: &str = "RARE_EVENTS";
-    /// `PerCpuArray<LogLimit>` beside [`RARE_EVENTS`], per object: when each kind of line was
-    /// last written.
+    /// `PerCpuArray<LogLimit>`, per object: when each kind of line was last written.
     pub const RARE_LIMITS: &str = "RARE_LIMITS";
     /// `Array<AttackConfig>` with a single entry, written by the daemon.
     pub const ATTACK_CONFIG: &str = "ATTACK_CONFIG";
@@ -103,8 +105,8 @@ pub mod maps {
     ];
 
     /// The maps of tcpguard's object that each load has to itself: [`SCRATCH`] and the
-    /// rare-event ring with its limits.
-    pub const UNPINNED: &[&str] = &[RARE_EVENTS, RARE_LIMITS];
+    /// log's ring with its limits.
+    pub const UNPINNED: &[&str] = &[AYA_LOGS, RARE_LIMITS];
 
     /// The maps of the TC ingress object (`tcpguard-ebpf/c/reqsk.c`).
     pub const REQSK_OBJECT: &[&str] = &[REQSK_RESULTS, RARE_EVENTS, RARE_LIMITS];

@@ -3,9 +3,11 @@
 //! time it happens, then at most once per [`RARE_LOG_INTERVAL_NS`] per CPU and kind, with the
 //! number of occurrences held back since: a flood of them never becomes a flood of lines.
 //!
-//! Every program, the C one (`tcpguard-ebpf/c/reqsk.c`) included, writes [`RareEvent`] records
-//! to a ring of its own, `RARE_EVENTS` ([`crate::maps::RARE_EVENTS`]); the daemon turns each
-//! into a line of its log at the level the program chose.
+//! The Rust programs log these lines through aya-log (`tcpguard-ebpf/src/rare.rs`), after
+//! [`LogLimit`] says so. The C program (`tcpguard-ebpf/c/reqsk.c`), for which aya-log has no C
+//! side, writes [`RareEvent`] records to a ring of its own, `RARE_EVENTS`
+//! ([`crate::maps::RARE_EVENTS`]); the daemon turns each into a line of its log at the level
+//! the program chose.
 
 use crate::FlowKey;
 
@@ -38,8 +40,9 @@ impl LogLimit {
     }
 }
 
-/// [`RareEvent::kind`]s. The Rust programs' kinds index their `RARE_LIMITS` map; the C
-/// program's (from [`REQSK_NO_LISTENER`]) index its own, less [`REQSK_NO_LISTENER`].
+/// Kinds of rare events. The Rust programs' kinds index their `RARE_LIMITS` map; the C
+/// program's (from [`REQSK_NO_LISTENER`]), which are [`RareEvent::kind`]s, index its own, less
+/// [`REQSK_NO_LISTENER`].
 pub mod rare_event {
     /// The lifecycle ring had no room for an event.
     pub const EVENT_RING_FULL: u8 = 0;
@@ -64,11 +67,11 @@ pub const RARE_ERROR: u8 = 1;
 /// [`RareEvent::level`].
 pub const RARE_WARN: u8 = 2;
 
-/// Bytes of each program object's rare-event ring: hundreds of records, far more than one
-/// second of lines from every CPU.
+/// Bytes of the C program's rare-event ring: hundreds of records, far more than one second of
+/// lines from every CPU.
 pub const RARE_EVENT_RING_BYTES: u32 = 1 << 15;
 
-/// One rare event, as a program writes it to its `RARE_EVENTS` ring (`struct
+/// One rare event, as the C program writes it to its `RARE_EVENTS` ring (`struct
 /// tcpguard_rare_event` in `reqsk.c`, same layout).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -87,8 +87,8 @@ struct {
  * rare events do: a fixed record (tcpguard-common's RareEvent) in a ring of this object's own,
  * RARE_EVENTS, which the daemon reads and logs through its logger. The first failure of a
  * kind, then at most one record a second per CPU and kind, carrying how many were held back
- * since (tcpguard-common's LogLimit). aya-log, the usual way for an aya program to log, has no
- * C side, and its record format is internal to it.
+ * since (tcpguard-common's LogLimit). The Rust programs log through aya-log, which has no C
+ * side; its record format is internal to it.
  */
 struct tcpguard_flow_key {
 	__u8 client_addr[16]; /* IPv4 in the first four bytes, the rest zero */

@@ -13,6 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
+use aya_log::EbpfLogger;
 use log::{debug, error, info, warn};
 use tcpguard_common::{
     AttackConfig, AttackState, Counter, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey,
@@ -195,7 +196,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     );
     let events = guard.take_events()?;
     let flows = guard.flows()?;
-    let rare_events = guard.take_rare_events()?;
+    let data_plane_log = guard.take_log(logging::DataPlane)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -205,7 +206,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     daemon.reqsk = reqsk;
     daemon.when = when;
     daemon.tc_reason = tc_reason;
-    let outcome = runtime.block_on(daemon.serve(events, rare_events, &protecting));
+    let outcome = runtime.block_on(daemon.serve(events, data_plane_log, &protecting));
     daemon.stop()?;
     outcome
 }
@@ -329,7 +330,7 @@ impl Daemon {
     async fn serve(
         &mut self,
         events: RingBuf<MapData>,
-        rare_events: RingBuf<MapData>,
+        data_plane_log: EbpfLogger<logging::DataPlane>,
         protecting: &str,
     ) -> anyhow::Result<()> {
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -340,8 +341,8 @@ impl Daemon {
         let mut ring =
             unsafe { AsyncFd::register_with_interest(events, tokio::io::Interest::READABLE) }
                 .map_err(|err| anyhow::anyhow!("cannot poll the lifecycle ring buffer: {err}"))?;
-        logging::forward_rare_events(rare_events)
-            .context("cannot poll the data plane's rare-event ring buffer")?;
+        logging::forward_data_plane_log(data_plane_log)
+            .context("cannot poll the data plane's aya-log ring buffer")?;
         if let Some(reqsk) = &mut self.reqsk {
             logging::forward_rare_events(reqsk.take_rare_events()?)
                 .context("cannot poll the TC ingress program's rare-event ring buffer")?;

@@ -22,6 +22,7 @@ use aya::{
         xdp::XdpLink,
     },
 };
+use aya_log::EbpfLogger;
 use log::info;
 use tcpguard_common::{
     AttackConfig, AttackState, Counter, DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, EVENTS_LOST,
@@ -100,6 +101,8 @@ pub enum GuardError {
         name: &'static str,
         source: aya::programs::ProgramError,
     },
+    #[error("cannot read the programs' log ring: {0}")]
+    Log(aya_log::Error),
     #[error("interface {0:?} does not exist")]
     UnknownInterface(String),
     #[error("cannot attach {what} to {interface}: {source}")]
@@ -793,13 +796,12 @@ impl Guard {
         RingBuf::try_from(map).map_err(map_error(maps::EVENTS))
     }
 
-    /// The programs' rare-event ring (lines for the daemon's log), taken out to be polled.
-    pub fn take_rare_events(&mut self) -> Result<RingBuf<MapData>, GuardError> {
-        let map = self
-            .ebpf
-            .take_map(maps::RARE_EVENTS)
-            .ok_or(GuardError::MissingMap(maps::RARE_EVENTS))?;
-        RingBuf::try_from(map).map_err(map_error(maps::RARE_EVENTS))
+    /// The programs' aya-log ring, taken out with a reader that hands each line to `logger`.
+    pub fn take_log<L: log::Log>(&mut self, logger: L) -> Result<EbpfLogger<L>, GuardError> {
+        EbpfLogger::init_with_logger(&mut self.ebpf, logger).map_err(|error| match error {
+            aya_log::Error::MapNotFound => GuardError::MissingMap(maps::AYA_LOGS),
+            other => GuardError::Log(other),
+        })
     }
 
     /// The flow map, for reading last-seen times and removing finished connections.

@@ -2,13 +2,15 @@
 //! `RUST_LOG` when set (with env_logger's per-module syntax), else `log_level` from the
 //! configuration file, which a SIGHUP can change; `info` until the file is read.
 //!
-//! The data plane's rare events ([`RareEvent`]: a helper that failed, a full ring, ...) reach
-//! the same logger, at the level each program chose ([`forward_rare_events`]).
+//! The data plane's rare events (a helper that failed, a full ring, ...) reach the same logger,
+//! at the level each program chose: the Rust programs' through aya-log
+//! ([`forward_data_plane_log`]), the C program's as [`RareEvent`]s ([`forward_rare_events`]).
 
 use std::io::{self, Write as _};
 
 use aya::maps::{MapData, RingBuf};
-use log::{Level, LevelFilter};
+use aya_log::EbpfLogger;
+use log::{Level, LevelFilter, Log, Metadata, Record};
 use tcpguard_common::{RARE_WARN, RareEvent, rare_event};
 use tokio::io::{Interest, unix::AsyncFd};
 
@@ -78,8 +80,44 @@ pub fn parse_level(text: &str) -> Result<LevelFilter, String> {
     }
 }
 
-/// Logs the rare events a program writes to `ring` as they arrive, for as long as the
+/// The logger aya-log hands the Rust programs' lines to: the process's logger, behind the
+/// level `log::max_level` says (which [`follow_config`] moves). aya-log calls the logger
+/// directly, past the check the `log!` macros make.
+pub struct DataPlane;
+
+impl Log for DataPlane {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level() && log::logger().enabled(metadata)
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if self.enabled(record.metadata()) {
+            log::logger().log(record);
+        }
+    }
+
+    fn flush(&self) {
+        log::logger().flush();
+    }
+}
+
+/// Logs the lines the Rust programs write through aya-log as they arrive, for as long as the
 /// runtime runs.
+pub fn forward_data_plane_log(logger: EbpfLogger<DataPlane>) -> io::Result<()> {
+    // SAFETY: the logger owns its ring's file descriptor, which stays open and the same for as
+    // long as the logger lives, and the logger lives inside the AsyncFd.
+    let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }?;
+    tokio::spawn(async move {
+        while let Ok(mut ready) = logger.readable_mut().await {
+            ready.get_inner_mut().flush();
+            ready.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+/// Logs the rare events the TC ingress program (C) writes to `ring` as they arrive, for as
+/// long as the runtime runs.
 pub fn forward_rare_events(ring: RingBuf<MapData>) -> io::Result<()> {
     // SAFETY: the ring owns its map's file descriptor, which stays open and the same for as
     // long as the ring lives, and the ring lives inside the AsyncFd.
@@ -102,7 +140,7 @@ pub fn forward_rare_events(ring: RingBuf<MapData>) -> io::Result<()> {
     Ok(())
 }
 
-/// The log line for a rare event, at the level the program gave it.
+/// The log line for a rare event of the TC ingress program, at the level it gave it.
 pub fn rare_line(event: &RareEvent) -> (Level, String) {
     let level = if event.level == RARE_WARN {
         Level::Warn
@@ -122,24 +160,6 @@ pub fn rare_line(event: &RareEvent) -> (Level, String) {
         )
     };
     let what = match event.kind {
-        rare_event::EVENT_RING_FULL => {
-            format!("lifecycle event ring full: an event of {flow} is lost")
-        }
-        rare_event::FLOW_INSERT => format!(
-            "flow map insert failed with {}: {flow} is not tracked",
-            error()
-        ),
-        rare_event::SYN_COOKIE => format!(
-            "bpf_tcp_gen_syncookie failed with {}: the SYN {flow} goes to the kernel unanswered",
-            error()
-        ),
-        rare_event::SYN_ACK => {
-            format!("SYN-ACK could not be built in the frame: the SYN {flow} is dropped")
-        }
-        rare_event::HANDOVER => format!(
-            "bpf_xdp_adjust_meta failed with {}: the own-cookie ACK {flow} cannot reach the TC ingress program and is dropped",
-            error()
-        ),
         rare_event::REQSK_NO_LISTENER => format!(
             "own-cookie ACK {flow} not handed to the kernel: its listener closed after XDP checked the cookie"
         ),
@@ -212,17 +232,18 @@ mod tests {
             line.ends_with("(41 more on this CPU since the last line)"),
             "{line}"
         );
-        let full = RareEvent {
-            kind: rare_event::EVENT_RING_FULL,
+        let closed = RareEvent {
+            kind: rare_event::REQSK_NO_LISTENER,
             level: RARE_WARN,
             error: 0,
             ..event
         };
-        let (level, line) = rare_line(&full);
+        let (level, line) = rare_line(&closed);
         assert_eq!(level, Level::Warn);
         assert!(
             line.starts_with(
-                "lifecycle event ring full: an event of 10.128.0.7:40000 -> 10.0.0.1:8080 is lost"
+                "own-cookie ACK 10.128.0.7:40000 -> 10.0.0.1:8080 not handed to the kernel: its \
+                 listener closed after XDP checked the cookie"
             ),
             "{line}"
         );

@@ -4,7 +4,9 @@
 //! kfunc that refuses an own-cookie ACK (the server's `tcp_sack` turned off after the daemon
 //! read it, so the SYN-ACK agreed to SACK and the kernel refuses a request socket with it).
 //! Each line carries its level and addresses; a flood gets no more lines than the limit of one
-//! a second per CPU allows.
+//! a second per CPU allows. The Rust programs' lines come through aya-log, which logs them with
+//! the programs' module as target (`tcpguard::rare`, in env_logger's `[... LEVEL target]`);
+//! the C program's come from the daemon's own reader of its ring (`tcpguard::logging`).
 
 use std::{
     io::Write as _,
@@ -62,6 +64,9 @@ fn number_after(line: &str, before: &str) -> u64 {
         .unwrap_or_else(|_| panic!("no number after {before:?} in {line:?}"))
 }
 
+/// The target aya-log gives the Rust programs' lines: the module that logs them.
+const DATA_PLANE_TARGET: &str = " tcpguard::rare] ";
+
 /// Possible CPUs: the per-CPU limits the data plane keeps.
 fn cpus() -> u64 {
     u64::from(aya::util::nr_cpus().expect("the possible CPUs").get())
@@ -98,6 +103,10 @@ fn a_full_event_ring_is_logged_with_addresses_at_most_once_a_second_per_cpu() {
 
     let first = daemon.wait_for("lifecycle event ring full", Duration::from_secs(20));
     assert!(first.contains(" WARN "), "logged as a warning: {first}");
+    assert!(
+        first.contains(DATA_PLANE_TARGET),
+        "logged through aya-log: {first}"
+    );
     let client = first
         .split("an event of ")
         .nth(1)
@@ -274,6 +283,10 @@ fn log_level_hides_the_lines_below_it_and_a_refused_syn_cookie_is_an_error() {
         Duration::from_secs(20),
     );
     assert!(line.contains(" ERROR "), "logged as an error: {line}");
+    assert!(
+        line.contains(DATA_PLANE_TARGET),
+        "logged through aya-log: {line}"
+    );
     assert!(
         line.contains(&format!("the SYN {client} -> {SERVER}:{PORT}")),
         "the SYN's addresses ({client} -> {SERVER}:{PORT}): {line}"

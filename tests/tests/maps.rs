@@ -9,11 +9,15 @@ use tcpguard::ebpf::{REQSK_OBJECT, TCPGUARD_OBJECT};
 use tcpguard_common::maps;
 
 /// The names of the maps loading `object` creates, each once. Data sections (`.rodata`,
-/// `.bss`), which aya also presents as maps, are not named by the programs and would be left
-/// out; the objects have none today.
+/// `.rodata.cst32`: aya-log's level and the log lines' constant parts), which aya also presents
+/// as maps, are not named by the programs and are left out.
 fn map_names(object: &[u8]) -> Vec<String> {
     let ebpf = Ebpf::load(object).expect("loading the object's maps");
-    let mut names: Vec<String> = ebpf.maps().map(|(name, _)| name.to_owned()).collect();
+    let mut names: Vec<String> = ebpf
+        .maps()
+        .map(|(name, _)| name.to_owned())
+        .filter(|name| !name.starts_with('.'))
+        .collect();
     names.sort();
     names
 }
