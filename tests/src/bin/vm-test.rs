@@ -368,10 +368,15 @@ fn check_tc_attach(guest: &Guest, expected: &str) {
     let listed = filters
         .iter()
         .any(|line| line.contains(&priority) && line.contains("tcpguard_egress"));
+    // What the console shows from the status line on, the shell's trace and stderr included.
+    let around = console
+        .find("vm-setup: status: TC egress")
+        .map_or("", |start| &console[start..]);
+    let around: String = around.lines().take(12).collect::<Vec<_>>().join("\n");
     assert_eq!(
         listed,
         expected == "netlink",
-        "the guest's tc lists these egress filters: {filters:#?}"
+        "the guest's tc lists these egress filters: {filters:#?}\nthe console there:\n{around}"
     );
 }
 
