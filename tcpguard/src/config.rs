@@ -12,7 +12,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{AttachMode, bpffs, connection::Timeouts, guard::SourcePolicy, prefix::Prefix};
+use crate::{bpffs, connection::Timeouts, prefix::Prefix};
 
 /// Where the daemon looks for its configuration unless told otherwise.
 pub const DEFAULT_PATH: &str = "/etc/tcpguard/tcpguard.toml";
@@ -217,6 +217,52 @@ pub struct Overrides {
     pub pin_dir: Option<PathBuf>,
     pub cookie_mode: Option<String>,
     pub cookies: Option<String>,
+}
+
+/// How the XDP program is attached to the interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic mode when the driver has no XDP support.
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic mode, in the kernel's receive path after the driver.
+    Skb,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "skb" => Ok(Self::Skb),
+            other => Err(format!(
+                "XDP mode {other:?} is not one of auto, native, skb"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Skb => "skb",
+        })
+    }
+}
+
+/// Source policy as the XDP program applies it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourcePolicy {
+    pub allow: Vec<Prefix>,
+    pub deny: Vec<Prefix>,
+    /// Whether a per-source connection limit is in force (the daemon keeps the counts).
+    pub source_limit: bool,
 }
 
 /// When SYNs to protected ports are answered with cookies.

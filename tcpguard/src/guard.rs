@@ -6,10 +6,9 @@
 use std::{
     collections::BTreeSet,
     ffi::CString,
-    fmt, fs, io,
+    fs, io,
     net::IpAddr,
     path::{Path, PathBuf},
-    str::FromStr,
 };
 
 use aya::{
@@ -33,47 +32,11 @@ use tcpguard_common::{
 
 use crate::{
     bpffs,
+    config::{AttachMode, SourcePolicy},
     ebpf::TCPGUARD_OBJECT,
     prefix::Prefix,
     tc::{self, TcMode},
 };
-
-/// How the XDP program is attached to the interface.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AttachMode {
-    /// Native (driver) mode, falling back to generic mode when the driver has no XDP support.
-    #[default]
-    Auto,
-    /// Native (driver) mode only.
-    Native,
-    /// Generic mode, in the kernel's receive path after the driver.
-    Skb,
-}
-
-impl FromStr for AttachMode {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text {
-            "auto" => Ok(Self::Auto),
-            "native" => Ok(Self::Native),
-            "skb" => Ok(Self::Skb),
-            other => Err(format!(
-                "XDP mode {other:?} is not one of auto, native, skb"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for AttachMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Auto => "auto",
-            Self::Native => "native",
-            Self::Skb => "skb",
-        })
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GuardError {
@@ -188,15 +151,6 @@ enum TcLink {
 #[derive(Debug)]
 pub struct PreparedPolicy {
     lists: u8,
-}
-
-/// Source policy as the XDP program applies it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SourcePolicy {
-    pub allow: Vec<Prefix>,
-    pub deny: Vec<Prefix>,
-    /// Whether a per-source connection limit is in force (the daemon keeps the counts).
-    pub source_limit: bool,
 }
 
 impl Guard {

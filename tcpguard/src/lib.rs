@@ -24,4 +24,5 @@ pub mod tcp_state;
 pub mod tracker;
 pub mod watch;
 
-pub use guard::{AttachMode, Attachment, Counters, Guard, GuardError};
+pub use config::AttachMode;
+pub use guard::{Attachment, Counters, Guard, GuardError};
