@@ -698,7 +698,7 @@ impl Daemon {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             interface: self.config.interface.clone(),
-            xdp_mode: attachment.map(|a| a.mode.clone()).unwrap_or_default(),
+            xdp_mode: attachment.map(|a| a.mode.to_string()).unwrap_or_default(),
             adopted: attachment.is_some_and(|a| a.adopted),
             tc_attach: attachment
                 .map(|a| a.tc_mode.to_string())

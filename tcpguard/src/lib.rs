@@ -13,6 +13,7 @@ pub mod guard;
 pub mod host;
 mod http;
 pub mod kernel;
+pub mod links;
 pub mod logging;
 pub mod metrics;
 mod notify;
@@ -25,4 +26,4 @@ pub mod tracker;
 pub mod watch;
 
 pub use config::AttachMode;
-pub use guard::{Attachment, Counters, Guard, GuardError};
+pub use guard::{AttachedMode, Attachment, Counters, Guard, GuardError};

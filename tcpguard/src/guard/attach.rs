@@ -4,7 +4,7 @@
 
 use std::{
     ffi::CString,
-    fs, io,
+    fmt, fs, io,
     path::{Path, PathBuf},
 };
 
@@ -21,15 +21,42 @@ use super::{Guard, GuardError, if_index, load::program_mut};
 use crate::{
     bpffs,
     config::AttachMode,
+    links::{self, LinkKind},
     tc::{self, TcMode},
 };
+
+/// The mode XDP runs in: what [`AttachMode`] resolved to on the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachedMode {
+    /// Native (driver) mode.
+    Native,
+    /// Generic mode, in the kernel's receive path after the driver.
+    Skb,
+}
+
+impl AttachedMode {
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            Self::Native => XdpMode::Driver,
+            Self::Skb => XdpMode::Skb,
+        }
+    }
+}
+
+impl fmt::Display for AttachedMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Skb => "skb",
+        })
+    }
+}
 
 /// Where the programs are attached, in which mode, and whether an earlier daemon did it.
 #[derive(Debug)]
 pub struct Attachment {
     pub interface: String,
-    /// `native` or `skb`.
-    pub mode: String,
+    pub mode: AttachedMode,
     /// How the TC egress program is attached.
     pub tc_mode: TcMode,
     /// The links were found pinned and their programs replaced in place.
@@ -53,8 +80,8 @@ enum TcLink {
 impl Guard {
     /// Attaches XDP to `interface`'s ingress and TC to its egress (`tc_mode`, see
     /// [`tc::probe`]). With a pin directory that already holds this interface's links, the
-    /// programs in them are replaced atomically and `mode` and `tc_mode` are the ones they were
-    /// attached with. In [`AttachMode::Auto`], native mode is tried first and generic mode
+    /// programs in them are replaced atomically and the modes are the ones they were attached
+    /// with, as the kernel reports them. In [`AttachMode::Auto`], native mode is tried first and generic mode
     /// used, with a log line, when the driver refuses it.
     pub fn attach(
         &mut self,
@@ -66,7 +93,7 @@ impl Guard {
             return Err(GuardError::UnknownInterface(interface.to_owned()));
         }
         let pinned = match &self.pin_dir {
-            Some(dir) => pinned_links(dir)?,
+            Some(dir) => pinned_links(dir, interface)?,
             None => None,
         };
         let attachment = match pinned {
@@ -97,24 +124,24 @@ impl Guard {
         let interface_name = CString::new(interface)
             .map_err(|_| GuardError::UnknownInterface(interface.to_owned()))?;
         let xdp: &mut Xdp = program_mut(&mut self.ebpf, self.xdp)?;
-        let attempt = |xdp: &mut Xdp, xdp_mode: XdpMode, name: &'static str| {
-            xdp.attach(&interface_name, xdp_mode)
+        let attempt = |xdp: &mut Xdp, mode: AttachedMode| {
+            xdp.attach(&interface_name, mode.xdp_mode())
                 .and_then(|id| xdp.take_link(id))
-                .map(|link| (link, name))
+                .map(|link| (link, mode))
                 .map_err(|source| GuardError::Attach {
-                    what: format!("XDP in {name} mode"),
+                    what: format!("XDP in {mode} mode"),
                     interface: interface.to_owned(),
                     source: source.into(),
                 })
         };
         let (xdp_link, mode) = match mode {
-            AttachMode::Native => attempt(xdp, XdpMode::Driver, "native")?,
-            AttachMode::Skb => attempt(xdp, XdpMode::Skb, "skb")?,
-            AttachMode::Auto => match attempt(xdp, XdpMode::Driver, "native") {
+            AttachMode::Native => attempt(xdp, AttachedMode::Native)?,
+            AttachMode::Skb => attempt(xdp, AttachedMode::Skb)?,
+            AttachMode::Auto => match attempt(xdp, AttachedMode::Native) {
                 Ok(attached) => attached,
                 Err(native) => {
                     info!("{native}; falling back to generic (skb) mode");
-                    attempt(xdp, XdpMode::Skb, "skb")?
+                    attempt(xdp, AttachedMode::Skb)?
                 }
             },
         };
@@ -163,6 +190,8 @@ impl Guard {
                     .map_err(|source| tc_error(source.into()))?,
             ),
         };
+        // The pins' names tell a person listing the directory which link is which; a later
+        // daemon reads where and how a link is attached from the kernel (`pinned_links`).
         let xdp = match &self.pin_dir {
             Some(dir) => pin(
                 xdp_link,
@@ -172,7 +201,7 @@ impl Guard {
         };
         Ok(Attachment {
             interface: interface.to_owned(),
-            mode: mode.to_owned(),
+            mode,
             tc_mode,
             adopted: false,
             xdp,
@@ -272,7 +301,7 @@ impl Guard {
 /// Links found pinned in a pin directory.
 struct PinnedLinks {
     interface: String,
-    mode: String,
+    mode: AttachedMode,
     xdp: PathBuf,
     tc: PinnedTc,
 }
@@ -285,34 +314,74 @@ enum PinnedTc {
     Netlink,
 }
 
-/// The links an earlier daemon pinned in `dir`, if both are there.
-fn pinned_links(dir: &Path) -> Result<Option<PinnedLinks>, GuardError> {
-    let pin_error = |source| GuardError::Pin {
-        dir: dir.to_owned(),
-        source,
+/// The links an earlier daemon pinned in `dir`, if both are there (`wanted`, the interface to
+/// protect, only for an error). A pin's name says which of tcpguard's links it is; the
+/// interface it is attached to and, for XDP, the mode are the kernel's answers. The one
+/// exception is a netlink filter, which is no BPF object the kernel could describe: its record
+/// (see [`crate::tc`]) names its interface, and it counts only where that is the XDP link's.
+fn pinned_links(dir: &Path, wanted: &str) -> Result<Option<PinnedLinks>, GuardError> {
+    let pin_error = |path: &Path| {
+        let dir = path.to_owned();
+        move |source| GuardError::Pin { dir, source }
     };
-    let entries = fs::read_dir(dir).map_err(pin_error)?;
-    let netlink = tc::recorded(dir).map_err(pin_error)?;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(bpffs::XDP_LINK_PREFIX) else {
+    let pins: Vec<(String, PathBuf)> = fs::read_dir(dir)
+        .map_err(pin_error(dir))?
+        .flatten()
+        .map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            (name, entry.path())
+        })
+        .collect();
+    let netlink = tc::recorded(dir).map_err(pin_error(dir))?;
+    let query = |what: String| move |source| GuardError::Query { what, source };
+    let link_query = |path: &Path| query(format!("the link pinned at {}", path.display()));
+    let named = |prefix: &'static str| {
+        pins.iter()
+            .filter(move |(name, _)| name.starts_with(prefix))
+            .map(|(_, path)| path)
+    };
+    for xdp_path in named(bpffs::XDP_LINK_PREFIX) {
+        let xdp = links::pinned(xdp_path).map_err(link_query(xdp_path))?;
+        if xdp.kind != LinkKind::Xdp {
             continue;
+        }
+        let stray = |attached_to: &str| GuardError::StrayLink {
+            path: xdp_path.clone(),
+            attached_to: attached_to.to_owned(),
+            wanted: wanted.to_owned(),
         };
-        let Some((mode, interface)) = rest.split_once('_') else {
-            continue;
-        };
-        let tcx = dir.join(format!("{}{interface}", bpffs::TC_LINK_PREFIX));
-        let tc = if tcx.exists() {
-            PinnedTc::Tcx(tcx)
-        } else if netlink.iter().any(|(recorded, _)| recorded == interface) {
-            PinnedTc::Netlink
+        if xdp.ifindex == 0 {
+            return Err(stray("no interface (the one it was attached to is gone)"));
+        }
+        // The index is the interface's in its own network namespace: it is this namespace's
+        // interface only if that runs the link's program.
+        let elsewhere = || stray("an interface of another network namespace");
+        let interface = links::interface_name(xdp.ifindex).ok_or_else(elsewhere)?;
+        let programs = links::xdp_programs(xdp.ifindex)
+            .map_err(query(format!("the XDP programs of {interface}")))?;
+        let mode = if programs.driver == Some(xdp.program_id) {
+            AttachedMode::Native
+        } else if programs.skb == Some(xdp.program_id) {
+            AttachedMode::Skb
         } else {
-            continue;
+            return Err(elsewhere());
+        };
+        let mut tcx = None;
+        for path in named(bpffs::TC_LINK_PREFIX) {
+            let link = links::pinned(path).map_err(link_query(path))?;
+            if link.kind == LinkKind::Tcx && link.ifindex == xdp.ifindex {
+                tcx = Some(path.clone());
+            }
+        }
+        let tc = match tcx {
+            Some(path) => PinnedTc::Tcx(path),
+            None if netlink.iter().any(|(recorded, _)| *recorded == interface) => PinnedTc::Netlink,
+            None => continue,
         };
         return Ok(Some(PinnedLinks {
-            interface: interface.to_owned(),
-            mode: mode.to_owned(),
-            xdp: entry.path(),
+            interface,
+            mode,
+            xdp: xdp_path.clone(),
             tc,
         }));
     }

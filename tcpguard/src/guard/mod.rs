@@ -16,7 +16,7 @@ use std::{collections::BTreeSet, io, path::PathBuf};
 use aya::{Ebpf, EbpfError, maps::MapError};
 
 pub use self::{
-    attach::Attachment,
+    attach::{AttachedMode, Attachment},
     load::{LoadOptions, rejection},
     maps::{Counters, FlowMap, PreparedPolicy},
 };
@@ -62,6 +62,16 @@ pub enum GuardError {
         pinned: String,
         wanted: String,
         dir: PathBuf,
+    },
+    #[error("cannot ask the kernel about {what}: {source}")]
+    Query { what: String, source: io::Error },
+    #[error(
+        "tcpguard's XDP link pinned at {path} is attached to {attached_to}; run `tcpguard detach` before protecting {wanted}"
+    )]
+    StrayLink {
+        path: PathBuf,
+        attached_to: String,
+        wanted: String,
     },
     #[error(transparent)]
     PinDir(#[from] bpffs::PinDirError),
