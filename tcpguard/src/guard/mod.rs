@@ -3,8 +3,8 @@
 //! kernel has no TCX: see [`crate::tc`]). With a pin directory, maps, programs and links are
 //! pinned there, so that a restarted daemon adopts them without a gap in protection.
 //!
-//! [`load`]: loading the programs (and pinning them); [`attach`]: attaching them, or adopting
-//! an earlier daemon's attachment, and detaching; [`maps`]: what the daemon writes into the
+//! `load.rs`: loading the programs (and pinning them); `attach.rs`: attaching them, or adopting
+//! an earlier daemon's attachment, and detaching; `maps.rs`: what the daemon writes into the
 //! data plane's maps and reads back.
 
 mod attach;
