@@ -15,20 +15,14 @@ use aya::{
     maps::{MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkType, PinnedLink},
         tc::{SchedClassifierLink, TcAttach},
     },
-    sys::SyscallError,
 };
 use tcpguard_common::maps::RARE_EVENTS;
 use thiserror::Error;
 
-use crate::{
-    bpffs,
-    ebpf::REQSK_OBJECT,
-    guard::if_index,
-    links::{self, LinkKind},
-};
+use crate::{bpffs, ebpf::REQSK_OBJECT, guard::if_index, links};
 
 /// The program's name in the object.
 pub const PROGRAM: &str = tcpguard_common::REQSK_PROGRAM;
@@ -205,7 +199,8 @@ impl Reqsk {
         };
         let pinned = match self.pin_dir.as_deref().map(link_pin).transpose()?.flatten() {
             Some(path) => {
-                let attached = attached_interface(&path).map_err(attach_error)?;
+                let attached =
+                    attached_interface(&path).map_err(|source| attach_error(source.into()))?;
                 Some((attached, path))
             }
             None => None,
@@ -351,32 +346,14 @@ fn link_pin(dir: &Path) -> Result<Option<PathBuf>, ReqskError> {
 }
 
 /// The interface of this network namespace the TCX link pinned at `path` is attached to:
-/// `None` if its interface is gone, or in another namespace (the link's interface index is
-/// the one in its own namespace, so it counts only where that interface runs the link's
-/// program on its TC ingress).
-fn attached_interface(
-    path: &Path,
-) -> Result<Option<String>, Box<dyn std::error::Error + Send + Sync>> {
+/// the one that runs the link's program on its TC ingress; `None` if none does (the link's
+/// interface is gone, or in another namespace).
+fn attached_interface(path: &Path) -> io::Result<Option<String>> {
     let link = links::pinned(path)?;
-    if link.kind != LinkKind::Tcx || link.ifindex == 0 {
+    if !matches!(link.link_type(), Ok(LinkType::Tcx)) {
         return Ok(None);
     }
-    let Some(interface) = links::interface_name(link.ifindex) else {
-        return Ok(None);
-    };
-    let programs = match SchedClassifier::query_tcx(link.ifindex, TcAttachType::Ingress) {
-        Ok((_, programs)) => programs,
-        Err(ProgramError::SyscallError(SyscallError { io_error, .. }))
-            if io_error.raw_os_error() == Some(libc::ENODEV) =>
-        {
-            return Ok(None);
-        }
-        Err(err) => return Err(err.into()),
-    };
-    Ok(programs
-        .iter()
-        .any(|program| program.id() == link.program_id)
-        .then_some(interface))
+    links::tcx_interface(link.program_id(), TcAttachType::Ingress)
 }
 
 /// Removes the pin at `path`, if there is one.

@@ -10,7 +10,7 @@ use std::{
 
 use aya::programs::{
     LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
-    links::{FdLink, PinnedLink},
+    links::{FdLink, LinkType, PinnedLink},
     tc::{SchedClassifierLink, TcAttach},
     xdp::XdpLink,
 };
@@ -21,7 +21,7 @@ use super::{Guard, GuardError, if_index, load::program_mut};
 use crate::{
     bpffs,
     config::AttachMode,
-    links::{self, LinkKind},
+    links,
     tc::{self, TcMode},
 };
 
@@ -342,37 +342,48 @@ fn pinned_links(dir: &Path, wanted: &str) -> Result<Option<PinnedLinks>, GuardEr
     };
     for xdp_path in named(bpffs::XDP_LINK_PREFIX) {
         let xdp = links::pinned(xdp_path).map_err(link_query(xdp_path))?;
-        if xdp.kind != LinkKind::Xdp {
+        if !matches!(xdp.link_type(), Ok(LinkType::Xdp)) {
             continue;
         }
-        let stray = |attached_to: &str| GuardError::StrayLink {
-            path: xdp_path.clone(),
-            attached_to: attached_to.to_owned(),
-            wanted: wanted.to_owned(),
-        };
-        if xdp.ifindex == 0 {
-            return Err(stray("no interface (the one it was attached to is gone)"));
-        }
-        // The index is the interface's in its own network namespace: it is this namespace's
-        // interface only if that runs the link's program.
-        let elsewhere = || stray("an interface of another network namespace");
-        let interface = links::interface_name(xdp.ifindex).ok_or_else(elsewhere)?;
-        let programs = links::xdp_programs(xdp.ifindex)
-            .map_err(query(format!("the XDP programs of {interface}")))?;
-        let mode = if programs.driver == Some(xdp.program_id) {
-            AttachedMode::Native
-        } else if programs.skb == Some(xdp.program_id) {
-            AttachedMode::Skb
-        } else {
-            return Err(elsewhere());
+        // The interface of this namespace that runs the link's program, and in which mode.
+        let interfaces = links::interfaces().map_err(query(
+            "the XDP programs of this network namespace's interfaces".into(),
+        ))?;
+        let found = interfaces.into_iter().find_map(|interface| {
+            let mode = if interface.xdp.driver == Some(xdp.program_id()) {
+                AttachedMode::Native
+            } else if interface.xdp.skb == Some(xdp.program_id()) {
+                AttachedMode::Skb
+            } else {
+                return None;
+            };
+            Some((interface, mode))
+        });
+        let Some((interface, mode)) = found else {
+            return Err(GuardError::StrayLink {
+                path: xdp_path.clone(),
+                attached_to: concat!(
+                    "no interface of this network namespace ",
+                    "(the one it was attached to is gone, or in another namespace)"
+                )
+                .to_owned(),
+                wanted: wanted.to_owned(),
+            });
         };
         let mut tcx = None;
         for path in named(bpffs::TC_LINK_PREFIX) {
             let link = links::pinned(path).map_err(link_query(path))?;
-            if link.kind == LinkKind::Tcx && link.ifindex == xdp.ifindex {
+            if matches!(link.link_type(), Ok(LinkType::Tcx))
+                && links::runs_tcx(interface.index, TcAttachType::Egress, link.program_id())
+                    .map_err(query(format!(
+                        "the TCX egress programs of {}",
+                        interface.name
+                    )))?
+            {
                 tcx = Some(path.clone());
             }
         }
+        let interface = interface.name;
         let tc = match tcx {
             Some(path) => PinnedTc::Tcx(path),
             None if netlink.iter().any(|(recorded, _)| *recorded == interface) => PinnedTc::Netlink,
