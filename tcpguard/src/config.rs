@@ -12,7 +12,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{AttachMode, bpffs, connection::Timeouts, guard::SourcePolicy, prefix::Prefix};
+use crate::{bpffs, connection::Timeouts, prefix::Prefix};
 
 /// Where the daemon looks for its configuration unless told otherwise.
 pub const DEFAULT_PATH: &str = "/etc/tcpguard/tcpguard.toml";
@@ -219,6 +219,52 @@ pub struct Overrides {
     pub cookies: Option<String>,
 }
 
+/// How the XDP program is attached to the interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// Native (driver) mode, falling back to generic mode when the driver has no XDP support.
+    #[default]
+    Auto,
+    /// Native (driver) mode only.
+    Native,
+    /// Generic mode, in the kernel's receive path after the driver.
+    Skb,
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "native" => Ok(Self::Native),
+            "skb" => Ok(Self::Skb),
+            other => Err(format!(
+                "XDP mode {other:?} is not one of auto, native, skb"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Native => "native",
+            Self::Skb => "skb",
+        })
+    }
+}
+
+/// Source policy as the XDP program applies it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourcePolicy {
+    pub allow: Vec<Prefix>,
+    pub deny: Vec<Prefix>,
+    /// Whether a per-source connection limit is in force (the daemon keeps the counts).
+    pub source_limit: bool,
+}
+
 /// When SYNs to protected ports are answered with cookies.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Cookies {
@@ -309,33 +355,99 @@ pub const DEFAULT_KEY_ROTATION_SECS: u64 = 3600;
 const KEY_ROTATION_RANGE: std::ops::RangeInclusive<u64> =
     tcpguard_common::cookie::COOKIE_LIFETIME_S..=MAX_TIMEOUT_SECS;
 
-/// The configuration the daemon runs with: every value checked.
+/// The configuration the daemon runs with: every value checked, in two parts: what is set up
+/// once at start, and what a reload (SIGHUP) puts in force.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    pub restart: RestartSettings,
+    pub reload: ReloadSettings,
+}
+
+/// The settings that take a restart: what is loaded, attached and listened on at start, and
+/// the cookie path chosen then. A reload that changes one says so and keeps the running value.
+/// This is the one list of them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RestartSettings {
     pub interface: String,
-    pub ports: BTreeSet<u16>,
     pub xdp_mode: AttachMode,
-    pub keep_sysctls: bool,
-    pub on_exit: OnExit,
-    pub stats_interval: Duration,
     pub pin_dir: Option<PathBuf>,
     pub flow_capacity: u32,
     pub cookie_mode: CookieMode,
-    /// A secret shared by the hosts behind one address, so that each accepts the others'
-    /// cookies; `None`: a random key of this host's own.
-    pub cookie_secret_file: Option<PathBuf>,
-    pub cookie_key_rotation: Duration,
-    /// The daemon's log level, the data plane's lines included, unless `--log-level` or
-    /// `RUST_LOG` says otherwise (see [`crate::logging`]).
-    pub log_level: log::LevelFilter,
     /// `None`: "auto", under attack where the cookie path allows it, else always.
     pub cookies: Option<Cookies>,
     pub attack: Attack,
     pub metrics_listen: Option<SocketAddr>,
     pub control_socket: PathBuf,
+    /// Read once, when the sysctls the kernel's cookies need are checked at start.
+    pub keep_sysctls: bool,
+}
+
+/// The settings a reload puts in force.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReloadSettings {
+    pub ports: BTreeSet<u16>,
     pub policy: SourcePolicy,
     pub max_connections_per_source: u32,
     pub timeouts: Timeouts,
+    pub stats_interval: Duration,
+    /// The daemon's log level, the data plane's lines included, unless `--log-level` or
+    /// `RUST_LOG` says otherwise (see [`crate::logging`]).
+    pub log_level: log::LevelFilter,
+    /// A secret shared by the hosts behind one address, so that each accepts the others'
+    /// cookies; `None`: a random key of this host's own.
+    pub cookie_secret_file: Option<PathBuf>,
+    pub cookie_key_rotation: Duration,
+    /// Read when the daemon stops.
+    pub on_exit: OnExit,
+}
+
+impl RestartSettings {
+    /// Every setting with its name (as in the file) and its value, for telling the operator.
+    pub fn named(&self) -> Vec<(&'static str, String)> {
+        // Taken apart field by field, so that a setting added to the struct and not here does
+        // not compile.
+        let Self {
+            interface,
+            xdp_mode,
+            pin_dir,
+            flow_capacity,
+            cookie_mode,
+            cookies,
+            attack,
+            metrics_listen,
+            control_socket,
+            keep_sysctls,
+        } = self;
+        vec![
+            ("interface", interface.clone()),
+            ("xdp_mode", xdp_mode.to_string()),
+            ("pin_dir", format!("{pin_dir:?}")),
+            ("flow_capacity", flow_capacity.to_string()),
+            ("cookie_mode", cookie_mode.to_string()),
+            ("cookies", format!("{cookies:?}")),
+            (
+                "attack",
+                format!(
+                    "syn_rate {}, end_after {} s",
+                    attack.syn_rate,
+                    attack.end_after.as_secs()
+                ),
+            ),
+            ("metrics.listen", format!("{metrics_listen:?}")),
+            ("control.socket", control_socket.display().to_string()),
+            ("keep_sysctls", keep_sysctls.to_string()),
+        ]
+    }
+
+    /// The settings `wanted` changes: each one's name, running value and wanted value.
+    pub fn changes(&self, wanted: &Self) -> Vec<(&'static str, String, String)> {
+        self.named()
+            .into_iter()
+            .zip(wanted.named())
+            .filter(|((_, old), (_, new))| old != new)
+            .map(|((name, old), (_, new))| (name, old, new))
+            .collect()
+    }
 }
 
 /// The longest timeout accepted: 30 days.
@@ -362,7 +474,7 @@ impl Config {
     /// one tcpguard may pin in. `tcpguard run` and `tcpguard check-config` both ask, so that
     /// what one refuses the other refuses too.
     pub fn check_host(&self) -> Result<(), ConfigError> {
-        match &self.pin_dir {
+        match &self.restart.pin_dir {
             Some(dir) => bpffs::check_pin_dir(dir).map_err(|err| invalid(err.to_string())),
             None => Ok(()),
         }
@@ -405,28 +517,6 @@ impl Config {
             file.cookies = cookies.clone();
         }
         validate(file)
-    }
-
-    /// The values a SIGHUP cannot change, with their names, for telling the operator.
-    pub fn restart_only(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("interface", self.interface.clone()),
-            ("xdp_mode", self.xdp_mode.to_string()),
-            ("pin_dir", format!("{:?}", self.pin_dir)),
-            ("flow_capacity", self.flow_capacity.to_string()),
-            ("cookie_mode", self.cookie_mode.to_string()),
-            ("cookies", format!("{:?}", self.cookies)),
-            (
-                "attack",
-                format!(
-                    "syn_rate {}, end_after {} s",
-                    self.attack.syn_rate,
-                    self.attack.end_after.as_secs()
-                ),
-            ),
-            ("metrics.listen", format!("{:?}", self.metrics_listen)),
-            ("control.socket", self.control_socket.display().to_string()),
-        ]
     }
 }
 
@@ -596,32 +686,36 @@ fn validate(file: File) -> Result<Config, ConfigError> {
         close: seconds("close", t.close)?,
     };
     Ok(Config {
-        interface,
-        ports,
-        xdp_mode,
-        keep_sysctls: file.keep_sysctls,
-        on_exit: file.on_exit,
-        stats_interval: Duration::from_secs(file.stats_interval),
-        pin_dir,
-        flow_capacity: file.flow_capacity,
-        cookie_mode,
-        cookie_secret_file,
-        cookie_key_rotation: Duration::from_secs(file.cookie_key_rotation),
-        log_level,
-        cookies,
-        attack: Attack {
-            syn_rate: file.attack.syn_rate,
-            end_after: Duration::from_secs(file.attack.end_after),
+        restart: RestartSettings {
+            interface,
+            xdp_mode,
+            pin_dir,
+            flow_capacity: file.flow_capacity,
+            cookie_mode,
+            cookies,
+            attack: Attack {
+                syn_rate: file.attack.syn_rate,
+                end_after: Duration::from_secs(file.attack.end_after),
+            },
+            metrics_listen,
+            control_socket: file.control.socket,
+            keep_sysctls: file.keep_sysctls,
         },
-        metrics_listen,
-        control_socket: file.control.socket,
-        policy: SourcePolicy {
-            allow: file.policy.allow,
-            deny: file.policy.deny,
-            source_limit: file.policy.max_connections_per_source > 0,
+        reload: ReloadSettings {
+            ports,
+            policy: SourcePolicy {
+                allow: file.policy.allow,
+                deny: file.policy.deny,
+                source_limit: file.policy.max_connections_per_source > 0,
+            },
+            max_connections_per_source: file.policy.max_connections_per_source,
+            timeouts,
+            stats_interval: Duration::from_secs(file.stats_interval),
+            log_level,
+            cookie_secret_file,
+            cookie_key_rotation: Duration::from_secs(file.cookie_key_rotation),
+            on_exit: file.on_exit,
         },
-        max_connections_per_source: file.policy.max_connections_per_source,
-        timeouts,
     })
 }
 
@@ -705,21 +799,22 @@ mod tests {
     #[test]
     fn defaults_follow_the_kernel_and_conntrack() {
         let config = config("interface = \"eth0\"\nports = [80, 443, 80]").unwrap();
-        assert_eq!(config.ports, BTreeSet::from([80, 443]));
-        assert_eq!(config.timeouts, Timeouts::default());
+        assert_eq!(config.reload.ports, BTreeSet::from([80, 443]));
+        assert_eq!(config.reload.timeouts, Timeouts::default());
         assert_eq!(
             config
+                .reload
                 .timeouts
                 .of(crate::tcp_state::TcpState::TimeWait)
                 .as_secs(),
             60
         );
         assert_eq!(
-            config.metrics_listen,
+            config.restart.metrics_listen,
             Some("127.0.0.1:9877".parse().unwrap())
         );
-        assert_eq!(config.on_exit, OnExit::Detach);
-        assert!(!config.policy.source_limit);
+        assert_eq!(config.reload.on_exit, OnExit::Detach);
+        assert!(!config.reload.policy.source_limit);
     }
 
     #[test]
@@ -737,10 +832,75 @@ mod tests {
             ..Overrides::default()
         };
         let config = Config::from_file(file, &overrides).unwrap();
-        assert_eq!(config.interface, "eth1");
-        assert_eq!(config.ports, BTreeSet::from([8080]));
-        assert_eq!(config.xdp_mode, AttachMode::Skb);
-        assert_eq!(config.on_exit, OnExit::Keep);
+        assert_eq!(config.restart.interface, "eth1");
+        assert_eq!(config.reload.ports, BTreeSet::from([8080]));
+        assert_eq!(config.restart.xdp_mode, AttachMode::Skb);
+        assert_eq!(config.reload.on_exit, OnExit::Keep);
+    }
+
+    /// Each setting changed alone, as a reload would read it: every restart-only one is
+    /// reported by its name, and nothing else is; a reloadable one changes `reload` only.
+    #[test]
+    fn a_reload_tells_restart_only_settings_from_reloadable_ones() {
+        // The running file, with `change`'s key set as it says.
+        let with = |change: &str| {
+            let base = ["interface = \"eth0\"", "ports = [80]"]
+                .into_iter()
+                .filter(|line| !change.starts_with(&line[..line.find('=').unwrap()]))
+                .collect::<Vec<_>>()
+                .join("\n");
+            config(&format!("{base}\n{change}")).unwrap()
+        };
+        let running = with("");
+        let restart_only = [
+            ("interface = \"eth1\"", "interface"),
+            ("xdp_mode = \"skb\"", "xdp_mode"),
+            ("pin_dir = \"/sys/fs/bpf/elsewhere\"", "pin_dir"),
+            ("flow_capacity = 2048", "flow_capacity"),
+            ("cookie_mode = \"kernel\"", "cookie_mode"),
+            ("cookies = \"always\"", "cookies"),
+            ("[attack]\nsyn_rate = 500", "attack"),
+            ("[metrics]\nlisten = \"127.0.0.1:9999\"", "metrics.listen"),
+            (
+                "[control]\nsocket = \"/run/elsewhere.sock\"",
+                "control.socket",
+            ),
+            ("keep_sysctls = true", "keep_sysctls"),
+        ];
+        // The cases cover the list.
+        let mut covered: Vec<&str> = restart_only.iter().map(|(_, name)| *name).collect();
+        let mut listed: Vec<&str> = running
+            .restart
+            .named()
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
+        covered.sort_unstable();
+        listed.sort_unstable();
+        assert_eq!(covered, listed);
+        for (change, name) in restart_only {
+            let wanted = with(change);
+            let changes = running.restart.changes(&wanted.restart);
+            let names: Vec<&str> = changes.iter().map(|(name, _, _)| *name).collect();
+            assert_eq!(names, [name], "{change:?}");
+            assert_eq!(wanted.reload, running.reload, "{change:?}");
+        }
+        for change in [
+            "ports = [80, 443]",
+            "on_exit = \"keep\"",
+            "stats_interval = 5",
+            "cookie_secret_file = \"/etc/tcpguard/secret\"",
+            "cookie_key_rotation = 7200",
+            "log_level = \"debug\"",
+            "[policy]\ndeny = [\"10.0.0.0/8\"]",
+            "[policy]\nmax_connections_per_source = 5",
+            "[timeouts]\nmsl = 10",
+        ] {
+            let wanted = with(change);
+            assert_eq!(wanted.restart, running.restart, "{change:?}");
+            assert!(running.restart.changes(&wanted.restart).is_empty());
+            assert_ne!(wanted.reload, running.reload, "{change:?}");
+        }
     }
 
     #[test]

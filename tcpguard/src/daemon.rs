@@ -64,18 +64,18 @@ impl ConfigSource {
 pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     let config = source.load()?;
     crate::kernel::check()?;
-    logging::follow_config(source.level_source, config.log_level);
-    if crate::guard::if_index(&config.interface).is_none() {
+    logging::follow_config(source.level_source, config.reload.log_level);
+    if crate::guard::if_index(&config.restart.interface).is_none() {
         anyhow::bail!(
             "interface {:?} does not exist; `ip link` lists the interfaces of this network namespace",
-            config.interface
+            config.restart.interface
         );
     }
-    let tc_choice = tc::probe(&std::ffi::CString::new(config.interface.as_str())?)
+    let tc_choice = tc::probe(&std::ffi::CString::new(config.restart.interface.as_str())?)
         .context("cannot ask the kernel whether it has TCX")?;
-    let mut choice = cookies::choose(config.cookie_mode)?;
+    let mut choice = cookies::choose(config.restart.cookie_mode)?;
     // Refused before anything is loaded.
-    cookies::when(config.cookies, &choice)?;
+    cookies::when(config.restart.cookies, &choice)?;
     // The sysctls first, so that a refusal comes before anything is loaded.
     if choice.own {
         // The host's TCP sysctls stay as they are; the kernel only has to take cookies at all.
@@ -88,8 +88,8 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     config.check_host()?;
     let load = |own_cookies| {
         Guard::load_with(&LoadOptions {
-            pin_dir: config.pin_dir.clone(),
-            flow_capacity: config.flow_capacity,
+            pin_dir: config.restart.pin_dir.clone(),
+            flow_capacity: config.restart.flow_capacity,
             own_cookies,
         })
     };
@@ -97,7 +97,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         // "auto" takes the best path the kernel accepts: an older verifier may refuse the
         // own-cookie program that a newer one takes.
         Err(err @ GuardError::Verifier { .. })
-            if choice.own && config.cookie_mode == CookieMode::Auto =>
+            if choice.own && config.restart.cookie_mode == CookieMode::Auto =>
         {
             warn!("{err}");
             choice = cookies::Choice {
@@ -118,21 +118,21 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     };
     let mut cookie = sysctl::syn_cookie_config()?;
     if choice.own {
-        cookie.mss = sysctl::interface_mss(&config.interface);
+        cookie.mss = sysctl::interface_mss(&config.restart.interface);
     }
     let mut keys = KeyRing::new(
-        config.cookie_secret_file.as_deref(),
-        config.cookie_key_rotation,
+        config.reload.cookie_secret_file.as_deref(),
+        config.reload.cookie_key_rotation,
     )?;
-    guard.set_ports(&config.ports)?;
+    guard.set_ports(&config.reload.ports)?;
     guard.set_syn_cookie_config(cookie)?;
-    guard.set_policy(&config.policy)?;
+    guard.set_policy(&config.reload.policy)?;
     if choice.own {
         refresh_keys(&mut guard, &mut keys)?;
     }
-    let when = cookies::when(config.cookies, &choice)?;
+    let when = cookies::when(config.restart.cookies, &choice)?;
     guard.set_attack_config(attack_config(&config, when.0))?;
-    let (interface, owned) = crate::host::read(&config.interface)?;
+    let (interface, owned) = crate::host::read(&config.restart.interface)?;
     guard.set_interface(interface)?;
     guard.set_host_addresses(&owned)?;
     info!(
@@ -146,13 +146,17 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     // The TC program that turns an accepted own-cookie ACK into a socket goes first: an ACK
     // XDP accepts before it is there would draw a RST.
     let reqsk = if choice.own {
-        let mut reqsk = Reqsk::load(config.pin_dir.as_deref())?;
-        reqsk.attach(&config.interface)?;
+        let mut reqsk = Reqsk::load(config.restart.pin_dir.as_deref())?;
+        reqsk.attach(&config.restart.interface)?;
         Some(reqsk)
     } else {
         None
     };
-    let attachment = guard.attach(&config.interface, config.xdp_mode, tc_choice.mode)?;
+    let attachment = guard.attach(
+        &config.restart.interface,
+        config.restart.xdp_mode,
+        tc_choice.mode,
+    )?;
     let tc_reason = if attachment.tc_mode == tc_choice.mode {
         tc_choice.reason
     } else {
@@ -165,7 +169,7 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     // operators may take it as the sign that everything is up.
     let protecting = format!(
         "protecting TCP ports {:?} on {} in {} mode, TC egress through {} because {}{}, with {} cookies because {}{} (SYN-ACK window scale {}, SACK {}); {}",
-        config.ports,
+        config.reload.ports,
         attachment.interface,
         attachment.mode,
         attachment.tc_mode,
@@ -187,8 +191,8 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         match when.0 {
             Cookies::UnderAttack => format!(
                 "cookies only under attack ({} SYN/s or more; over after {} s below half that), because {}",
-                config.attack.syn_rate,
-                config.attack.end_after.as_secs(),
+                config.restart.attack.syn_rate,
+                config.restart.attack.end_after.as_secs(),
                 when.1
             ),
             Cookies::Always => format!("cookies for every SYN because {}", when.1),
@@ -242,8 +246,8 @@ struct Daemon {
 fn attack_config(config: &Config, when: Cookies) -> AttackConfig {
     AttackConfig {
         only_under_attack: u32::from(when == Cookies::UnderAttack),
-        calm_windows: (config.attack.end_after.as_secs() * WINDOWS_PER_S) as u32,
-        start_rate: config.attack.syn_rate,
+        calm_windows: (config.restart.attack.end_after.as_secs() * WINDOWS_PER_S) as u32,
+        start_rate: config.restart.attack.syn_rate,
     }
 }
 
@@ -251,7 +255,7 @@ fn attack_config(config: &Config, when: Cookies) -> AttackConfig {
 /// or, with `keep_sysctls`, refused.
 fn kernel_cookie_sysctls(config: &Config) -> anyhow::Result<()> {
     for required in [TCP_SYNCOOKIES, TCP_TIMESTAMPS] {
-        if let Outcome::Changed { from } = required.ensure(!config.keep_sysctls)? {
+        if let Outcome::Changed { from } = required.ensure(!config.restart.keep_sysctls)? {
             info!(
                 "set {} from {from} to {} (the kernel's SYN cookies from XDP need it)",
                 required.name, required.required
@@ -288,7 +292,10 @@ impl Daemon {
             .map_or(0.0, |since| since.as_secs_f64());
         let logged = guard.counters().unwrap_or_default();
         let mut daemon = Self {
-            tracker: Tracker::new(config.timeouts, config.max_connections_per_source),
+            tracker: Tracker::new(
+                config.reload.timeouts,
+                config.reload.max_connections_per_source,
+            ),
             source,
             config,
             guard: Some(guard),
@@ -349,7 +356,7 @@ impl Daemon {
         }
         let (asked_tx, mut asked) = mpsc::channel::<Asked>(16);
         self.start_control_socket(asked_tx)?;
-        if let Some(address) = self.config.metrics_listen {
+        if let Some(address) = self.config.restart.metrics_listen {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .with_context(|| format!("cannot serve metrics on {address}"))?;
@@ -364,7 +371,7 @@ impl Daemon {
         info!("{protecting}");
         notify(&format!(
             "READY=1\nSTATUS=protecting ports {:?} on {}",
-            self.config.ports, self.config.interface
+            self.config.reload.ports, self.config.restart.interface
         ))
         .unwrap_or_else(|err| warn!("cannot tell systemd we are ready: {err}"));
 
@@ -391,7 +398,7 @@ impl Daemon {
                     self.rotate_keys();
                     self.watch_attack();
                     self.refresh_metrics();
-                    let interval = self.config.stats_interval;
+                    let interval = self.config.reload.stats_interval;
                     if !interval.is_zero() && last_log.elapsed() >= interval {
                         last_log = Instant::now();
                         self.log_stats(interval);
@@ -428,7 +435,7 @@ impl Daemon {
             (true, false) => info!(
                 "SYN flood over: below {} SYN/s for {} s (now {} SYN/s){}",
                 config.start_rate.div_ceil(2),
-                self.config.attack.end_after.as_secs(),
+                self.config.restart.attack.end_after.as_secs(),
                 now.rate,
                 if self.when.0 == Cookies::UnderAttack {
                     "; SYNs go to the kernel again"
@@ -457,7 +464,7 @@ impl Daemon {
     /// second; until an address is seen, SYNs to it go to the kernel unanswered, which is
     /// what the host would do without tcpguard.
     fn follow_host_addresses(&mut self) {
-        let interface = self.config.interface.clone();
+        let interface = self.config.restart.interface.clone();
         let update = crate::host::read(&interface)
             .map_err(anyhow::Error::from)
             .and_then(|(config, owned)| {
@@ -594,10 +601,10 @@ impl Daemon {
             Ok(()) => {
                 info!(
                     "configuration reloaded: ports {:?}, {} allowed and {} denied prefixes, {} connections per source",
-                    self.config.ports,
-                    self.config.policy.allow.len(),
-                    self.config.policy.deny.len(),
-                    limit_text(self.config.max_connections_per_source),
+                    self.config.reload.ports,
+                    self.config.reload.policy.allow.len(),
+                    self.config.reload.policy.deny.len(),
+                    limit_text(self.config.reload.max_connections_per_source),
                 );
                 self.metrics.observe_reload(true);
             }
@@ -610,49 +617,39 @@ impl Daemon {
     }
 
     fn apply_config(&mut self, mut new: Config) -> anyhow::Result<()> {
-        for ((name, old), (_, wanted)) in self
-            .config
-            .restart_only()
-            .into_iter()
-            .zip(new.restart_only())
-        {
-            if old != wanted {
+        if new.restart != self.config.restart {
+            for (name, old, wanted) in self.config.restart.changes(&new.restart) {
                 warn!(
                     "{name} changed from {old} to {wanted}; that takes a restart, the running value stays"
                 );
             }
+            new.restart = self.config.restart.clone();
         }
-        new.interface = self.config.interface.clone();
-        new.xdp_mode = self.config.xdp_mode;
-        new.pin_dir = self.config.pin_dir.clone();
-        new.flow_capacity = self.config.flow_capacity;
-        new.metrics_listen = self.config.metrics_listen;
-        new.control_socket = self.config.control_socket.clone();
         // Everything that can fail is prepared first, beside what is in force; then the
         // data plane is switched, and a failed switch puts back what was switched already.
         // A changed or rewritten secret file takes effect at once; a bad one keeps the keys.
-        let keys = KeyRing::new(new.cookie_secret_file.as_deref(), new.cookie_key_rotation)?;
-        new.cookie_mode = self.config.cookie_mode;
-        new.cookies = self.config.cookies;
-        new.attack = self.config.attack;
-        let old_ports = self.config.ports.clone();
+        let keys = KeyRing::new(
+            new.reload.cookie_secret_file.as_deref(),
+            new.reload.cookie_key_rotation,
+        )?;
+        let old_ports = self.config.reload.ports.clone();
         let guard = self.guard();
-        let policy = guard.prepare_policy(&new.policy)?;
-        guard.set_ports(&new.ports)?;
+        let policy = guard.prepare_policy(&new.reload.policy)?;
+        guard.set_ports(&new.reload.ports)?;
         if let Err(err) = guard.commit_policy(policy) {
             guard.set_ports(&old_ports)?;
             return Err(err.into());
         }
-        if !new.policy.source_limit {
+        if !new.reload.policy.source_limit {
             self.sources_full.clear();
         }
         self.tracker.reconfigure(
-            new.timeouts,
-            new.max_connections_per_source,
+            new.reload.timeouts,
+            new.reload.max_connections_per_source,
             &mut self.effects,
         );
         self.apply_effects();
-        logging::follow_config(self.source.level_source, new.log_level);
+        logging::follow_config(self.source.level_source, new.reload.log_level);
         self.config = new;
         self.keys = keys;
         self.rotate_keys();
@@ -660,7 +657,7 @@ impl Daemon {
     }
 
     fn start_control_socket(&mut self, asked: mpsc::Sender<Asked>) -> anyhow::Result<()> {
-        let path = &self.config.control_socket;
+        let path = &self.config.restart.control_socket;
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| {
                 format!("cannot create {} for the control socket", dir.display())
@@ -698,14 +695,14 @@ impl Daemon {
         control::Status {
             pid: std::process::id(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            interface: self.config.interface.clone(),
-            xdp_mode: attachment.map(|a| a.mode.clone()).unwrap_or_default(),
+            interface: self.config.restart.interface.clone(),
+            xdp_mode: attachment.map(|a| a.mode.to_string()).unwrap_or_default(),
             adopted: attachment.is_some_and(|a| a.adopted),
             tc_attach: attachment
                 .map(|a| a.tc_mode.to_string())
                 .unwrap_or_default(),
             tc_attach_reason: self.tc_reason.clone(),
-            ports: self.config.ports.iter().copied().collect(),
+            ports: self.config.reload.ports.iter().copied().collect(),
             uptime_seconds: self.started.elapsed().as_secs(),
             tracked_connections: self.tracker.len(),
             flow_capacity: self.flows.capacity(),
@@ -718,6 +715,7 @@ impl Daemon {
             events_lost,
             allow: self
                 .config
+                .reload
                 .policy
                 .allow
                 .iter()
@@ -725,12 +723,13 @@ impl Daemon {
                 .collect(),
             deny: self
                 .config
+                .reload
                 .policy
                 .deny
                 .iter()
                 .map(ToString::to_string)
                 .collect(),
-            max_connections_per_source: self.config.max_connections_per_source,
+            max_connections_per_source: self.config.reload.max_connections_per_source,
             cookie_mode: if self.cookies.own { "own" } else { "kernel" }.to_owned(),
             cookie_mode_reason: self.cookies.reason.clone(),
             cookies: self.when.0.to_string(),
@@ -785,8 +784,8 @@ impl Daemon {
     fn stop(&mut self) -> anyhow::Result<()> {
         notify("STOPPING=1").ok();
         // Only the socket this daemon made: one it refused to replace stays.
-        if self.control_socket_bound && is_socket(&self.config.control_socket) {
-            let _ = fs::remove_file(&self.config.control_socket);
+        if self.control_socket_bound && is_socket(&self.config.restart.control_socket) {
+            let _ = fs::remove_file(&self.config.restart.control_socket);
         }
         let Some(guard) = self.guard.take() else {
             return Ok(());
@@ -794,7 +793,7 @@ impl Daemon {
         if let Ok(totals) = guard.counters() {
             info!("totals: {}", format_counters(&totals, ""));
         }
-        match self.config.on_exit {
+        match self.config.reload.on_exit {
             OnExit::Keep => {
                 if let Some(reqsk) = self.reqsk.take() {
                     reqsk.release()?;
@@ -802,8 +801,9 @@ impl Daemon {
                 guard.release()?;
                 info!(
                     "left attached to {} through {}; `tcpguard detach` removes it",
-                    self.config.interface,
+                    self.config.restart.interface,
                     self.config
+                        .restart
                         .pin_dir
                         .as_deref()
                         .unwrap_or(Path::new("?"))
@@ -815,7 +815,7 @@ impl Daemon {
                     reqsk.detach()?;
                 }
                 guard.detach()?;
-                info!("detached from {}", self.config.interface);
+                info!("detached from {}", self.config.restart.interface);
             }
         }
         Ok(())

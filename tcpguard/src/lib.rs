@@ -13,6 +13,7 @@ pub mod guard;
 pub mod host;
 mod http;
 pub mod kernel;
+pub mod links;
 pub mod logging;
 pub mod metrics;
 mod notify;
@@ -24,4 +25,5 @@ pub mod tcp_state;
 pub mod tracker;
 pub mod watch;
 
-pub use guard::{AttachMode, Attachment, Counters, Guard, GuardError};
+pub use config::AttachMode;
+pub use guard::{AttachedMode, Attachment, Counters, Guard, GuardError};

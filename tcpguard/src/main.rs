@@ -296,12 +296,12 @@ fn check_config(path: &std::path::Path) -> ExitCode {
         .and_then(|config| config.check_host().map(|()| config));
     match loaded {
         Ok(config) => {
-            let ports: Vec<String> = config.ports.iter().map(u16::to_string).collect();
+            let ports: Vec<String> = config.reload.ports.iter().map(u16::to_string).collect();
             println!(
                 "{}: protects TCP ports {} on {}",
                 path.display(),
                 ports.join(", "),
-                config.interface
+                config.restart.interface
             );
             ExitCode::SUCCESS
         }

@@ -15,14 +15,14 @@ use aya::{
     maps::{MapData, MapError, PerCpuArray, RingBuf},
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkType, PinnedLink},
         tc::{SchedClassifierLink, TcAttach},
     },
 };
 use tcpguard_common::maps::RARE_EVENTS;
 use thiserror::Error;
 
-use crate::{bpffs, ebpf::REQSK_OBJECT, guard::if_index};
+use crate::{bpffs, ebpf::REQSK_OBJECT, guard::if_index, links};
 
 /// The program's name in the object.
 pub const PROGRAM: &str = tcpguard_common::REQSK_PROGRAM;
@@ -197,13 +197,17 @@ impl Reqsk {
             interface: interface.to_owned(),
             source,
         };
-        let pinned = match &self.pin_dir {
-            Some(dir) => pinned_link(dir)?,
+        let pinned = match self.pin_dir.as_deref().map(link_pin).transpose()?.flatten() {
+            Some(path) => {
+                let attached =
+                    attached_interface(&path).map_err(|source| attach_error(source.into()))?;
+                Some((attached, path))
+            }
             None => None,
         };
         let program = program_mut(&mut self.ebpf)?;
         let link = match pinned {
-            Some((pinned, path)) if pinned == interface => {
+            Some((Some(pinned), path)) if pinned == interface => {
                 let link = PinnedLink::from_pin(&path)
                     .map(FdLink::from)
                     .map_err(|source| attach_error(source.into()))?;
@@ -217,7 +221,8 @@ impl Reqsk {
             }
             Some((pinned, _)) => {
                 return Err(ReqskError::OtherInterface {
-                    pinned,
+                    pinned: pinned
+                        .unwrap_or_else(|| "no interface of this network namespace".to_owned()),
                     wanted: interface.to_owned(),
                     dir: self.pin_dir.clone().unwrap_or_default(),
                 });
@@ -314,7 +319,7 @@ impl Reqsk {
     /// counters), leaving the rest of the pin directory to [`crate::Guard`].
     pub fn detach(mut self) -> Result<(), ReqskError> {
         if let Some(dir) = self.pin_dir.take() {
-            if let Some((_, path)) = pinned_link(&dir)? {
+            if let Some(path) = link_pin(&dir)? {
                 bpffs::detach_pinned_link(&path)
                     .map_err(|source| ReqskError::Pin { path, source })?;
             }
@@ -326,17 +331,29 @@ impl Reqsk {
     }
 }
 
-/// The interface and path of the link pinned in `dir`, if there is one.
-fn pinned_link(dir: &Path) -> Result<Option<(String, PathBuf)>, ReqskError> {
+/// The path of the link pinned in `dir`, if there is one. Its name says only that it is this
+/// program's link: where it is attached is the kernel's answer ([`attached_interface`]).
+fn link_pin(dir: &Path) -> Result<Option<PathBuf>, ReqskError> {
     let entries = fs::read_dir(dir).map_err(|source| ReqskError::Pin {
         path: dir.to_owned(),
         source,
     })?;
     Ok(entries.flatten().find_map(|entry| {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let interface = name.strip_prefix(LINK_PREFIX)?.to_owned();
-        Some((interface, entry.path()))
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        (name.len() > LINK_PREFIX.len() && name.starts_with(LINK_PREFIX)).then(|| entry.path())
     }))
+}
+
+/// The interface of this network namespace the TCX link pinned at `path` is attached to:
+/// the one that runs the link's program on its TC ingress; `None` if none does (the link's
+/// interface is gone, or in another namespace).
+fn attached_interface(path: &Path) -> io::Result<Option<String>> {
+    let link = links::pinned(path)?;
+    if !matches!(link.link_type(), Ok(LinkType::Tcx)) {
+        return Ok(None);
+    }
+    links::tcx_interface(link.program_id(), TcAttachType::Ingress)
 }
 
 /// Removes the pin at `path`, if there is one.

@@ -1,12 +1,12 @@
 //! The daemon as an operator runs it: out-of-state floods dropped while real connections go on,
-//! configuration reloads (bad ones refused), source policy, systemd readiness, and a restart
-//! in the middle of a SYN flood.
+//! configuration reloads (bad ones refused), source policy, systemd readiness, a restart in
+//! the middle of a SYN flood, and which pinned links a restarted daemon adopts.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::net::UnixDatagram,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -14,6 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tcpguard::{AttachMode, Guard, GuardError, guard::LoadOptions};
 use tcpguard_tests::{
     netns::Namespace,
     observe::{flows, sample, scrape, status, wait_until},
@@ -585,4 +586,94 @@ fn the_unit_is_rated_an_exposure_of_2_or_less() {
         .unwrap_or_else(|| panic!("no rating: {text}"));
     println!("{rating}");
     assert!(output.status.success(), "rated above 2.0: {text}");
+}
+
+/// Removes a pin directory when dropped, also when the test panics: a pinned link keeps its
+/// program attached for as long as its pin exists.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        let _ = tcpguard::bpffs::remove_pins(&self.0);
+    }
+}
+
+fn load_pinned(dir: &Path) -> Guard {
+    Guard::load_with(&LoadOptions {
+        pin_dir: Some(dir.to_owned()),
+        ..LoadOptions::default()
+    })
+    .expect("loading tcpguard")
+}
+
+/// Where pinned links are attached is the kernel's answer: the links pinned on one interface
+/// are adopted there, refused for another interface (naming theirs), and refused with a
+/// sentence saying so once their interface is gone.
+#[test]
+fn pinned_links_are_adopted_on_their_interface_only() {
+    let namespace = Namespace::new("adopt");
+    namespace.run(
+        "ip",
+        &["link", "add", "ga0", "type", "veth", "peer", "name", "ga1"],
+    );
+    namespace.run(
+        "ip",
+        &["link", "add", "gb0", "type", "veth", "peer", "name", "gb1"],
+    );
+    for interface in ["ga0", "ga1", "gb0"] {
+        namespace.run("ip", &["link", "set", interface, "up"]);
+    }
+    tcpguard_tests::rig::ensure_bpffs();
+    let dir = PathBuf::from(format!("/sys/fs/bpf/{}-adopt", namespace.name));
+    tcpguard::bpffs::remove_pins(&dir).expect("clearing a stale pin directory");
+    let pins = Pins(dir.clone());
+    let tc_mode = {
+        let dir = dir.clone();
+        namespace.within(move || {
+            let tc_mode = tcpguard::tc::probe(c"ga0").expect("probing TCX").mode;
+            let mut first = load_pinned(&dir);
+            let attached = first
+                .attach("ga0", AttachMode::Auto, tc_mode)
+                .expect("attaching to ga0");
+            assert!(!attached.adopted);
+            let mode = attached.mode;
+            first.release().expect("leaving the links pinned");
+
+            let mut second = load_pinned(&dir);
+            let adopted = second
+                .attach("ga0", AttachMode::Auto, tc_mode)
+                .expect("adopting ga0's links");
+            assert!(adopted.adopted);
+            assert_eq!((adopted.mode, adopted.tc_mode), (mode, tc_mode));
+            second.release().expect("leaving the links pinned again");
+
+            match load_pinned(&dir).attach("ga1", AttachMode::Auto, tc_mode) {
+                Err(GuardError::OtherInterface { pinned, wanted, .. }) => {
+                    assert_eq!((pinned.as_str(), wanted.as_str()), ("ga0", "ga1"));
+                }
+                other => panic!("attaching to ga1: {other:?}"),
+            }
+            tc_mode
+        })
+    };
+
+    // The interface goes (its peer with it), and its links are attached to nothing.
+    namespace.run("ip", &["link", "del", "ga0"]);
+    let refused = {
+        let dir = dir.clone();
+        namespace.within(
+            move || match load_pinned(&dir).attach("gb0", AttachMode::Auto, tc_mode) {
+                Err(err @ GuardError::StrayLink { .. }) => err.to_string(),
+                other => panic!("attaching to gb0: {other:?}"),
+            },
+        )
+    };
+    assert!(
+        refused.contains(
+            "is attached to no interface of this network namespace (the one it was attached to is gone, or in another namespace); run `tcpguard detach` before protecting gb0"
+        ),
+        "{refused}"
+    );
+    drop(pins);
+    assert!(!dir.exists(), "detach removed the pins");
 }

@@ -6,7 +6,7 @@
 use std::{collections::BTreeSet, net::TcpListener};
 
 use aya::maps::{Array, MapData};
-use tcpguard::{Guard, guard::SourcePolicy, prefix::Prefix};
+use tcpguard::{Guard, config::SourcePolicy, prefix::Prefix};
 use tcpguard_common::{Counter, POLICY_CAPACITY, ProtectedPort, maps};
 use tcpguard_tests::{
     frame::{CLIENT_V4, TcpFrame},
