@@ -10,6 +10,8 @@ use tcpguard_common::{
     attack::{Transition, WINDOW_NS},
 };
 
+use crate::rare;
+
 #[map(name = "ATTACK_CONFIG")]
 static ATTACK_CONFIG: Array<AttackConfig> = Array::with_max_entries(1, 0);
 
@@ -40,7 +42,13 @@ pub fn syn_seen() -> Cookies {
     let active = unsafe {
         let state = &mut *state;
         if state.window != window {
-            let _: Transition = state.roll(window, config);
+            match state.roll(window, config) {
+                Transition::None => {}
+                Transition::Started => {
+                    rare::attack_changed(true, state.change_rate, config.start_rate);
+                }
+                Transition::Ended => rare::attack_changed(false, state.rate, config.start_rate),
+            }
         }
         // The BPF target has no `AtomicU64`; this is its atomic add instruction.
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(

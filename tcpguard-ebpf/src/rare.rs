@@ -19,7 +19,7 @@
 //! raw `*const FlowKey`; Linux 5.12 and later accept such arguments.
 
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::PerCpuArray};
-use aya_log_ebpf::{error, warn};
+use aya_log_ebpf::{error, info, warn};
 use tcpguard_common::{FLOW_IPV4, FlowKey, LogLimit, rare_event};
 
 #[map(name = "RARE_LIMITS")]
@@ -204,5 +204,34 @@ extern "C" fn tcpguard_log_handover(key: *const FlowKey, error: i64) -> i32 {
         (error),
         (held_back)
     );
+    0
+}
+
+/// The SYN counting moved the attack state on (see `attack::syn_seen`): an attack started at
+/// `rate` SYN/s (`threshold` and more is one), or ended with the last window at `rate`. Not
+/// limited: the hysteresis already keeps these apart by seconds.
+#[inline(always)]
+pub fn attack_changed(started: bool, rate: u64, threshold: u64) {
+    tcpguard_log_attack(u32::from(started), rate, threshold);
+}
+
+#[unsafe(no_mangle)]
+#[inline(never)]
+extern "C" fn tcpguard_log_attack(started: u32, rate: u64, threshold: u64) -> i32 {
+    if started != 0 {
+        info!(
+            &(),
+            "XDP: attack started at {} SYN/s to protected ports (from {} SYN/s on is an attack)",
+            rate,
+            threshold
+        );
+    } else {
+        info!(
+            &(),
+            "XDP: attack over, {} SYN/s to protected ports in the last window (below {} SYN/s long enough)",
+            rate,
+            threshold.div_ceil(2)
+        );
+    }
     0
 }

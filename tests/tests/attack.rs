@@ -230,6 +230,12 @@ fn a_flood_switches_to_cookies_and_back_while_clients_connect() {
     });
     let started = daemon.wait_for("SYN flood:", Duration::from_secs(3));
     eprintln!("{started}");
+    // The data plane's own line, through aya-log, the moment its SYN counting decided.
+    let decided = logged(&mut daemon, "XDP: attack started at");
+    assert!(
+        decided.contains(" INFO ") && decided.contains(" tcpguard::rare] "),
+        "the data plane's line, at info: {decided}"
+    );
     wait_until(Duration::from_secs(3), "cookies sent", || {
         (counter(&daemon.paths, "syn_cookie_sent") > 0).then_some(())
     });
@@ -237,6 +243,12 @@ fn a_flood_switches_to_cookies_and_back_while_clients_connect() {
 
     let ended = daemon.wait_for("SYN flood over", Duration::from_secs(10));
     eprintln!("{ended}");
+    // The clients' SYNs keep the data plane's windows rolling, so it decides the end too.
+    let decided = logged(&mut daemon, "XDP: attack over");
+    assert!(
+        decided.contains(" INFO ") && decided.contains(" tcpguard::rare] "),
+        "the data plane's line, at info: {decided}"
+    );
     assert_eq!(status(&daemon.paths)["under_attack"], false);
     let cookies_after_flood = counter(&daemon.paths, "syn_cookie_sent");
     // The kernel's handshake again: its exact MSS, and no cookie.
@@ -259,6 +271,15 @@ fn a_flood_switches_to_cookies_and_back_while_clients_connect() {
     assert!(connected > 100, "{connected} connections");
     assert_eq!(failed, 0, "every client connected through the switches");
     stop.store(true, Ordering::Relaxed);
+}
+
+/// The line with `text` the daemon logged, already or within 3 s: the data plane's lines may
+/// come before or after the daemon's own about the same change.
+fn logged(daemon: &mut Daemon, text: &str) -> String {
+    match daemon.log.iter().find(|line| line.contains(text)) {
+        Some(line) => line.clone(),
+        None => daemon.wait_for(text, Duration::from_secs(3)),
+    }
 }
 
 #[test]
@@ -304,5 +325,11 @@ fn a_rate_hovering_at_the_threshold_switches_once() {
         .filter(|line| line.contains("SYN flood:"))
         .count();
     assert_eq!(starts, 1, "{:?}", daemon.log);
+    let decided = daemon
+        .log
+        .iter()
+        .filter(|line| line.contains("XDP: attack started at"))
+        .count();
+    assert_eq!(decided, 1, "the data plane decided once: {:?}", daemon.log);
     stop.store(true, Ordering::Relaxed);
 }
