@@ -456,14 +456,6 @@ fn median_and_range(values: &mut [f64]) -> (f64, f64, f64) {
 
 /// Turns on threaded NAPI for `interface` and returns the pid of its one NAPI thread.
 fn threaded_napi(namespace: &Namespace, interface: &str) -> u32 {
-    // `ip netns exec` mounts the namespace's own /sys for the command it runs.
-    namespace.run(
-        "sh",
-        &[
-            "-c",
-            &format!("echo 1 > /sys/class/net/{interface}/threaded"),
-        ],
-    );
     let prefix = format!("napi/{interface}-");
     let find = || -> Vec<u32> {
         std::fs::read_dir("/proc")
@@ -475,20 +467,34 @@ fn threaded_napi(namespace: &Namespace, interface: &str) -> u32 {
             })
             .collect()
     };
-    // The previous run's namespace (with an interface of the same name) may still be going
-    // away, its NAPI thread with it: wait for that one to end.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut threads = find();
-    while threads.len() > 1 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        threads = find();
-    }
-    assert_eq!(
-        threads.len(),
-        1,
-        "expected one NAPI thread named {prefix}*, found {threads:?}"
+    // A previous run's namespace (with an interface of the same name) may still be going
+    // away, its NAPI thread with it, for longer than a run lasts: this interface's thread is
+    // the one that was not there before.
+    let before = find();
+    // `ip netns exec` mounts the namespace's own /sys for the command it runs.
+    namespace.run(
+        "sh",
+        &[
+            "-c",
+            &format!("echo 1 > /sys/class/net/{interface}/threaded"),
+        ],
     );
-    threads[0]
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let new: Vec<u32> = find()
+            .into_iter()
+            .filter(|pid| !before.contains(pid))
+            .collect();
+        if new.len() == 1 || Instant::now() >= deadline {
+            assert_eq!(
+                new.len(),
+                1,
+                "expected one new NAPI thread named {prefix}*, found {new:?} (and {before:?} from before)"
+            );
+            return new[0];
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Restricts `pid` (0: the calling thread) to `cpu`.
