@@ -31,6 +31,15 @@ pub struct AttackConfig {
     pub start_rate: u64,
 }
 
+impl AttackConfig {
+    /// The SYN/s below which a window of an attack counts as calm: half the start rate,
+    /// rounded up.
+    #[inline(always)]
+    pub fn end_rate(&self) -> u64 {
+        self.start_rate / 2 + self.start_rate % 2
+    }
+}
+
 /// The single entry of [`crate::maps::ATTACK`], shared by every CPU.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -111,7 +120,7 @@ impl AttackState {
                 self.change_rate = rate;
                 return Transition::Started;
             }
-        } else if rate < config.start_rate / 2 + config.start_rate % 2 {
+        } else if rate < config.end_rate() {
             // Below half the start rate.
             self.calm = self.calm.saturating_add(1);
             if self.calm >= config.calm_windows {

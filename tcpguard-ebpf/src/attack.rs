@@ -42,12 +42,16 @@ pub fn syn_seen() -> Cookies {
     let active = unsafe {
         let state = &mut *state;
         if state.window != window {
-            match state.roll(window, config) {
-                Transition::None => {}
-                Transition::Started => {
-                    rare::attack_changed(true, state.change_rate, config.start_rate);
-                }
-                Transition::Ended => rare::attack_changed(false, state.rate, config.start_rate),
+            // `roll` returns only its last transition: a burst in one window followed by
+            // calm windows starts an attack and ends it in one roll. Each is logged.
+            let (started_before, active_before) = (state.started, state.active != 0);
+            let _: Transition = state.roll(window, config);
+            let started = state.started != started_before;
+            if started {
+                rare::attack_changed(true, state.change_rate, config.start_rate);
+            }
+            if state.active == 0 && (active_before || started) {
+                rare::attack_changed(false, state.rate, config.end_rate());
             }
         }
         // The BPF target has no `AtomicU64`; this is its atomic add instruction.

@@ -73,13 +73,17 @@ macro_rules! flow_line {
 /// event already read rather than reading the clock again.
 #[inline(always)]
 pub fn event_ring_full(key: &FlowKey, now_ns: u64) {
-    tcpguard_log_event_ring_full(key, now_ns);
+    // SAFETY: `key` is a reference, so a valid FlowKey.
+    unsafe { tcpguard_log_event_ring_full(key, now_ns) };
 }
 
+/// # Safety
+///
+/// `key` is null or points at a `FlowKey` (the verifier checks that the program passes one).
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn tcpguard_log_event_ring_full(key: *const FlowKey, now_ns: u64) -> i32 {
-    // SAFETY: the verifier checks that the caller passes a FlowKey's worth of memory, or null.
+unsafe extern "C" fn tcpguard_log_event_ring_full(key: *const FlowKey, now_ns: u64) -> i32 {
+    // SAFETY: the caller's promise (the verifier also checks it for the program's calls).
     let Some(key) = (unsafe { key.as_ref() }) else {
         return 0;
     };
@@ -101,13 +105,17 @@ extern "C" fn tcpguard_log_event_ring_full(key: *const FlowKey, now_ns: u64) -> 
 /// untracked.
 #[inline(always)]
 pub fn flow_insert_failed(key: &FlowKey, error: i64) {
-    tcpguard_log_flow_insert(key, error);
+    // SAFETY: `key` is a reference, so a valid FlowKey.
+    unsafe { tcpguard_log_flow_insert(key, error) };
 }
 
+/// # Safety
+///
+/// `key` is null or points at a `FlowKey` (the verifier checks that the program passes one).
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn tcpguard_log_flow_insert(key: *const FlowKey, error: i64) -> i32 {
-    // SAFETY: as in tcpguard_log_event_ring_full.
+unsafe extern "C" fn tcpguard_log_flow_insert(key: *const FlowKey, error: i64) -> i32 {
+    // SAFETY: the caller's promise.
     let Some(key) = (unsafe { key.as_ref() }) else {
         return 0;
     };
@@ -128,13 +136,17 @@ extern "C" fn tcpguard_log_flow_insert(key: *const FlowKey, error: i64) -> i32 {
 /// `bpf_tcp_gen_syncookie` refused the SYN (`error`): it goes to the kernel unanswered.
 #[inline(always)]
 pub fn syn_cookie_failed(key: &FlowKey, error: i64) {
-    tcpguard_log_syn_cookie(key, error);
+    // SAFETY: `key` is a reference, so a valid FlowKey.
+    unsafe { tcpguard_log_syn_cookie(key, error) };
 }
 
+/// # Safety
+///
+/// `key` is null or points at a `FlowKey` (the verifier checks that the program passes one).
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn tcpguard_log_syn_cookie(key: *const FlowKey, error: i64) -> i32 {
-    // SAFETY: as in tcpguard_log_event_ring_full.
+unsafe extern "C" fn tcpguard_log_syn_cookie(key: *const FlowKey, error: i64) -> i32 {
+    // SAFETY: the caller's promise.
     let Some(key) = (unsafe { key.as_ref() }) else {
         return 0;
     };
@@ -155,13 +167,17 @@ extern "C" fn tcpguard_log_syn_cookie(key: *const FlowKey, error: i64) -> i32 {
 /// The SYN-ACK could not be built in the frame: the SYN is dropped.
 #[inline(always)]
 pub fn syn_ack_failed(key: &FlowKey) {
-    tcpguard_log_syn_ack(key);
+    // SAFETY: `key` is a reference, so a valid FlowKey.
+    unsafe { tcpguard_log_syn_ack(key) };
 }
 
+/// # Safety
+///
+/// `key` is null or points at a `FlowKey` (the verifier checks that the program passes one).
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn tcpguard_log_syn_ack(key: *const FlowKey) -> i32 {
-    // SAFETY: as in tcpguard_log_event_ring_full.
+unsafe extern "C" fn tcpguard_log_syn_ack(key: *const FlowKey) -> i32 {
+    // SAFETY: the caller's promise.
     let Some(key) = (unsafe { key.as_ref() }) else {
         return 0;
     };
@@ -183,13 +199,17 @@ extern "C" fn tcpguard_log_syn_ack(key: *const FlowKey) -> i32 {
 /// `bpf_xdp_adjust_meta`): the ACK is dropped and the client retries.
 #[inline(always)]
 pub fn handover_failed(key: &FlowKey, error: i64) {
-    tcpguard_log_handover(key, error);
+    // SAFETY: `key` is a reference, so a valid FlowKey.
+    unsafe { tcpguard_log_handover(key, error) };
 }
 
+/// # Safety
+///
+/// `key` is null or points at a `FlowKey` (the verifier checks that the program passes one).
 #[unsafe(no_mangle)]
 #[inline(never)]
-extern "C" fn tcpguard_log_handover(key: *const FlowKey, error: i64) -> i32 {
-    // SAFETY: as in tcpguard_log_event_ring_full.
+unsafe extern "C" fn tcpguard_log_handover(key: *const FlowKey, error: i64) -> i32 {
+    // SAFETY: the caller's promise.
     let Some(key) = (unsafe { key.as_ref() }) else {
         return 0;
     };
@@ -208,8 +228,10 @@ extern "C" fn tcpguard_log_handover(key: *const FlowKey, error: i64) -> i32 {
 }
 
 /// The SYN counting moved the attack state on (see `attack::syn_seen`): an attack started at
-/// `rate` SYN/s (`threshold` and more is one), or ended with the last window at `rate`. Not
-/// limited: the hysteresis already keeps these apart by seconds.
+/// `rate` SYN/s (`threshold` and more is one), or ended with the last window at `rate`
+/// (`threshold` being the end rate, below which windows count as calm). Not limited: the
+/// hysteresis keeps the changes seconds apart, though two CPUs that roll the same window may
+/// both log its change (see `tcpguard_common::attack`).
 #[inline(always)]
 pub fn attack_changed(started: bool, rate: u64, threshold: u64) {
     tcpguard_log_attack(u32::from(started), rate, threshold);
@@ -230,7 +252,7 @@ extern "C" fn tcpguard_log_attack(started: u32, rate: u64, threshold: u64) -> i3
             &(),
             "XDP: attack over, {} SYN/s to protected ports in the last window (below {} SYN/s long enough)",
             rate,
-            threshold.div_ceil(2)
+            threshold
         );
     }
     0

@@ -434,7 +434,7 @@ impl Daemon {
             ),
             (true, false) => info!(
                 "SYN flood over: below {} SYN/s for {} s (now {} SYN/s){}",
-                config.start_rate.div_ceil(2),
+                config.end_rate(),
                 self.config.restart.attack.end_after.as_secs(),
                 now.rate,
                 if self.when.0 == Cookies::UnderAttack {
