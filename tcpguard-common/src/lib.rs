@@ -1,4 +1,6 @@
-//! Layouts shared by the XDP program and the daemon. Each is defined once, here.
+//! What the eBPF programs and the daemon share, each defined once, here: layouts, counters,
+//! map names, and the data-plane logic the programs call and the host tests (the cookie, the
+//! header logic, the checksum, the attack decision, the reporting decision).
 #![no_std]
 
 pub mod attack;
@@ -104,15 +106,16 @@ pub mod maps {
         "HOST_KEY_SCRATCH",
     ];
 
-    /// The maps of tcpguard's object that each load has to itself: [`SCRATCH`] and the
-    /// log's ring with its limits.
+    /// The maps of tcpguard's object that each load has to itself besides [`SCRATCH`]: the
+    /// log's ring (aya-log's) and its limits.
     pub const UNPINNED: &[&str] = &[AYA_LOGS, RARE_LIMITS];
 
     /// The maps of the TC ingress object (`tcpguard-ebpf/c/reqsk.c`).
     pub const REQSK_OBJECT: &[&str] = &[REQSK_RESULTS, RARE_EVENTS, RARE_LIMITS];
 
     /// Every map of tcpguard's object that is pinned; with [`UNPINNED`] and [`SCRATCH`], every
-    /// map the object has.
+    /// map the object has besides the read-only data maps (`.rodata*`) of aya-log's levels
+    /// and line texts.
     pub const ALL: &[&str] = &[
         COUNTERS,
         PROTECTED_PORTS,

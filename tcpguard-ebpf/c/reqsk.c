@@ -84,7 +84,8 @@ struct {
 
 /*
  * Failures go to the daemon's log with their 4-tuple and error code, as the Rust programs'
- * rare events do: a fixed record (tcpguard-common's RareEvent) in a ring of this object's own,
+ * rare events do, but not through aya-log: a fixed record (tcpguard-common's RareEvent) in a
+ * ring of this object's own,
  * RARE_EVENTS, which the daemon reads and logs through its logger. The first failure of a
  * kind, then at most one record a second per CPU and kind, carrying how many were held back
  * since (tcpguard-common's LogLimit). The Rust programs log through aya-log, which has no C

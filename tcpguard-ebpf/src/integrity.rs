@@ -69,7 +69,7 @@ pub fn ipv4_header(ctx: &XdpContext, segment: &Segment) -> Result<(), Counter> {
 }
 
 /// Walks the IPv4 options, unrolled over each byte position as the TCP option walk is (see
-/// `syn::syn_options`): a structural check (every option fits its header, no length below 2)
+/// `tcpguard_common::tcp::walk_options`): a structural check (every option fits its header, no length below 2)
 /// and the source-route options Linux refuses for local delivery.
 #[inline(always)]
 #[expect(

@@ -418,13 +418,23 @@ impl RestartSettings {
             control_socket,
             keep_sysctls,
         } = self;
+        // As the file spells them: strings quoted, "" for no pinning or no metrics endpoint.
+        let quoted = |text: &dyn std::fmt::Display| format!("\"{text}\"");
         vec![
-            ("interface", interface.clone()),
-            ("xdp_mode", xdp_mode.to_string()),
-            ("pin_dir", format!("{pin_dir:?}")),
+            ("interface", quoted(interface)),
+            ("xdp_mode", quoted(xdp_mode)),
+            (
+                "pin_dir",
+                quoted(&pin_dir.as_deref().unwrap_or(Path::new("")).display()),
+            ),
             ("flow_capacity", flow_capacity.to_string()),
-            ("cookie_mode", cookie_mode.to_string()),
-            ("cookies", format!("{cookies:?}")),
+            ("cookie_mode", quoted(cookie_mode)),
+            (
+                "cookies",
+                cookies
+                    .as_ref()
+                    .map_or(quoted(&"auto"), |cookies| quoted(cookies)),
+            ),
             (
                 "attack",
                 format!(
@@ -433,8 +443,11 @@ impl RestartSettings {
                     attack.end_after.as_secs()
                 ),
             ),
-            ("metrics.listen", format!("{metrics_listen:?}")),
-            ("control.socket", control_socket.display().to_string()),
+            (
+                "metrics.listen",
+                metrics_listen.map_or(quoted(&""), |listen| quoted(&listen)),
+            ),
+            ("control.socket", quoted(&control_socket.display())),
             ("keep_sysctls", keep_sysctls.to_string()),
         ]
     }

@@ -560,7 +560,7 @@ fn an_unprivileged_user_with_the_units_ambient_capabilities_protects() {
 
 /// `systemd-analyze security` rates the unit at an exposure of 2.0 or less (its threshold is
 /// in tenths), where the host's systemd can rate a unit file offline (250 and later); the VM
-/// test rates the installed unit in its Debian 13 guest too.
+/// test rates the installed unit in both its guests (Debian 12 and 13) too.
 #[test]
 fn the_unit_is_rated_an_exposure_of_2_or_less() {
     let unit = concat!(env!("CARGO_MANIFEST_DIR"), "/../systemd/tcpguard.service");
