@@ -606,9 +606,10 @@ fn load_pinned(dir: &Path) -> Guard {
     .expect("loading tcpguard")
 }
 
-/// Where pinned links are attached is the kernel's answer: the links pinned on one interface
-/// are adopted there, refused for another interface (naming theirs), and refused with a
-/// sentence saying so once their interface is gone.
+/// Where pinned links are attached is the kernel's answer, whatever their pins' names say: the
+/// links pinned on one interface are adopted there (under names that claim another interface
+/// and mode), refused for another interface (naming theirs), and refused with a sentence saying
+/// so once their interface is gone.
 #[test]
 fn pinned_links_are_adopted_on_their_interface_only() {
     let namespace = Namespace::new("adopt");
@@ -638,6 +639,14 @@ fn pinned_links_are_adopted_on_their_interface_only() {
             assert!(!attached.adopted);
             let mode = attached.mode;
             first.release().expect("leaving the links pinned");
+            // The pins' names now lie about interface and mode: adoption must ask the kernel.
+            for entry in std::fs::read_dir(&dir).expect("reading the pin directory") {
+                let name = entry.expect("a pin").file_name().into_string().unwrap();
+                if name.starts_with("link_") && name.contains("ga0") {
+                    let lie = name.replace("ga0", "gb0").replace("native", "skb");
+                    std::fs::rename(dir.join(&name), dir.join(&lie)).expect("renaming a pin");
+                }
+            }
 
             let mut second = load_pinned(&dir);
             let adopted = second
