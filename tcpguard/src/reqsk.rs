@@ -68,6 +68,11 @@ pub enum ReqskError {
         wanted: String,
         dir: PathBuf,
     },
+    #[error(
+        "{PROGRAM}'s link pinned at {path} is attached to {}; run `tcpguard detach` before attaching it to {wanted}",
+        crate::links::NO_INTERFACE_HERE
+    )]
+    StrayLink { path: PathBuf, wanted: String },
     #[error(transparent)]
     PinDir(#[from] bpffs::PinDirError),
     #[error("pinning at {path} failed: {source}")]
@@ -219,12 +224,17 @@ impl Reqsk {
                     .map_err(|source| attach_error(source.into()))?;
                 FdLink::try_from(link).map_err(|source| attach_error(source.into()))?
             }
-            Some((pinned, _)) => {
+            Some((Some(pinned), _)) => {
                 return Err(ReqskError::OtherInterface {
-                    pinned: pinned
-                        .unwrap_or_else(|| "no interface of this network namespace".to_owned()),
+                    pinned,
                     wanted: interface.to_owned(),
                     dir: self.pin_dir.clone().unwrap_or_default(),
+                });
+            }
+            Some((None, path)) => {
+                return Err(ReqskError::StrayLink {
+                    path,
+                    wanted: interface.to_owned(),
                 });
             }
             None => {

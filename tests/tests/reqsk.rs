@@ -137,6 +137,30 @@ fn loads_attaches_pins_adopts_and_detaches() {
             "detached by remove_pins"
         );
         assert!(!dir.exists());
+
+        // A link whose interface is gone is attached to nothing, and is refused as such.
+        let mut fourth = Reqsk::load(Some(&dir)).expect("loading a fourth time");
+        fourth.attach("rq0").expect("attaching once more");
+        fourth.release().unwrap();
+        let ip = |args: &[&str]| {
+            let status = std::process::Command::new("ip").args(args).status();
+            assert!(status.is_ok_and(|status| status.success()), "ip {args:?}");
+        };
+        ip(&["link", "del", "rq0"]);
+        ip(&["link", "add", "rq2", "type", "veth", "peer", "name", "rq3"]);
+        ip(&["link", "set", "rq2", "up"]);
+        let refused = Reqsk::load(Some(&dir)).unwrap().attach("rq2");
+        match refused {
+            Err(err @ tcpguard::reqsk::ReqskError::StrayLink { .. }) => assert!(
+                err.to_string().contains(
+                    "is attached to no interface of this network namespace (the one it was attached to is gone, or in another namespace); run `tcpguard detach` before attaching it to rq2"
+                ),
+                "{err}"
+            ),
+            other => panic!("attaching to rq2: {other:?}"),
+        }
+        tcpguard::bpffs::remove_pins(&dir).expect("tcpguard detach");
+        assert!(!dir.exists());
     });
     drop(pins);
 }

@@ -362,11 +362,6 @@ fn pinned_links(dir: &Path, wanted: &str) -> Result<Option<PinnedLinks>, GuardEr
         let Some((interface, mode)) = found else {
             return Err(GuardError::StrayLink {
                 path: xdp_path.clone(),
-                attached_to: concat!(
-                    "no interface of this network namespace ",
-                    "(the one it was attached to is gone, or in another namespace)"
-                )
-                .to_owned(),
                 wanted: wanted.to_owned(),
             });
         };

@@ -68,13 +68,10 @@ pub enum GuardError {
     #[error("cannot ask the kernel about {what}: {source}")]
     Query { what: String, source: io::Error },
     #[error(
-        "tcpguard's XDP link pinned at {path} is attached to {attached_to}; run `tcpguard detach` before protecting {wanted}"
+        "tcpguard's XDP link pinned at {path} is attached to {}; run `tcpguard detach` before protecting {wanted}",
+        crate::links::NO_INTERFACE_HERE
     )]
-    StrayLink {
-        path: PathBuf,
-        attached_to: String,
-        wanted: String,
-    },
+    StrayLink { path: PathBuf, wanted: String },
     #[error(transparent)]
     PinDir(#[from] bpffs::PinDirError),
     #[error("pinning under {dir}: {source}")]
