@@ -683,21 +683,48 @@ fn check(host: &Namespace, guarded: &BTreeMap<String, f64>) {
     // Prometheus's values are tcpguard's own: read tcpguard's /metrics, let Prometheus scrape
     // twice, read it again; what Prometheus holds lies between the two readings (late segments
     // of closing connections may still move a counter).
-    let own = |reason: &str| -> f64 {
-        // Three tries: right after the floods the emulated guest can take longer than one
-        // request's 10 s to answer (seen once per run or so, the next try answering at once).
-        let url = format!("http://{GUEST}:9877/metrics");
-        let text = (0..3)
-            .find_map(|_| http(host, &url))
-            .expect("tcpguard's /metrics answers within three tries");
-        text.lines()
-            .filter(|line| {
-                line.starts_with("tcpguard_xdp_packets_total")
-                    && line.contains(&format!("reason=\"{reason}\""))
+    let own =
+        |reason: &str| -> f64 {
+            // Five tries, 5 s apart: right after the floods a new connection to the emulated
+            // guest can go unanswered for one request's 10 s, or for all of three tries (once;
+            // the cause is not found yet, and Prometheus's kept-alive scrapes go on). Each
+            // failed try is printed with curl's error.
+            let url = format!("http://{GUEST}:9877/metrics");
+            let mut failures = Vec::new();
+            let text = (0..5)
+            .find_map(|try_number| {
+                if try_number > 0 {
+                    std::thread::sleep(Duration::from_secs(5));
+                }
+                let answer = http_or_error(host, &url);
+                if let Err(error) = &answer {
+                    println!("vm: {url}: {error}");
+                    failures.push(error.clone());
+                }
+                answer.ok()
             })
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
+            .unwrap_or_else(|| {
+                // Whether the guest answers new connections at all: its web server (also
+                // protected) and its node exporter.
+                let others: Vec<String> = [80, 9100]
+                    .iter()
+                    .map(|port| {
+                        let other = format!("http://{GUEST}:{port}/");
+                        format!("{other}: {:?}", http_or_error(host, &other).map(|_| "answered"))
+                    })
+                    .collect();
+                panic!(
+                    "tcpguard's /metrics answers within five tries: {failures:?}; then {others:?}"
+                )
+            });
+            text.lines()
+                .filter(|line| {
+                    line.starts_with("tcpguard_xdp_packets_total")
+                        && line.contains(&format!("reason=\"{reason}\""))
+                })
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
     for (_, _, reason) in FLOODS {
         let before = own(reason);
         std::thread::sleep(Duration::from_secs(5));
@@ -778,15 +805,25 @@ fn evaluate_dashboard(host: &Namespace, queries: &[PanelQuery]) -> Vec<String> {
 
 /// Every series of a query's result, by the value of `label`.
 fn http(host: &Namespace, url: &str) -> Option<String> {
+    http_or_error(host, url).ok()
+}
+
+/// The body at `url`, or curl's exit status and error.
+fn http_or_error(host: &Namespace, url: &str) -> Result<String, String> {
     let output = host
         .command("curl")
-        .args(["-sf", "--max-time", "10", url])
+        .args(["-sSf", "--max-time", "10", url])
         .output()
-        .ok()?;
-    output
-        .status
-        .success()
-        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+        .map_err(|err| format!("cannot run curl: {err}"))?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "{} ({})",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
 }
 
 /// Packets the host's tap dropped because qemu's NIC did not take them in time.
