@@ -251,13 +251,15 @@ fn a_flood_switches_to_cookies_and_back_while_clients_connect() {
     );
     assert_eq!(status(&daemon.paths)["under_attack"], false);
     let cookies_after_flood = counter(&daemon.paths, "syn_cookie_sent");
+    // The clients stop first: `connect` takes the server's first new connection to the port,
+    // which could be one of theirs, closed by the time the server reads it (CLOSE-WAIT).
+    clients_stop.store(true, Ordering::Relaxed);
+    clients.join().unwrap();
     // The kernel's handshake again: its exact MSS, and no cookie.
     assert_eq!(
         connect(&rig, &seen, PROTECTED),
         connect(&rig, &seen, UNPROTECTED)
     );
-    clients_stop.store(true, Ordering::Relaxed);
-    clients.join().unwrap();
     assert_eq!(
         counter(&daemon.paths, "syn_cookie_sent"),
         cookies_after_flood
