@@ -61,12 +61,27 @@ pub struct AttackState {
     pub calm: u32,
 }
 
-/// What a [`AttackState::roll`] changed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transition {
-    None,
-    Started,
-    Ended,
+/// What a [`AttackState::roll`] changed. One roll can start an attack and end it: a burst in
+/// the window it judges, then enough windows without a SYN.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transitions {
+    pub started: bool,
+    pub ended: bool,
+}
+
+impl Transitions {
+    pub const NONE: Self = Self {
+        started: false,
+        ended: false,
+    };
+    pub const STARTED: Self = Self {
+        started: true,
+        ended: false,
+    };
+    pub const ENDED: Self = Self {
+        started: false,
+        ended: true,
+    };
 }
 
 impl AttackState {
@@ -78,17 +93,17 @@ impl AttackState {
 
     /// Moves the state on to window `now`, judging the window that ended from the SYNs it
     /// counted, and every window between that one and `now` as empty. The slot `now` counts
-    /// in starts at zero. Returns the last transition made.
+    /// in starts at zero. Returns the transitions made.
     #[inline(always)]
-    pub fn roll(&mut self, now: u64, config: &AttackConfig) -> Transition {
+    pub fn roll(&mut self, now: u64, config: &AttackConfig) -> Transitions {
         if now <= self.window {
-            return Transition::None;
+            return Transitions::NONE;
         }
         let ended_window = self.window;
         // Clamped rather than `saturating_mul`, which the BPF target cannot build.
         let rate =
             self.syns[Self::slot(ended_window)].min(u64::MAX / WINDOWS_PER_S) * WINDOWS_PER_S;
-        let mut transition = self.judge(rate, config);
+        let mut transitions = self.judge(rate, config);
         // Windows nobody sent a SYN in: calm, each of them.
         let empty = now - ended_window - 1;
         if empty > 0 {
@@ -99,18 +114,18 @@ impl AttackState {
                     .saturating_add(empty.min(u64::from(u32::MAX)) as u32);
                 if self.calm >= config.calm_windows {
                     self.end(0);
-                    transition = Transition::Ended;
+                    transitions.ended = true;
                 }
             }
         }
         self.syns[Self::slot(now)] = 0;
         self.window = now;
-        transition
+        transitions
     }
 
     /// One window's verdict at `rate` SYN/s.
     #[inline(always)]
-    fn judge(&mut self, rate: u64, config: &AttackConfig) -> Transition {
+    fn judge(&mut self, rate: u64, config: &AttackConfig) -> Transitions {
         self.rate = rate;
         if self.active == 0 {
             if rate >= config.start_rate {
@@ -118,19 +133,19 @@ impl AttackState {
                 self.calm = 0;
                 self.started += 1;
                 self.change_rate = rate;
-                return Transition::Started;
+                return Transitions::STARTED;
             }
         } else if rate < config.end_rate() {
             // Below half the start rate.
             self.calm = self.calm.saturating_add(1);
             if self.calm >= config.calm_windows {
                 self.end(rate);
-                return Transition::Ended;
+                return Transitions::ENDED;
             }
         } else {
             self.calm = 0;
         }
-        Transition::None
+        Transitions::NONE
     }
 
     #[inline(always)]
@@ -170,7 +185,7 @@ mod tests {
 
     /// Feeds `syns` SYNs into each window in turn, as the data plane does, and returns the
     /// transitions.
-    fn run(state: &mut AttackState, first_window: u64, syns: &[u64]) -> Vec<Transition> {
+    fn run(state: &mut AttackState, first_window: u64, syns: &[u64]) -> Vec<Transitions> {
         let mut transitions = Vec::new();
         for (i, &count) in syns.iter().enumerate() {
             let window = first_window + i as u64;
@@ -178,7 +193,7 @@ mod tests {
                 continue;
             }
             let transition = state.roll(window, &CONFIG);
-            if transition != Transition::None {
+            if transition != Transitions::NONE {
                 transitions.push(transition);
             }
             state.syns[AttackState::slot(window)] += count;
@@ -202,7 +217,7 @@ mod tests {
     fn an_attack_starts_in_the_window_after_the_first_one_at_the_rate() {
         let mut state = AttackState::default();
         let transitions = run(&mut state, 1, &[10, 10, 100, 1]);
-        assert_eq!(transitions, vec![Transition::Started]);
+        assert_eq!(transitions, vec![Transitions::STARTED]);
         assert_eq!(state.active, 1);
         assert_eq!((state.started, state.change_rate), (1, 1000));
     }
@@ -215,7 +230,7 @@ mod tests {
         // Ten windows below 500 SYN/s (49 a window) end it; the tenth is judged when the
         // eleventh window's first SYN arrives.
         let transitions = run(&mut state, 3, &[49; 11]);
-        assert_eq!(transitions, vec![Transition::Ended]);
+        assert_eq!(transitions, vec![Transitions::ENDED]);
         assert_eq!((state.active, state.ended, state.change_rate), (0, 1, 490));
     }
 
@@ -226,7 +241,7 @@ mod tests {
         let syns: Vec<u64> = (0..200)
             .map(|i| if i % 20 < 10 { 120 } else { 80 })
             .collect();
-        assert_eq!(run(&mut state, 1, &syns), vec![Transition::Started]);
+        assert_eq!(run(&mut state, 1, &syns), vec![Transitions::STARTED]);
         assert_eq!(state.active, 1);
     }
 
@@ -235,12 +250,28 @@ mod tests {
         let mut state = AttackState::default();
         run(&mut state, 1, &[500, 1]);
         // Nothing for 5 windows, then a SYN: not yet ten calm windows.
-        assert_eq!(state.roll(8, &CONFIG), Transition::None);
+        assert_eq!(state.roll(8, &CONFIG), Transitions::NONE);
         assert_eq!((state.active, state.rate), (1, 0));
         // Nothing for 20 windows: ended, as the daemon's reading sees before any SYN comes.
         assert_eq!(state.at(30, &CONFIG).active, 0);
         assert_eq!(state.active, 1, "reading does not write");
-        assert_eq!(state.roll(30, &CONFIG), Transition::Ended);
+        assert_eq!(state.roll(30, &CONFIG), Transitions::ENDED);
+    }
+
+    #[test]
+    fn one_roll_can_start_an_attack_and_end_it() {
+        let mut state = AttackState::default();
+        // A burst in window 2 (5000 SYN/s), then no SYN until window 20: the roll at window 20
+        // judges the burst (an attack) and the 17 empty windows after it (calm enough to end it).
+        run(&mut state, 1, &[1, 500]);
+        assert_eq!(
+            state.roll(20, &CONFIG),
+            Transitions {
+                started: true,
+                ended: true
+            }
+        );
+        assert_eq!((state.active, state.started, state.ended), (0, 1, 1));
     }
 
     #[test]

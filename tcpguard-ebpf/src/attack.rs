@@ -5,10 +5,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, macros::map, maps::Array};
-use tcpguard_common::{
-    AttackConfig, AttackState,
-    attack::{Transition, WINDOW_NS},
-};
+use tcpguard_common::{AttackConfig, AttackState, attack::WINDOW_NS};
 
 use crate::rare;
 
@@ -42,15 +39,11 @@ pub fn syn_seen() -> Cookies {
     let active = unsafe {
         let state = &mut *state;
         if state.window != window {
-            // `roll` returns only its last transition: a burst in one window followed by
-            // calm windows starts an attack and ends it in one roll. Each is logged.
-            let (started_before, active_before) = (state.started, state.active != 0);
-            let _: Transition = state.roll(window, config);
-            let started = state.started != started_before;
-            if started {
+            let changed = state.roll(window, config);
+            if changed.started {
                 rare::attack_changed(true, state.change_rate, config.start_rate);
             }
-            if state.active == 0 && (active_before || started) {
+            if changed.ended {
                 rare::attack_changed(false, state.rate, config.end_rate());
             }
         }
