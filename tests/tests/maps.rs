@@ -49,3 +49,17 @@ fn the_tc_ingress_object_has_exactly_the_listed_maps() {
         "c/reqsk.c's maps against tcpguard_common::maps::REQSK_OBJECT"
     );
 }
+
+/// The C program's rare-event ring is the size tcpguard-common gives it: `reqsk.c` writes the
+/// number out, as it cannot import the constant.
+#[test]
+fn the_tc_ingress_rare_event_ring_has_the_shared_size() {
+    let ebpf = Ebpf::load(REQSK_OBJECT).expect("loading the object's maps");
+    let Some(aya::maps::Map::RingBuf(ring)) = ebpf.map(maps::RARE_EVENTS) else {
+        panic!("reqsk.c has no ring buffer {}", maps::RARE_EVENTS);
+    };
+    assert_eq!(
+        ring.info().expect("the ring's info").max_entries(),
+        tcpguard_common::RARE_EVENT_RING_BYTES
+    );
+}
