@@ -5,9 +5,6 @@
 //! attached, and how, comes from here. The program answers it, not the link's interface index,
 //! which aya does not give and which is the interface's in the link's own network namespace.
 
-/// Where a pinned link is when no interface of this network namespace runs its program.
-pub const NO_INTERFACE_HERE: &str = "no interface of this network namespace (the one it was attached to is gone, or in another namespace)";
-
 use std::{io, path::Path};
 
 use aya::{
@@ -25,6 +22,9 @@ use netlink_packet_route::{
     link::{LinkAttribute, LinkMessage, LinkXdp},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// Where a pinned link is when no interface of this network namespace runs its program.
+pub const NO_INTERFACE_HERE: &str = "no interface of this network namespace (the one it was attached to is gone, or in another namespace)";
 
 /// The link pinned at `path`, as the kernel describes it.
 pub fn pinned(path: &Path) -> io::Result<LinkInfo> {
