@@ -102,7 +102,15 @@ pub struct RawTcp(OwnedFd);
 impl RawTcp {
     pub fn open() -> Self {
         // SAFETY: a plain socket call; the descriptor is owned from here on.
-        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_TCP) };
+        // Close-on-exec, as std's sockets are, so that processes other tests spawn do not
+        // inherit it.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_INET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::IPPROTO_TCP,
+            )
+        };
         assert!(fd >= 0, "raw socket: {}", io::Error::last_os_error());
         // SAFETY: fd is a fresh descriptor nobody else owns.
         Self(unsafe { OwnedFd::from_raw_fd(fd) })

@@ -634,7 +634,9 @@ fn connect_from(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
         // SAFETY: plain socket calls on a descriptor this closure owns, with sockaddr_in
         // values of the size passed.
         unsafe {
-            let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            // Close-on-exec, as std's sockets are: a process another test spawns meanwhile
+            // would otherwise keep it open, and its FIN unsent, for as long as it runs.
+            let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
             assert!(socket >= 0, "socket: {}", std::io::Error::last_os_error());
             let one: libc::c_int = 1;
             libc::setsockopt(
@@ -680,7 +682,18 @@ fn follows_a_reused_4_tuple(lab: &Lab) {
         assert!(read_to_end(&mut client).is_empty());
         drop(client);
         let closed = agrees_with_the_kernel(lab, REUSED, &format!("{what}, closed"));
-        assert_eq!(closed, ("CLOSED".to_owned(), "TIME-WAIT".to_owned()));
+        let sockets = |namespace: &tcpguard_tests::netns::Namespace| {
+            String::from_utf8_lossy(&namespace.run("ss", &["-tanoiH", "state", "all"]).stdout)
+                .into_owned()
+        };
+        assert_eq!(
+            closed,
+            ("CLOSED".to_owned(), "TIME-WAIT".to_owned()),
+            "{what}: the client's sockets:\n{}\nthe server's:\n{}\ntcpguard status: {}",
+            sockets(&lab.rig.client),
+            sockets(&lab.rig.server),
+            tcpguard_tests::observe::status(&lab.daemon.paths)["packets"]
+        );
     }
 }
 
