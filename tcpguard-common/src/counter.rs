@@ -50,7 +50,7 @@ counters! {
     KnownSocket = "known_socket", Pass, "A segment of a connection the kernel already has a socket for.";
     NoListener = "no_listener", Pass, "A SYN to a protected port nobody listens on; the kernel answers it as it would without tcpguard.";
     CookieUnavailable = "cookie_unavailable", Pass, "The kernel would not make a SYN cookie (net.ipv4.tcp_syncookies is not 2); the SYN goes to the kernel.";
-    CookieAccepted = "cookie_accepted", Pass, "An ACK carrying a valid SYN cookie; the kernel builds the connection from it.";
+    CookieAccepted = "cookie_accepted", Pass, "An ACK carrying a valid SYN cookie (data or a FIN may come with it); the kernel builds the connection from it. With tcpguard's own cookies, a later segment that returns the cookie again, because the kernel dropped the first, counts again.";
     TrackedFlow = "tracked_flow", Pass, "A segment of a connection tcpguard tracks in its flow map.";
     AllowedSource = "allowed_source", Pass, "A SYN from an allow-listed source, handed to the kernel without a cookie round trip.";
     SynCookieSent = "syn_cookie_sent", Answer, "A SYN answered with a SYN cookie SYN-ACK from XDP.";

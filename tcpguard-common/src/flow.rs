@@ -42,7 +42,12 @@ pub struct Flow {
     /// [`crate::CLIENT_UNACKED`], [`crate::SERVER_UNACKED`]: which end's SYN or FIN awaits
     /// its ACK.
     pub unacked: u8,
-    pub _pad: [u8; 7],
+    /// 1 from the ACK that returned one of tcpguard's own cookies until a later segment from
+    /// the client finds the socket the kernel built from it. The kernel may drop that ACK after
+    /// XDP passed it (a full accept queue, say); until then each client segment must return the
+    /// cookie again, which the kernel accepts from any ACK, as it does its own cookies.
+    pub awaiting_socket: u8,
+    pub _pad: [u8; 6],
 }
 
 /// When a SYN was answered with a cookie, in the slot of [`crate::maps::SYN_TIMES`] its

@@ -128,10 +128,27 @@ fn header(segment: &Segment) -> SegmentHeader {
     }
 }
 
+/// Whether the kernel is known to have built a connection's socket when tracking starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum KernelSocket {
+    /// The kernel has it, or builds it from any later segment if it drops the one starting
+    /// the flow (its own handshake, its own cookies).
+    Certain,
+    /// Built from one of tcpguard's own cookies: the kernel may still drop the ACK that
+    /// returned it (see [`tcpguard_common::Flow::awaiting_socket`]).
+    Awaited,
+}
+
 /// Starts tracking a connection whose opening segment (`segment`, from the client) was just
 /// passed to the kernel, and reports it as `kind`.
 #[inline(always)]
-pub fn start(key: &FlowKey, segment: &Segment, kind: EventKind, clock: SynClock) {
+pub fn start(
+    key: &FlowKey,
+    segment: &Segment,
+    kind: EventKind,
+    clock: SynClock,
+    socket: KernelSocket,
+) {
     let now = now_ns();
     let opened = Flow::opened_by(&header(segment), now);
     let mut flow = MaybeUninit::uninit();
@@ -143,6 +160,7 @@ pub fn start(key: &FlowKey, segment: &Segment, kind: EventKind, clock: SynClock)
     flow.client_ack = opened.client_ack;
     flow.server_ack = opened.server_ack;
     flow.unacked = opened.unacked;
+    flow.awaiting_socket = u8::from(socket == KernelSocket::Awaited);
     // A full LRU map evicts its least recently used entry, so this only fails on allocation.
     if let Err(error) = FLOWS.insert(key, flow, 0) {
         rare::flow_insert_failed(key, error.into());
@@ -230,7 +248,35 @@ pub fn track(key: &FlowKey, segment: &Segment, direction: Direction) -> Option<(
     let flow = FLOWS.get_ptr_mut(key)?;
     // SAFETY: the value stays valid while this program runs; concurrent writers on other CPUs
     // can only make the idle time or a FIN record slightly stale, never unsafe.
+    refresh(unsafe { &mut *flow }, key, segment, direction);
+    Some(())
+}
+
+/// As [`track`], for a segment from the client that the kernel can take only on a socket it
+/// has: a flow still awaiting its socket ([`KernelSocket::Awaited`]) is tracked once `socket_built`
+/// says the kernel has it, and is `None` until then, so that the segment is judged as an
+/// untracked one (and returns the cookie again).
+#[inline(always)]
+pub fn track_built(
+    key: &FlowKey,
+    segment: &Segment,
+    socket_built: impl FnOnce() -> bool,
+) -> Option<()> {
+    let flow = FLOWS.get_ptr_mut(key)?;
+    // SAFETY: as in track.
     let flow = unsafe { &mut *flow };
+    if flow.awaiting_socket != 0 {
+        if !socket_built() {
+            return None;
+        }
+        flow.awaiting_socket = 0;
+    }
+    refresh(flow, key, segment, Direction::FromClient);
+    Some(())
+}
+
+#[inline(always)]
+fn refresh(flow: &mut Flow, key: &FlowKey, segment: &Segment, direction: Direction) {
     // The idle time needs no better than the coarse clock (the last tick's time, no clock
     // source read), and is written only when it moved on by LAST_SEEN_STEP_NS: a busy flow's
     // segments, on both CPUs of its two directions, do not all write its cache line.
@@ -250,7 +296,6 @@ pub fn track(key: &FlowKey, segment: &Segment, direction: Direction) -> Option<(
             receiver_ack,
         );
     }
-    Some(())
 }
 
 #[inline(always)]

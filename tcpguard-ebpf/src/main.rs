@@ -1,8 +1,8 @@
 //! tcpguard's data plane.
 //!
-//! XDP, on ingress: dissect → protected? → validate → source policy → SYN, tracked flow, ACK,
-//! or FIN/RST. Every path ends in exactly one [`Counter`], and the counter's kind is the
-//! verdict.
+//! XDP, on ingress: dissect → protected? → validate → source policy → SYN, tracked flow, ACK
+//! (a FIN or data with it included), or RST. Every path ends in exactly one [`Counter`], and
+//! the counter's kind is the verdict.
 //!
 //! TC, on egress: the server's segments of tracked flows refresh them and report the ones that
 //! change a connection's state. It never changes a verdict.
@@ -35,12 +35,12 @@ use aya_ebpf::{
 use tcpguard_common::{
     Counter, CounterKind, EventKind, FAMILY_IPV4, FAMILY_IPV6, FlowKey, PORT_COUNT, ProtectedPort,
     SynCookieConfig,
-    tcp_flags::{ACK, FIN, RST, SYN},
+    tcp_flags::{ACK, RST, SYN},
 };
 
 use crate::{
     attack::Cookies,
-    flow::{Direction, SynClock},
+    flow::{Direction, KernelSocket, SynClock},
     parse::{Family, Segment},
     policy::Lists,
     socket::Socket,
@@ -99,7 +99,7 @@ fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
     let Some(key) = flow::key(ctx, &segment, Direction::FromClient) else {
         return Counter::Truncated;
     };
-    if is_tracked(&segment, key) {
+    if is_tracked::<OWN>(ctx, &segment, key) {
         return Counter::TrackedFlow;
     }
     if let Err(counter) = host::owns_destination(key) {
@@ -115,8 +115,8 @@ fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
     let flags = segment.flags;
     if flags & (SYN | ACK) == SYN {
         handle_syn::<OWN>(ctx, &segment, key, policy)
-    } else if flags & (FIN | RST) != 0 {
-        handle_fin_or_rst(ctx, &segment)
+    } else if flags & RST != 0 {
+        handle_rst(ctx, &segment)
     } else {
         handle_ack::<OWN>(ctx, &segment, key)
     }
@@ -126,12 +126,25 @@ fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
 /// so it is the short one. The connection's first segment passed the host checks that
 /// [`judge`] makes of the rest (its addresses); what may have changed since is checked again
 /// (the segment's flags, the deny list). A bare SYN is always judged as one.
+///
+/// A connection opened by one of tcpguard's own cookies is tracked from the ACK that returned
+/// it, which the kernel may still drop; until a segment finds the socket the kernel built,
+/// each is judged as untracked, so that it returns the cookie and builds the socket instead.
 #[inline(always)]
-fn is_tracked(segment: &Segment, key: &FlowKey) -> bool {
-    segment.flags & (SYN | ACK) != SYN
-        && validate::segment(segment).is_ok()
-        && !policy::lists().denied(key)
-        && flow::track(key, segment, Direction::FromClient).is_some()
+fn is_tracked<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> bool {
+    if segment.flags & (SYN | ACK) == SYN
+        || validate::segment(segment).is_err()
+        || policy::lists().denied(key)
+    {
+        return false;
+    }
+    if OWN {
+        let socket_built =
+            || Socket::lookup(ctx, segment).is_some_and(|socket| !socket.is_listener());
+        flow::track_built(key, segment, socket_built).is_some()
+    } else {
+        flow::track(key, segment, Direction::FromClient).is_some()
+    }
 }
 
 #[inline(always)]
@@ -168,7 +181,13 @@ fn handle_syn<const OWN: bool>(
     let cookies = attack::syn_seen();
     if policy.allowed(key) {
         if flow::track(key, segment, Direction::FromClient).is_none() {
-            flow::start(key, segment, EventKind::AllowedSyn, SynClock::Monotonic);
+            flow::start(
+                key,
+                segment,
+                EventKind::AllowedSyn,
+                SynClock::Monotonic,
+                KernelSocket::Certain,
+            );
         }
         return Counter::AllowedSource;
     }
@@ -239,8 +258,9 @@ fn answer_syn<const OWN: bool>(
 }
 
 /// An ACK (or SYN-ACK) of an untracked flow with no connection behind it must carry a valid
-/// cookie; the connection it opens is tracked from then on. Connections the kernel already has
-/// (opened before tcpguard started, say) pass on the kernel's word.
+/// cookie; the connection it opens is tracked from then on. Any ACK may: data or a FIN with it
+/// completes a handshake whose pure ACK was lost, as the kernel lets it. Connections the
+/// kernel already has (opened before tcpguard started, say) pass on the kernel's word.
 #[inline(always)]
 fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> Counter {
     match Socket::lookup(ctx, segment) {
@@ -251,7 +271,13 @@ fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKe
             } else {
                 SynClock::Monotonic
             };
-            flow::start(key, segment, EventKind::KernelHandshake, clock);
+            flow::start(
+                key,
+                segment,
+                EventKind::KernelHandshake,
+                clock,
+                KernelSocket::Certain,
+            );
             Counter::KernelHandshake
         }
         Some(socket) if !socket.is_listener() => Counter::KnownSocket,
@@ -265,6 +291,7 @@ fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKe
                 segment,
                 EventKind::CookieHandshake,
                 SynClock::Monotonic,
+                KernelSocket::Certain,
             );
             Counter::CookieAccepted
         }
@@ -272,9 +299,11 @@ fn handle_ack<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKe
     }
 }
 
-/// A FIN or RST means something only to a connection that exists.
+/// A RST means something only to a connection that exists. (A FIN, which has an ACK once it
+/// passed [`validate`], may complete a handshake whose pure ACK was lost: [`handle_ack`]
+/// judges it.)
 #[inline(always)]
-fn handle_fin_or_rst(ctx: &XdpContext, segment: &Segment) -> Counter {
+fn handle_rst(ctx: &XdpContext, segment: &Segment) -> Counter {
     match Socket::lookup(ctx, segment) {
         Some(socket) if !socket.is_listener() => Counter::KnownSocket,
         _ => Counter::NoConnection,

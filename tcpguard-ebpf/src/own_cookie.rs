@@ -21,7 +21,7 @@ use tcpguard_common::{
 };
 
 use crate::{
-    flow::{self, SynClock},
+    flow::{self, Direction, KernelSocket, SynClock},
     parse::Segment,
     rare, syn, zero,
 };
@@ -129,12 +129,17 @@ pub fn check_ack(
         rare::handover_failed(key, error);
         return Counter::CookieHandoverFailed;
     }
-    flow::start(
-        key,
-        segment,
-        EventKind::CookieHandshake,
-        SynClock::Tai(tai_ns),
-    );
+    // A segment returning the cookie again (the kernel dropped the first) refreshes the flow
+    // that one started.
+    if flow::track(key, segment, Direction::FromClient).is_none() {
+        flow::start(
+            key,
+            segment,
+            EventKind::CookieHandshake,
+            SynClock::Tai(tai_ns),
+            KernelSocket::Awaited,
+        );
+    }
     Counter::CookieAccepted
 }
 

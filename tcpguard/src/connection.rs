@@ -196,7 +196,9 @@ impl Connection {
     }
 
     /// A connection whose handshake completed through a SYN cookie: the ACK in `ack`
-    /// (seq = client's ISN + 1, ack = cookie + 1) established both ends at once.
+    /// (seq = client's ISN + 1, ack = cookie + 1) established both ends at once. When the
+    /// handshake's pure ACK was lost, the client's next segment completes it, and a FIN in it
+    /// closes the client's end at once, as the kernel's socket built from it does.
     pub fn from_cookie_ack(ack: &Segment, now_ns: u64) -> Self {
         let mut connection =
             Self::with_states(TcpState::Established, TcpState::Established, now_ns);
@@ -205,6 +207,9 @@ impl Connection {
         connection.server.syn_seq = Some(ack.ack.wrapping_sub(1));
         connection.client.rcv_nxt = Some(ack.ack);
         connection.server.rcv_nxt = Some(ack.seq);
+        if ack.flags & FIN != 0 {
+            connection.on_segment(ack, now_ns);
+        }
         connection
     }
 

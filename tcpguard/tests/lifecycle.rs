@@ -114,6 +114,33 @@ fn handshake_through_a_cookie_starts_established() {
     assert_eq!(talk.connection.established_ns, Some(0));
 }
 
+/// The handshake's pure ACK was lost and the client's FIN completed it: the kernel builds the
+/// socket from the FIN and takes the FIN at once, and so does the machine.
+#[test]
+fn handshake_through_a_cookie_completed_by_a_fin() {
+    let fin = Segment {
+        from: Side::Client,
+        flags: FIN | ACK,
+        seq: CLIENT_ISN + 1,
+        ack: SERVER_ISN + 1,
+        payload_len: 0,
+        receiver_ack: Some(CLIENT_ISN + 1),
+    };
+    let mut talk = Conversation {
+        connection: Connection::from_cookie_ack(&fin, 0),
+        client_next: CLIENT_ISN + 2,
+        server_next: SERVER_ISN + 1,
+        now_ns: 0,
+    };
+    assert_eq!(talk.states(), (FinWait1, CloseWait));
+    assert_eq!(talk.connection.established_ns, Some(0));
+    assert_eq!(talk.send(Server, ACK, 0), SegmentKind::Acks);
+    assert_eq!(talk.states(), (FinWait2, CloseWait));
+    talk.send(Server, FIN | ACK, 0);
+    talk.send(Client, ACK, 0);
+    assert_eq!(talk.states(), (TimeWait, Closed));
+}
+
 #[test]
 fn three_way_handshake() {
     let mut talk = Conversation::handshake_started();

@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 use tcpguard_tests::{
     observe::{flows, http_get, sample, scrape, status, wait_until},
-    rig::{CLIENT, Daemon, Rig, SERVER, SERVER_IF},
+    rig::{CLIENT, CLIENT_IF, Daemon, Rig, SERVER, SERVER_IF, kernel_counters},
 };
 
 const PORT: u16 = 8080;
@@ -763,4 +763,223 @@ fn flow_table_entries_are_the_flow_maps() {
         flow_map_entries(&lab) as f64
     );
     drop(client);
+}
+
+/// Drops the client's pure ACKs (TCP flags exactly ACK, in IPv4 without options) on their way
+/// out of its namespace while this lives: a handshake's last ACK is lost, as a full ring or a
+/// lossy link loses it. This kernel has no `gact` action: the ACKs are redirected to a veth
+/// that is down, which drops them.
+struct LostAcks<'a>(&'a tcpguard_tests::netns::Namespace);
+
+impl<'a> LostAcks<'a> {
+    const HOLE: &'static str = "ackhole0";
+
+    fn start(client: &'a tcpguard_tests::netns::Namespace) -> Self {
+        client.run(
+            "ip",
+            &[
+                "link",
+                "add",
+                Self::HOLE,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "ackhole1",
+            ],
+        );
+        client.run("tc", &["qdisc", "add", "dev", CLIENT_IF, "clsact"]);
+        // Byte 33: the TCP flags behind a 20-byte IPv4 header.
+        client.run(
+            "tc",
+            &[
+                "filter",
+                "add",
+                "dev",
+                CLIENT_IF,
+                "egress",
+                "protocol",
+                "ip",
+                "u32",
+                "match",
+                "u8",
+                "0x10",
+                "0xff",
+                "at",
+                "33",
+                "action",
+                "mirred",
+                "egress",
+                "redirect",
+                "dev",
+                Self::HOLE,
+            ],
+        );
+        Self(client)
+    }
+}
+
+impl Drop for LostAcks<'_> {
+    fn drop(&mut self) {
+        for (program, args) in [
+            ("tc", &["qdisc", "del", "dev", CLIENT_IF, "clsact"][..]),
+            ("ip", &["link", "del", Self::HOLE][..]),
+        ] {
+            let _ = self.0.command(program).args(args).status();
+        }
+    }
+}
+
+/// The next connection the listener has, within `timeout`.
+fn accept_within(listener: &TcpListener, timeout: Duration, what: &str) -> TcpStream {
+    let listener = listener.try_clone().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (stream, _) = wait_until(timeout, what, || listener.accept().ok());
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+}
+
+fn connect(rig: &Rig) -> TcpStream {
+    rig.client.within(|| {
+        TcpStream::connect_timeout(&SocketAddr::from((SERVER, PORT)), Duration::from_secs(3))
+            .expect("connecting to the server")
+    })
+}
+
+fn server_resets(rig: &Rig) -> u64 {
+    kernel_counters(&rig.server)["TcpOutRsts"]
+}
+
+/// The client's segment after a handshake whose pure ACK was lost.
+#[derive(Clone, Copy, Debug)]
+enum Next {
+    Data,
+    Fin,
+}
+
+/// A connection whose handshake's pure ACK is lost, then `next` from the client: the server's
+/// end of it, once the listener has it, has what the client sent. Returns both ends.
+fn complete_after_lost_ack(
+    rig: &Rig,
+    listener: &TcpListener,
+    next: Next,
+) -> (TcpStream, TcpStream) {
+    let mut client = {
+        let _lost = LostAcks::start(&rig.client);
+        connect(rig)
+    };
+    match next {
+        Next::Data => client.write_all(b"ping").unwrap(),
+        Next::Fin => client.shutdown(Shutdown::Write).unwrap(),
+    }
+    let what = format!("the connection whose ACK was lost, completed by {next:?}");
+    let mut server = accept_within(listener, Duration::from_secs(10), &what);
+    assert_eq!(server.peer_addr().unwrap(), client.local_addr().unwrap());
+    let received = match next {
+        Next::Data => {
+            let mut data = vec![0u8; 4];
+            server
+                .read_exact(&mut data)
+                .expect("reading the client's data");
+            data
+        }
+        Next::Fin => read_to_end(&mut server),
+    };
+    let sent: &[u8] = match next {
+        Next::Data => b"ping",
+        Next::Fin => b"",
+    };
+    assert_eq!(received, sent, "{what}: what the server's end received");
+    (client, server)
+}
+
+/// The client's ACK that completes the handshake never arrives: its next segment, data or a
+/// FIN, completes it instead, as the kernel lets it (a cookie ACK is any ACK that returns the
+/// cookie). First without tcpguard, the kernel's own handshake; then through tcpguard, whose
+/// tracked states must be the kernel's sockets'. Neither server sends a reset.
+#[test]
+fn a_handshake_whose_last_ack_is_lost_completes_with_the_next_segment() {
+    let bare = Rig::new();
+    let listener = bare
+        .server
+        .within(|| TcpListener::bind(("0.0.0.0", PORT)).unwrap());
+    let resets = server_resets(&bare);
+    for next in [Next::Data, Next::Fin] {
+        complete_after_lost_ack(&bare, &listener, next);
+    }
+    assert_eq!(server_resets(&bare), resets, "without tcpguard: no reset");
+
+    let lab = Lab::new();
+    let resets = server_resets(&lab.rig);
+    for (next, wanted) in [
+        (Next::Data, ("ESTABLISHED", "ESTABLISHED")),
+        (Next::Fin, ("FIN-WAIT-2", "CLOSE-WAIT")),
+    ] {
+        let (client, _server) = complete_after_lost_ack(&lab.rig, &lab.listener, next);
+        let what = format!("the connection completed by {next:?}");
+        let states = agrees_with_the_kernel(&lab, client_port(&client), &what);
+        assert_eq!((states.0.as_str(), states.1.as_str()), wanted, "{what}");
+    }
+    assert_eq!(
+        server_resets(&lab.rig),
+        resets,
+        "through tcpguard: no reset"
+    );
+}
+
+/// The server's kernel drops the handshake's last ACK after tcpguard passed it: here because
+/// the listener's accept queue is full. The client's data, retransmitted until the queue has
+/// room, completes the handshake, as it would have without tcpguard; the server sends no reset.
+#[test]
+fn an_ack_the_kernel_drops_after_tcpguard_passed_it_costs_no_connection() {
+    // With the kernel's cookies no ACK is dropped this way: the kernel's cookie helper, like
+    // the kernel, answers no SYN while the accept queue is full.
+    if !tcpguard_tests::rig::own_cookies() {
+        return;
+    }
+    let lab = Lab::new();
+    // Backlog 0: one connection waiting to be accepted fills the queue.
+    // SAFETY: listen() on a listening socket this test owns only changes its backlog.
+    assert_eq!(unsafe { libc::listen(lab.listener.as_raw_fd(), 0) }, 0);
+    let first = connect(&lab.rig);
+    let before = kernel_counters(&lab.rig.server);
+    let mut second = connect(&lab.rig);
+    wait_until(
+        Duration::from_secs(5),
+        "the server's kernel to drop the second ACK for the full queue",
+        || {
+            let now = kernel_counters(&lab.rig.server);
+            (now["TcpExtListenOverflows"] > before["TcpExtListenOverflows"]).then_some(())
+        },
+    );
+    second.write_all(b"ping").unwrap();
+    // The data finds the queue full too: give it time to be turned away at least once.
+    std::thread::sleep(Duration::from_millis(300));
+    let accepted = accept_within(
+        &lab.listener,
+        Duration::from_secs(5),
+        "the first connection",
+    );
+    assert_eq!(accepted.peer_addr().unwrap(), first.local_addr().unwrap());
+    let mut server = accept_within(
+        &lab.listener,
+        Duration::from_secs(10),
+        "the second connection, built from its retransmitted data",
+    );
+    assert_eq!(server.peer_addr().unwrap(), second.local_addr().unwrap());
+    let mut got = [0u8; 4];
+    server
+        .read_exact(&mut got)
+        .expect("reading the client's data");
+    assert_eq!(&got, b"ping");
+    let states = agrees_with_the_kernel(&lab, client_port(&second), "the second connection");
+    assert_eq!(states, ("ESTABLISHED".to_owned(), "ESTABLISHED".to_owned()));
+    assert_eq!(
+        kernel_counters(&lab.rig.server)["TcpOutRsts"],
+        before["TcpOutRsts"],
+        "the server sent no reset"
+    );
 }
