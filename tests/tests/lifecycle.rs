@@ -627,42 +627,15 @@ fn kernel_handshake_connections_end_in_the_kernels_states() {
     follows_the_kernel(&lab, "kernel");
 }
 
-/// A connection from the client's `port`, bound with SO_REUSEADDR so that the port can be
-/// taken again while the server's end of an earlier connection from it is in TIME-WAIT.
+/// A connection from the client's `port` (see [`tcpguard_tests::rig::connect_from`]), and the
+/// server's end of it.
 fn connect_from(lab: &Lab, port: u16) -> (TcpStream, TcpStream) {
     let client = lab.rig.client.within(move || {
-        // SAFETY: plain socket calls on a descriptor this closure owns, with sockaddr_in
-        // values of the size passed.
-        unsafe {
-            // Close-on-exec, as std's sockets are: a process another test spawns meanwhile
-            // would otherwise keep it open, and its FIN unsent, for as long as it runs.
-            let socket = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(socket >= 0, "socket: {}", std::io::Error::last_os_error());
-            let one: libc::c_int = 1;
-            libc::setsockopt(
-                socket,
-                libc::SOL_SOCKET,
-                libc::SO_REUSEADDR,
-                (&raw const one).cast(),
-                size_of::<libc::c_int>() as u32,
-            );
-            let address = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-                sin_family: libc::AF_INET as u16,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(ip).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            let size = size_of::<libc::sockaddr_in>() as u32;
-            let local = address(CLIENT, port);
-            let status = libc::bind(socket, (&raw const local).cast(), size);
-            assert_eq!(status, 0, "bind: {}", std::io::Error::last_os_error());
-            let remote = address(SERVER, PORT);
-            let status = libc::connect(socket, (&raw const remote).cast(), size);
-            assert_eq!(status, 0, "connect: {}", std::io::Error::last_os_error());
-            <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(socket)
-        }
+        tcpguard_tests::rig::connect_from(
+            SocketAddr::from((CLIENT, port)),
+            SocketAddr::from((SERVER, PORT)),
+        )
+        .expect("connecting from a chosen port")
     });
     let (server, _) = lab.listener.accept().expect("accepting");
     (client, server)

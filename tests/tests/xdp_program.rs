@@ -2,7 +2,7 @@
 //! each test makes, with a real listener there for the socket lookups and cookie helpers.
 //! SYN-ACKs are judged by etherparse, not by tcpguard's own parser.
 
-use std::net::TcpListener;
+use std::net::{IpAddr, SocketAddr, TcpListener};
 
 use etherparse::{LinkExtHeader, NetHeaders, PacketHeaders, TcpOptionElement, TransportHeader};
 use tcpguard::Guard;
@@ -431,21 +431,27 @@ fn syn_to_a_protected_port_without_listener_goes_to_the_kernel() {
 fn fin_rst_and_ack_without_a_connection_are_dropped() {
     in_fresh_netns(|| {
         let (_listener, guard) = listener_and_guard();
-        for flags in [FIN | ACK, RST, RST | ACK] {
+        for flags in [RST, RST | ACK] {
             let frame = TcpFrame::syn_v4(PORT).with_flags(flags).bytes();
             assert_verdict(&guard, &frame, XDP_DROP, Counter::NoConnection);
         }
-        let mut ack = TcpFrame::syn_v6(PORT).with_flags(ACK);
-        ack.ack = 12345;
-        assert_verdict(&guard, &ack.bytes(), XDP_DROP, Counter::CookieRejected);
+        // To a listener, an ACK must return a cookie, with or without a FIN (which completes a
+        // handshake whose pure ACK was lost).
+        for flags in [ACK, FIN | ACK] {
+            let mut ack = TcpFrame::syn_v6(PORT).with_flags(flags);
+            ack.ack = 12345;
+            assert_verdict(&guard, &ack.bytes(), XDP_DROP, Counter::CookieRejected);
+        }
         let guard_without_listener = xdp::load(&[PORT + 1]);
-        let ack = TcpFrame::syn_v4(PORT + 1).with_flags(ACK).bytes();
-        assert_verdict(
-            &guard_without_listener,
-            &ack,
-            XDP_DROP,
-            Counter::NoConnection,
-        );
+        for flags in [ACK, FIN | ACK] {
+            let ack = TcpFrame::syn_v4(PORT + 1).with_flags(flags).bytes();
+            assert_verdict(
+                &guard_without_listener,
+                &ack,
+                XDP_DROP,
+                Counter::NoConnection,
+            );
+        }
     });
 }
 
@@ -934,6 +940,39 @@ fn own_synack(answer: &[u8]) -> OwnSynAck {
     seen
 }
 
+/// A real connection over lo from the client of `syn`, address and port, to the server: the
+/// socket the kernel would have built from the handshake's ACK.
+fn connect_as(syn: &TcpFrame) -> std::net::TcpStream {
+    let (client, server) = match &syn.ip {
+        Ip::V4 {
+            source,
+            destination,
+            ..
+        } => (IpAddr::from(*source), IpAddr::from(*destination)),
+        Ip::V6 {
+            source,
+            destination,
+            ..
+        } => (IpAddr::from(*source), IpAddr::from(*destination)),
+    };
+    let (family, prefix) = if client.is_ipv4() {
+        ("-4", 32)
+    } else {
+        ("-6", 128)
+    };
+    let address = format!("{client}/{prefix}");
+    let mut add = vec![family, "addr", "replace", &address, "dev", "lo"];
+    if client.is_ipv6() {
+        add.push("nodad");
+    }
+    tcpguard_tests::netns::run("ip", &add);
+    tcpguard_tests::rig::connect_from(
+        SocketAddr::new(client, syn.source_port),
+        SocketAddr::new(server, PORT),
+    )
+    .expect("connecting over lo as the frame's client")
+}
+
 /// An own-cookie handshake: the SYN-ACK offers exactly `expected` options, the host's build of
 /// the cookie code accepts its ISN with them, the ACK built from it is accepted in XDP, and
 /// forged ACKs are dropped under their reasons.
@@ -996,6 +1035,14 @@ fn own_handshake(syn: TcpFrame, expected: CookieOptions, ece: bool) {
             );
         }
         assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::CookieAccepted);
+        // A test run reaches no TCP stack: the kernel built no socket from the ACK, so the
+        // flow awaits one, and each segment must return the cookie again.
+        assert_verdict(&guard, &forged.bytes(), XDP_DROP, Counter::CookieRejected);
+        assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::CookieAccepted);
+        // Once the kernel has a socket for the 4-tuple (here a real connection over lo), the
+        // flow is tracked: its segments go to that socket without a cookie check.
+        let _connection = connect_as(&syn);
+        assert_verdict(&guard, &forged.bytes(), XDP_PASS, Counter::TrackedFlow);
         assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::TrackedFlow);
     });
 }
