@@ -69,7 +69,8 @@ const FLOODS: &[(&str, &[&str], &str)] = &[
         "syn_cookie_sent",
     ),
     ("ACK", &["-A", "--rand-source"], "cookie_rejected"),
-    ("FIN+ACK", &["-F", "-A", "--rand-source"], "no_connection"),
+    // An ACK, FIN or not, to a listener must return a cookie.
+    ("FIN+ACK", &["-F", "-A", "--rand-source"], "cookie_rejected"),
     ("RST", &["-R", "--rand-source"], "no_connection"),
     ("NULL", &["--rand-source"], "null_flags"),
     ("XMAS", &["-F", "-U", "-P", "--rand-source"], "xmas_flags"),
