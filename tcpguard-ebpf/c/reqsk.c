@@ -68,11 +68,12 @@ extern int bpf_sk_assign_tcp_reqsk(struct __sk_buff *skb, struct sock *sk,
 
 /* Indices of REQSK_RESULTS; tcpguard/src/reqsk.rs reads them by the same numbers. */
 enum reqsk_result {
-	RESULT_ASSIGNED = 0,	/* the kfunc hung a request socket on the skb */
-	RESULT_NO_LISTENER = 1, /* no socket for the 4-tuple, or not a listener */
-	RESULT_REFUSED = 2,	/* the kfunc returned an error */
-	RESULT_UNPARSED = 3,	/* a record, but no TCP ACK the program can read */
-	RESULT_COUNT = 4,
+	RESULT_ASSIGNED = 0,	  /* the kfunc hung a request socket on the skb */
+	RESULT_NO_LISTENER = 1,	  /* no socket for the 4-tuple */
+	RESULT_REFUSED = 2,	  /* the kfunc returned an error */
+	RESULT_UNPARSED = 3,	  /* a record, but no TCP ACK the program can read */
+	RESULT_KERNEL_SOCKET = 4, /* the kernel already has a connection for the 4-tuple */
+	RESULT_COUNT = 5,
 };
 
 struct {
@@ -268,9 +269,10 @@ int tcpguard_reqsk(struct __sk_buff *skb)
 	key.server_port = bpf_ntohs(th->dest);
 
 	/*
-	 * The kfunc wants the listener. Any other socket for this 4-tuple (an established one, or
-	 * a request socket of the kernel's own because it saw the SYN) means the kernel owns the
-	 * flow: leave it alone.
+	 * The kfunc wants the listener. Any other socket for this 4-tuple means the kernel owns the
+	 * flow: leave it alone. That is an established one when XDP judged this segment before the
+	 * stack had built the connection from an earlier one that returned the cookie (both in one
+	 * NAPI batch), or a request socket of the kernel's own because it saw the SYN.
 	 */
 	skc = bpf_skc_lookup_tcp(skb, &tuple, tuple_size, BPF_F_CURRENT_NETNS, 0);
 	if (!skc) {
@@ -280,7 +282,7 @@ int tcpguard_reqsk(struct __sk_buff *skb)
 	}
 	if (skc->state != BPF_TCP_LISTEN) {
 		bpf_sk_release(skc);
-		return count(RESULT_NO_LISTENER);
+		return count(RESULT_KERNEL_SOCKET);
 	}
 	tp = bpf_skc_to_tcp_sock(skc);
 	if (!tp) {

@@ -219,7 +219,7 @@ impl Metrics {
             IntCounterVec::new(
                 Opts::new(
                     "tcpguard_cookie_handovers_total",
-                    "ACKs whose own cookie XDP accepted, by what the TC ingress program made of them: assigned (the kernel builds the connection), no_listener, refused (by bpf_sk_assign_tcp_reqsk), unparsed.",
+                    "ACKs whose own cookie XDP accepted, by what the TC ingress program made of them: assigned (the kernel builds the connection), kernel_socket (the kernel built it already, from an earlier segment that returned the cookie), no_listener, refused (by bpf_sk_assign_tcp_reqsk), unparsed.",
                 ),
                 &["result"],
             )

@@ -37,6 +37,9 @@ const ASSIGNED: u32 = 0;
 const NO_LISTENER: u32 = 1;
 const REFUSED: u32 = 2;
 const UNPARSED: u32 = 3;
+const KERNEL_SOCKET: u32 = 4;
+/// REQSK_RESULTS's entries: one per outcome above.
+const RESULT_COUNT: u32 = 5;
 
 #[derive(Debug, Error)]
 pub enum ReqskError {
@@ -81,6 +84,15 @@ pub enum ReqskError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "removing {path}, pinned by an earlier tcpguard with {entries} outcome counters where this one keeps {RESULT_COUNT}, failed: {source}"
+    )]
+    OutgrownPin {
+        path: PathBuf,
+        entries: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("reading map {RESULTS_MAP} failed: {0}")]
     Map(#[source] MapError),
 }
@@ -90,22 +102,27 @@ pub enum ReqskError {
 pub struct ReqskResults {
     /// The kfunc hung a request socket on the packet: the kernel makes the connection.
     pub assigned: u64,
-    /// No socket for the 4-tuple, or one that is not a listener.
+    /// No socket for the 4-tuple: the listener closed after XDP checked the cookie.
     pub no_listener: u64,
     /// The kfunc returned an error.
     pub refused: u64,
     /// A record, but no TCP ACK the program could read.
     pub unparsed: u64,
+    /// The kernel already has a connection for the 4-tuple, built from an earlier segment that
+    /// returned the cookie (XDP judged this one before the stack had built it): the segment is
+    /// that connection's.
+    pub kernel_socket: u64,
 }
 
 impl ReqskResults {
-    /// Each count with its label: assigned, no_listener, refused, unparsed.
-    pub fn by_name(&self) -> [(&'static str, u64); 4] {
+    /// Each count with its label: assigned, no_listener, refused, unparsed, kernel_socket.
+    pub fn by_name(&self) -> [(&'static str, u64); RESULT_COUNT as usize] {
         [
             ("assigned", self.assigned),
             ("no_listener", self.no_listener),
             ("refused", self.refused),
             ("unparsed", self.unparsed),
+            ("kernel_socket", self.kernel_socket),
         ]
     }
 
@@ -116,8 +133,35 @@ impl ReqskResults {
             no_listener: self.no_listener.saturating_sub(earlier.no_listener),
             refused: self.refused.saturating_sub(earlier.refused),
             unparsed: self.unparsed.saturating_sub(earlier.unparsed),
+            kernel_socket: self.kernel_socket.saturating_sub(earlier.kernel_socket),
         }
     }
+}
+
+/// Removes the outcome counters pinned at `pin` when an earlier tcpguard made them with another
+/// number of outcomes: aya refuses to load the program with a pinned map of another size
+/// (`IncompatiblePinnedMap`), and tcpguard would not start after an upgrade. The counts start
+/// again from 0.
+fn remove_outgrown_results(pin: &Path) -> Result<(), ReqskError> {
+    let Ok(entries) = MapData::from_pin(pin)
+        .and_then(|map| map.info())
+        .map(|info| info.max_entries())
+    else {
+        return Ok(());
+    };
+    if entries == RESULT_COUNT {
+        return Ok(());
+    }
+    std::fs::remove_file(pin).map_err(|source| ReqskError::OutgrownPin {
+        path: pin.to_owned(),
+        entries,
+        source,
+    })?;
+    log::warn!(
+        "{RESULTS_MAP} pinned at {} had {entries} outcome counters, this tcpguard keeps {RESULT_COUNT}: replaced, its counts start again from 0",
+        pin.display()
+    );
+    Ok(())
 }
 
 /// Whether the running kernel offers the kfunc. The kernel's BTF is asked, not /proc/kallsyms:
@@ -172,7 +216,9 @@ impl Reqsk {
         let mut loader = EbpfLoader::new();
         if let Some(dir) = pin_dir {
             bpffs::prepare_pin_dir(dir)?;
-            loader.map_pin_path(RESULTS_MAP, dir.join(RESULTS_MAP));
+            let pin = dir.join(RESULTS_MAP);
+            remove_outgrown_results(&pin)?;
+            loader.map_pin_path(RESULTS_MAP, pin);
         }
         let mut ebpf = loader.load(REQSK_OBJECT)?;
         program_mut(&mut ebpf)?
@@ -302,6 +348,7 @@ impl Reqsk {
             no_listener: sum(NO_LISTENER)?,
             refused: sum(REFUSED)?,
             unparsed: sum(UNPARSED)?,
+            kernel_socket: sum(KERNEL_SOCKET)?,
         })
     }
 

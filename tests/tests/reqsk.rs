@@ -327,10 +327,93 @@ fn an_ack_with_the_record_becomes_a_connection_and_without_it_draws_a_reset() {
         }
     );
 
+    // The same ACK again, the record on it: the kernel has the connection already (as when XDP
+    // judged a segment before the stack built the connection from an earlier one), so the
+    // program leaves it to that connection, which takes it as a duplicate ACK.
+    let rsts = out_rsts(&rig.server);
+    let before = classifier.results().unwrap();
+    rig.client.within({
+        let segment = segment.clone();
+        move || RawTcp::open().send(&segment)
+    });
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while classifier.results().unwrap() == before && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        classifier.results().unwrap().since(&before),
+        ReqskResults {
+            kernel_socket: 1,
+            ..Default::default()
+        }
+    );
+    assert_eq!(out_rsts(&rig.server), rsts, "no reset");
+    assert_eq!(negotiated(&stream).state, TCP_ESTABLISHED);
+
     drop(stream);
     drop(listener);
     classifier.detach().expect("detaching");
     drop(marker);
     drop(pins);
     drop(rig);
+}
+
+/// A per-CPU array of `entries` u64 counters pinned at `path`, made with the bpf syscall itself
+/// (aya makes maps only from an object): what an earlier tcpguard that counted fewer outcomes
+/// left pinned as REQSK_RESULTS.
+fn pin_counters(path: &Path, entries: u32) {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    // union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, the rest 0.
+    let mut create = [0u32; 32];
+    create[..4].copy_from_slice(&[BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, entries]);
+    // SAFETY: the attribute buffer is valid for the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            create.as_ptr(),
+            size_of_val(&create),
+        )
+    };
+    assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
+    // SAFETY: a fresh descriptor nobody else owns.
+    let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // union bpf_attr for BPF_OBJ_PIN: pathname (a pointer), then bpf_fd and file_flags (0).
+    let pin: [u64; 2] = [path.as_ptr() as u64, map.as_raw_fd() as u64];
+    // SAFETY: the attribute buffer is valid for the size passed, and pathname points at a NUL-
+    // terminated string that outlives the call.
+    let status =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, pin.as_ptr(), size_of_val(&pin)) };
+    assert_eq!(status, 0, "BPF_OBJ_PIN: {}", io::Error::last_os_error());
+}
+
+/// A REQSK_RESULTS an earlier tcpguard pinned with four outcome counters is replaced by one
+/// with as many as the program counts: aya refuses a pinned map of another size, so tcpguard
+/// would not start after the upgrade (seen: `IncompatiblePinnedMap`, max_entries 5 against 4).
+#[test]
+fn an_outgrown_pinned_results_map_is_replaced() {
+    let namespace = Namespace::new("reqskpin");
+    let pins = Pins::for_namespace(&namespace);
+    let dir = pins.0.clone();
+    namespace.within(move || {
+        tcpguard::bpffs::prepare_pin_dir(&dir).expect("making the pin directory");
+        let pin = dir.join(reqsk::RESULTS_MAP);
+        pin_counters(&pin, 4);
+        let loaded = Reqsk::load(Some(&dir)).expect("loading over the outgrown pin");
+        assert_eq!(loaded.results().unwrap(), ReqskResults::default());
+        let entries = aya::maps::MapData::from_pin(&pin)
+            .and_then(|map| map.info())
+            .map(|info| info.max_entries())
+            .expect("the pinned map");
+        assert_eq!(entries, 5, "the pin holds the program's own map");
+    });
+    drop(pins);
 }

@@ -650,7 +650,13 @@ fn guest_counters(host: &Namespace) -> BTreeMap<String, f64> {
             .unwrap_or(0.0);
         counters.insert(format!("tcpguard passed: {reason}"), value);
     }
-    for result in ["assigned", "no_listener", "refused", "unparsed"] {
+    for result in [
+        "assigned",
+        "kernel_socket",
+        "no_listener",
+        "refused",
+        "unparsed",
+    ] {
         let series = format!("sum(tcpguard_cookie_handovers_total{{result=\"{result}\"}})");
         if let Some(value) = query(host, &series) {
             counters.insert(format!("tcpguard cookie handovers: {result}"), value);
