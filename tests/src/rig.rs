@@ -648,3 +648,36 @@ pub fn connect_from(
     }
     Ok(std::net::TcpStream::from(socket))
 }
+
+/// The next connection `listener` has within `timeout`, if any: waited for without blocking,
+/// the listener left blocking again, and the connection returned blocking, with a 5-s read
+/// timeout.
+pub fn accept_within(
+    listener: &std::net::TcpListener,
+    timeout: Duration,
+) -> Option<std::net::TcpStream> {
+    listener
+        .set_nonblocking(true)
+        .expect("making the listener non-blocking");
+    let deadline = std::time::Instant::now() + timeout;
+    let accepted = loop {
+        match listener.accept() {
+            Ok((stream, _)) => break Some(stream),
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) => panic!("accept: {err}"),
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    listener
+        .set_nonblocking(false)
+        .expect("making the listener blocking again");
+    let stream = accepted?;
+    stream.set_nonblocking(false).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    Some(stream)
+}

@@ -12,7 +12,7 @@ use std::{
 use serde_json::Value;
 use tcpguard_tests::{
     observe::{flows, http_get, sample, scrape, status, wait_until},
-    rig::{CLIENT, CLIENT_IF, Daemon, Rig, SERVER, SERVER_IF, kernel_counters},
+    rig::{CLIENT, CLIENT_IF, Daemon, Rig, SERVER, SERVER_IF, accept_within, kernel_counters},
 };
 
 const PORT: u16 = 8080;
@@ -803,18 +803,6 @@ impl Drop for LostAcks<'_> {
     }
 }
 
-/// The next connection the listener has, within `timeout`.
-fn accept_within(listener: &TcpListener, timeout: Duration, what: &str) -> TcpStream {
-    let listener = listener.try_clone().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let (stream, _) = wait_until(timeout, what, || listener.accept().ok());
-    stream.set_nonblocking(false).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-}
-
 fn connect(rig: &Rig) -> TcpStream {
     rig.client.within(|| {
         TcpStream::connect_timeout(&SocketAddr::from((SERVER, PORT)), Duration::from_secs(3))
@@ -849,7 +837,7 @@ fn complete_after_lost_ack(
         Next::Fin => client.shutdown(Shutdown::Write).unwrap(),
     }
     let what = format!("the connection whose ACK was lost, completed by {next:?}");
-    let mut server = accept_within(listener, Duration::from_secs(10), &what);
+    let mut server = accept_within(listener, Duration::from_secs(10)).expect(&what);
     assert_eq!(server.peer_addr().unwrap(), client.local_addr().unwrap());
     let received = match next {
         Next::Data => {
@@ -931,17 +919,11 @@ fn an_ack_the_kernel_drops_after_tcpguard_passed_it_costs_no_connection() {
     second.write_all(b"ping").unwrap();
     // The data finds the queue full too: give it time to be turned away at least once.
     std::thread::sleep(Duration::from_millis(300));
-    let accepted = accept_within(
-        &lab.listener,
-        Duration::from_secs(5),
-        "the first connection",
-    );
+    let accepted =
+        accept_within(&lab.listener, Duration::from_secs(5)).expect("the first connection");
     assert_eq!(accepted.peer_addr().unwrap(), first.local_addr().unwrap());
-    let mut server = accept_within(
-        &lab.listener,
-        Duration::from_secs(10),
-        "the second connection, built from its retransmitted data",
-    );
+    let mut server = accept_within(&lab.listener, Duration::from_secs(10))
+        .expect("the second connection, built from its retransmitted data");
     assert_eq!(server.peer_addr().unwrap(), second.local_addr().unwrap());
     let mut got = [0u8; 4];
     server

@@ -12,7 +12,7 @@
 use std::{
     ffi::CString,
     io,
-    net::{SocketAddrV4, TcpListener, TcpStream},
+    net::{SocketAddrV4, TcpListener},
     path::{Path, PathBuf},
     thread,
     time::{Duration, Instant},
@@ -29,7 +29,7 @@ use tcpguard_tests::{
         Negotiated, TCPI_OPT_ECN, TCPI_OPT_SACK, TCPI_OPT_TIMESTAMPS, TCPI_OPT_WSCALE, negotiated,
     },
     raw::{RawTcp, Segment},
-    rig::{self, CLIENT, Rig, SERVER, SERVER_IF},
+    rig::{self, CLIENT, Rig, SERVER, SERVER_IF, accept_within},
 };
 
 const PORT: u16 = 8080;
@@ -172,22 +172,6 @@ fn out_rsts(namespace: &Namespace) -> u64 {
         .expect("nstat reports TcpOutRsts")
 }
 
-/// Polls `accept` on a non-blocking listener for up to `timeout`.
-fn accept_within(listener: &TcpListener, timeout: Duration) -> Option<TcpStream> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match listener.accept() {
-            Ok((stream, _)) => return Some(stream),
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-            Err(err) => panic!("accept: {err}"),
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 const TCP_ESTABLISHED: u8 = 1;
 
 #[test]
@@ -210,7 +194,6 @@ fn an_ack_with_the_record_becomes_a_connection_and_without_it_draws_a_reset() {
     let dir = pins.0.clone();
     let (listener, classifier, mut marker) = rig.server.within(move || {
         let listener = TcpListener::bind((SERVER, PORT)).expect("server listens");
-        listener.set_nonblocking(true).unwrap();
         let mut classifier = Reqsk::load(Some(&dir)).expect("loading tcpguard_reqsk");
         classifier
             .attach(SERVER_IF)
@@ -242,15 +225,18 @@ fn an_ack_with_the_record_becomes_a_connection_and_without_it_draws_a_reset() {
     let client = SocketAddrV4::new(CLIENT, 40_001);
     let server = SocketAddrV4::new(SERVER, PORT);
     let segment = Segment::ack(client, server, 0x1000_0000, 0x2000_0001);
+    let send = || {
+        rig.client.within({
+            let segment = segment.clone();
+            move || RawTcp::open().send(&segment)
+        })
+    };
 
     // Without the record: the kernel's own cookie check (tcp_syncookies=1, no recent overflow)
     // finds no request, and the listener answers the ACK with a reset.
     let rsts = out_rsts(&rig.server);
     let before = classifier.results().unwrap();
-    rig.client.within({
-        let segment = segment.clone();
-        move || RawTcp::open().send(&segment)
-    });
+    send();
     let deadline = Instant::now() + Duration::from_secs(3);
     while out_rsts(&rig.server) == rsts && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
@@ -279,10 +265,7 @@ fn an_ack_with_the_record_becomes_a_connection_and_without_it_draws_a_reset() {
     });
     let rsts = out_rsts(&rig.server);
     let before = classifier.results().unwrap();
-    rig.client.within({
-        let segment = segment.clone();
-        move || RawTcp::open().send(&segment)
-    });
+    send();
     let stream =
         accept_within(&listener, Duration::from_secs(3)).expect("accept() returns the connection");
     let peer = stream.peer_addr().unwrap();
@@ -332,10 +315,7 @@ fn an_ack_with_the_record_becomes_a_connection_and_without_it_draws_a_reset() {
     // program leaves it to that connection, which takes it as a duplicate ACK.
     let rsts = out_rsts(&rig.server);
     let before = classifier.results().unwrap();
-    rig.client.within({
-        let segment = segment.clone();
-        move || RawTcp::open().send(&segment)
-    });
+    send();
     let deadline = Instant::now() + Duration::from_secs(3);
     while classifier.results().unwrap() == before && Instant::now() < deadline {
         thread::sleep(Duration::from_millis(20));
