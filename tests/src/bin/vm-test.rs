@@ -251,6 +251,13 @@ fn run_guest(release: &Release, package: &Path) -> Run {
     wait_for(&guest, "Prometheus to scrape tcpguard", || {
         query(&host, "up{job=\"tcpguard\"}").is_some_and(|v| v == 1.0)
     });
+    // The setup script goes on after tcpguard answers: `systemd-analyze security` alone took
+    // longer than Prometheus's first scrape in a CI run, and its rating was not on the console.
+    wait_for(
+        &guest,
+        "the guest's setup script to print its checks",
+        || fs::read_to_string(&guest.console).is_ok_and(|console| console.contains(CHECKS_PRINTED)),
+    );
     // The unit as the guest's systemd runs it: its own user, three capabilities (CAP_NET_ADMIN
     // is bit 12, CAP_PERFMON 38, CAP_BPF 39), and the guest systemd's rating.
     let console = fs::read_to_string(&guest.console).unwrap_or_default();
@@ -868,6 +875,10 @@ fn wait_for(guest: &Guest, what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// What the setup script prints on the console last, once tcpguard runs and its checks are
+/// printed.
+const CHECKS_PRINTED: &str = "vm-setup: checks printed";
+
 /// What the setup script prints on the console before tcpguard's journal, when tcpguard did not
 /// start.
 const JOURNAL_MARKER: &str = "vm-setup: tcpguard's journal follows";
@@ -918,6 +929,9 @@ if ! systemctl restart tcpguard; then
     exit 1
 fi
 systemctl is-active tcpguard
+# What follows goes straight to the console for the host to check, without the shell's trace:
+# journald forwards the trace later, and it would show each line before the line itself.
+set +x
 # As README says: the service's own user, its three capabilities and nothing else, and
 # systemd's rating of the installed unit at 2.0 or better (the threshold is in tenths).
 pid=$(systemctl show -p MainPID --value tcpguard)
@@ -930,5 +944,5 @@ fi
 echo "vm-setup: $(grep 'Overall exposure' security.txt)" > /dev/ttyS0
 tcpguard status | grep '^TC egress' | sed 's/^/vm-setup: status: /' > /dev/ttyS0
 tc filter show dev eth0 egress | sed 's/^/vm-setup: tc: /' > /dev/ttyS0
-echo "vm-setup: tcpguard running"
+echo "vm-setup: checks printed" > /dev/ttyS0
 "#;
