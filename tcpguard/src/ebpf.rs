@@ -28,7 +28,8 @@ pub static XDP_COOKIE_ACK_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-cookie-ack"));
 
 /// Benchmark only (`tcpguard-ebpf/src/bin/xdp_synack_floor.rs`): answers every SYN with a
-/// SYN-ACK without a cookie or a lookup, the floor `bench flood` measures the defences against.
+/// SYN-ACK without a cookie, after a socket lookup or without one: the floors `bench flood`
+/// measures the defences against.
 #[cfg(feature = "testing")]
 pub static XDP_SYNACK_FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-synack-floor"));

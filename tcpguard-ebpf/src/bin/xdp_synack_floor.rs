@@ -1,14 +1,22 @@
 //! Benchmark only: the rig's floor. Turns every untagged IPv4 TCP SYN into a SYN-ACK in place
-//! (MACs, addresses and ports swapped, a fixed ISN, no cookie, no socket lookup, options left
-//! as the SYN had them) and sends it back with XDP_TX, counting each. What any XDP answer to a
-//! SYN pays on this rig (veth receive, XDP_TX, the far end's receive) and nothing more, so
-//! that `bench flood` can put each defence's cost per SYN against it.
+//! (MACs, addresses and ports swapped, a fixed ISN, no cookie, options left as the SYN had
+//! them) and sends it back with XDP_TX, counting each. What any XDP answer to a SYN pays on
+//! this rig (veth receive, XDP_TX, the far end's receive) and nothing more, so that
+//! `bench flood` can put each defence's cost per SYN against it.
+//!
+//! Two programs: `xdp_synack_floor` answers every SYN; `xdp_synack_floor_lookup` first asks
+//! the kernel's socket table for the SYN's 4-tuple (`bpf_skc_lookup_tcp`) and answers only when
+//! what it finds is a listener. That lookup is what a correct answer cannot skip: the kernel
+//! answers only for a listening port, and a SYN for a 4-tuple it already has a socket for
+//! (TIME-WAIT reuse, a retransmission) is its own. Everything else a defence does is on top.
 
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    EbpfContext as _,
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_tuple, xdp_action},
+    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{map, xdp},
     maps::PerCpuArray,
     programs::XdpContext,
@@ -23,9 +31,22 @@ const TCP: usize = IP + 20;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 const ISN: u32 = 0x1234_5678;
+/// `BPF_TCP_LISTEN` in `bpf_sock.state`.
+const TCP_LISTEN: u32 = 10;
 
 #[xdp]
 pub fn xdp_synack_floor(ctx: XdpContext) -> u32 {
+    answer::<false>(&ctx)
+}
+
+#[xdp]
+pub fn xdp_synack_floor_lookup(ctx: XdpContext) -> u32 {
+    answer::<true>(&ctx)
+}
+
+/// `LOOKUP`: answer only SYNs whose 4-tuple the kernel would hand to a listener.
+#[inline(always)]
+fn answer<const LOOKUP: bool>(ctx: &XdpContext) -> u32 {
     let (start, end) = (ctx.data(), ctx.data_end());
     if start + TCP + 20 > end {
         return xdp_action::XDP_PASS;
@@ -39,6 +60,9 @@ pub fn xdp_synack_floor(ctx: XdpContext) -> u32 {
             return xdp_action::XDP_PASS;
         }
         if byte(TCP + 13) & (SYN | ACK) != SYN {
+            return xdp_action::XDP_PASS;
+        }
+        if LOOKUP && !for_listener(ctx, frame) {
             return xdp_action::XDP_PASS;
         }
         swap(frame, 0, 6, 6);
@@ -80,6 +104,41 @@ pub fn xdp_synack_floor(ctx: XdpContext) -> u32 {
         unsafe { *count += 1 };
     }
     xdp_action::XDP_TX
+}
+
+/// Whether the kernel's socket table holds a listener, and nothing more specific, for the
+/// 4-tuple of the IPv4 SYN at `frame`.
+#[inline(always)]
+unsafe fn for_listener(ctx: &XdpContext, frame: *mut u8) -> bool {
+    // SAFETY: bpf_sock_tuple is plain old data; all-zero is a valid value. The addresses and
+    // ports lie under TCP + 4, which the caller checked; they stay in network byte order.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let v4 = unsafe {
+        let v4 = &mut tuple.__bindgen_anon_1.ipv4;
+        v4.saddr = (frame.add(IP + 12) as *const u32).read_unaligned();
+        v4.daddr = (frame.add(IP + 16) as *const u32).read_unaligned();
+        v4.sport = (frame.add(TCP) as *const u16).read_unaligned();
+        v4.dport = (frame.add(TCP + 2) as *const u16).read_unaligned();
+        v4
+    };
+    let size = size_of_val(v4) as u32;
+    // SAFETY: the helper reads `size` bytes of the tuple; the reference it returns is released
+    // below.
+    unsafe {
+        let sk = bpf_skc_lookup_tcp(
+            ctx.as_ptr(),
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        let listener = (*sk).state == TCP_LISTEN;
+        bpf_sk_release(sk.cast());
+        listener
+    }
 }
 
 /// The 16-bit big-endian word at `offset`.

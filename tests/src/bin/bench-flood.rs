@@ -3,9 +3,10 @@
 //! paths (own cookies, for every SYN and with `cookies = "under-attack"`, whose difference is
 //! what detecting the attack costs; the kernel's through the listener-mode helpers), and with the rig's
 //! floor (an XDP program that turns each SYN into a SYN-ACK with no cookie and no lookup: what
-//! any XDP answer pays here), measured side by side in one run over the same veth rig, in
-//! several rounds. The floor answers clients with SYN-ACKs no socket stands behind, so it is
-//! measured for cost only.
+//! any XDP answer pays here), and with the floor plus the kernel's socket lookup (a SYN is
+//! answered only for a listener: what any correct answer pays), measured side by side in one
+//! run over the same veth rig, in several rounds. The floors answer clients with SYN-ACKs no
+//! socket stands behind, so they are measured for cost only.
 //!
 //! Cost. Generator: `tcpguard_tests::generator`, BPF_PROG_TEST_RUN in live-frames mode, on one
 //! core of the client namespace; hping3 (one thread, about 80k SYN/s here) does not load the
@@ -66,16 +67,19 @@ enum Defence {
     TcpguardUnderAttack,
     TcpguardKernelCookies,
     Floor,
+    /// The floor with the kernel's socket lookup that any correct answer makes.
+    FloorLookup,
 }
 
 impl Defence {
-    const COUNT: usize = 5;
+    const COUNT: usize = 6;
     const ALL: [Self; Self::COUNT] = [
         Self::Kernel,
         Self::TcpguardOwn,
         Self::TcpguardUnderAttack,
         Self::TcpguardKernelCookies,
         Self::Floor,
+        Self::FloorLookup,
     ];
 
     fn name(self) -> &'static str {
@@ -85,6 +89,21 @@ impl Defence {
             Self::TcpguardUnderAttack => "tcpguard, own cookies under attack",
             Self::TcpguardKernelCookies => "tcpguard, kernel's cookies",
             Self::Floor => "floor (SYN-ACK, no cookie)",
+            Self::FloorLookup => "floor with socket lookup (SYN-ACK for a listener, no cookie)",
+        }
+    }
+
+    /// A floor program, measured for cost only: its SYN-ACKs have no socket behind them.
+    fn is_floor(self) -> bool {
+        matches!(self, Self::Floor | Self::FloorLookup)
+    }
+
+    /// The program of a floor.
+    fn floor_program(self) -> Option<&'static str> {
+        match self {
+            Self::Floor => Some("xdp_synack_floor"),
+            Self::FloorLookup => Some("xdp_synack_floor_lookup"),
+            _ => None,
         }
     }
 
@@ -102,7 +121,7 @@ impl Defence {
         match self {
             Self::TcpguardOwn | Self::TcpguardUnderAttack => Some("own"),
             Self::TcpguardKernelCookies => Some("kernel"),
-            Self::Kernel | Self::Floor => None,
+            Self::Kernel | Self::Floor | Self::FloorLookup => None,
         }
     }
 }
@@ -179,28 +198,31 @@ fn main() {
     .unwrap();
     writeln!(
         report,
-        "| round | defence | SYNs offered/s | SYNs received | SYNs answered | server NAPI thread busy | daemon CPU | CPU per SYN answered | × kernel | × floor |"
+        "| round | defence | SYNs offered/s | SYNs received | SYNs answered | server NAPI thread busy | daemon CPU | CPU per SYN answered | × kernel | × floor | × floor with lookup |"
     )
     .unwrap();
     writeln!(
         report,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     )
     .unwrap();
-    // Per defence: its cost against the kernel's and against the floor, round by round.
-    let mut ratios: [(Vec<f64>, Vec<f64>); Defence::COUNT] = Default::default();
+    // Per defence: its cost against the kernel's and against each floor, round by round.
+    let mut ratios: [[Vec<f64>; 3]; Defence::COUNT] = Default::default();
     for (round, runs) in rounds.iter().enumerate() {
-        let [kernel, .., floor] = runs;
+        let [kernel, .., floor, floor_lookup] = runs;
         for (index, run) in runs.iter().enumerate() {
-            let (to_kernel, to_floor) = (
-                run.cost_ns() / kernel.cost_ns(),
-                run.cost_ns() / floor.cost_ns(),
-            );
-            ratios[index].0.push(to_kernel);
-            ratios[index].1.push(to_floor);
+            let [to_kernel, to_floor, to_floor_lookup] =
+                [kernel, floor, floor_lookup].map(|base| run.cost_ns() / base.cost_ns());
+            for (ratios, ratio) in
+                ratios[index]
+                    .iter_mut()
+                    .zip([to_kernel, to_floor, to_floor_lookup])
+            {
+                ratios.push(ratio);
+            }
             writeln!(
                 report,
-                "| {} | {} | {:.0} k | {} | {} | {:.0}% | {:.0} ms | {:.0} ns | {to_kernel:.2} | {to_floor:.2} |",
+                "| {} | {} | {:.0} k | {} | {} | {:.0}% | {:.0} ms | {:.0} ns | {to_kernel:.2} | {to_floor:.2} | {to_floor_lookup:.2} |",
                 round + 1,
                 run.defence.name(),
                 run.sent.rate() / 1000.0,
@@ -214,21 +236,24 @@ fn main() {
         }
     }
     writeln!(report).unwrap();
-    for (defence, (to_kernel, to_floor)) in Defence::ALL.iter().zip(&mut ratios) {
-        if matches!(defence, Defence::Kernel | Defence::Floor) {
+    for (defence, [to_kernel, to_floor, to_floor_lookup]) in Defence::ALL.iter().zip(&mut ratios) {
+        if *defence == Defence::Kernel || defence.is_floor() {
             continue;
         }
-        let (k, f) = (median_and_range(to_kernel), median_and_range(to_floor));
+        let [k, f, l] = [to_kernel, to_floor, to_floor_lookup].map(|r| median_and_range(r));
         writeln!(
             report,
-            "{}: CPU per SYN {:.2}× the kernel's ({:.2}–{:.2}) and {:.2}× the floor ({:.2}–{:.2}), median and range over {ROUNDS} rounds.",
+            "{}: CPU per SYN {:.2}× the kernel's ({:.2}–{:.2}), {:.2}× the floor ({:.2}–{:.2}) and {:.2}× the floor with socket lookup ({:.2}–{:.2}), median and range over {ROUNDS} rounds.",
             defence.name(),
             k.0,
             k.1,
             k.2,
             f.0,
             f.1,
-            f.2
+            f.2,
+            l.0,
+            l.1,
+            l.2
         )
         .unwrap();
     }
@@ -238,7 +263,7 @@ fn main() {
     )
     .unwrap();
     let totals = Defence::ALL.map(|defence| Totals::of(defence, &rounds));
-    for totals in totals.iter().filter(|t| t.defence != Defence::Floor) {
+    for totals in totals.iter().filter(|t| !t.defence.is_floor()) {
         for (phase, clients) in totals.phases() {
             writeln!(
                 report,
@@ -337,10 +362,12 @@ fn run(defence: Defence) -> Run {
             ],
         )
     });
-    let floor = (defence == Defence::Floor).then(|| rig.server.within(attach_floor));
+    let floor = defence
+        .floor_program()
+        .map(|program| rig.server.within(|| attach_floor(program)));
     let flood = rig.syn_flood(PORT);
 
-    let measured = defence != Defence::Floor;
+    let measured = !defence.is_floor();
     let idle = if measured {
         measure_clients(&rig.client, IDLE)
     } else {
@@ -427,13 +454,13 @@ fn answered(server: &Namespace, daemon: Option<&Daemon>, floor: Option<&Ebpf>) -
     kernel_counters(server)["TcpExtSyncookiesSent"]
 }
 
-/// The floor program attached to the server's veth in native mode, in the calling thread's
+/// A floor program attached to the server's veth in native mode, in the calling thread's
 /// namespace; detached when the returned object is dropped.
-fn attach_floor() -> Ebpf {
+fn attach_floor(name: &str) -> Ebpf {
     let mut ebpf = Ebpf::load(tcpguard::ebpf::XDP_SYNACK_FLOOR_OBJECT).expect("floor object");
     let program: &mut Xdp = ebpf
-        .program_mut("xdp_synack_floor")
-        .expect("xdp_synack_floor")
+        .program_mut(name)
+        .unwrap_or_else(|| panic!("the floor object has no {name}"))
         .try_into()
         .expect("an XDP program");
     program.load().expect("loading the floor");
@@ -573,7 +600,7 @@ fn plot(totals: &[Totals]) -> String {
             "client connect p99 (ms): idle, hping3 flood",
             totals
                 .iter()
-                .filter(|totals| totals.defence != Defence::Floor)
+                .filter(|totals| !totals.defence.is_floor())
                 .flat_map(|totals| {
                     [
                         (
@@ -626,5 +653,6 @@ fn short(defence: Defence) -> &'static str {
         Defence::TcpguardUnderAttack => "tcpguard under attack",
         Defence::TcpguardKernelCookies => "tcpguard kernel",
         Defence::Floor => "floor",
+        Defence::FloorLookup => "floor with lookup",
     }
 }

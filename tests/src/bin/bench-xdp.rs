@@ -1,6 +1,8 @@
 //! `cargo xtask bench xdp`: what each path of tcpguard's XDP program costs, timed by the kernel
 //! (BPF_PROG_TEST_RUN) against a program that only returns XDP_PASS, timed the same way in the
-//! same run. Prints ns per packet and the ratio to that baseline.
+//! same run. Prints ns per packet and the ratio to that baseline. The rig's two SYN-ACK floors
+//! (`tcpguard-ebpf/src/bin/xdp_synack_floor.rs`: a SYN-ACK with no cookie, with and without
+//! the kernel's socket lookup) are timed beside the SYN paths.
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -99,6 +101,7 @@ fn main() {
             );
         }
         drop(own);
+        floor_rows(&syn, single_baseline);
 
         let valid_ack = cookie_ack(&guard, &syn, syn.source_port);
         // Track valid_ack's flow, for the tracked-flow row.
@@ -182,6 +185,45 @@ fn cookie_rows(
         Counter::CookieRejected,
         repeated_baseline,
     );
+}
+
+/// The floors' SYN → SYN-ACK: what answering a SYN costs with no cookie, with no lookup and with
+/// the kernel's socket lookup alone, timed as the SYN paths are.
+fn floor_rows(syn: &TcpFrame, single_baseline: f64) {
+    let mut object =
+        aya::Ebpf::load(tcpguard::ebpf::XDP_SYNACK_FLOOR_OBJECT).expect("the floor object");
+    for (name, program) in [
+        ("floor: SYN → SYN-ACK, no cookie", "xdp_synack_floor"),
+        (
+            "floor with socket lookup: SYN → SYN-ACK, no cookie",
+            "xdp_synack_floor_lookup",
+        ),
+    ] {
+        let program: &mut Xdp = object
+            .program_mut(program)
+            .unwrap_or_else(|| panic!("the floor object has no {program}"))
+            .try_into()
+            .expect("an XDP program");
+        program.load().expect("loading a floor");
+        let answered = program
+            .test_run(TestRunOptions {
+                data_in: Some(&syn.bytes()),
+                data_out: Some(&mut [0u8; 256]),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(
+            answered.return_value,
+            xdp::XDP_TX,
+            "{name}: the SYN is answered"
+        );
+        let cost = single(program, &syn.bytes());
+        println!(
+            "| {name} (repeat 1) | - | {cost:.1} | {:.2} |",
+            cost / single_baseline
+        );
+    }
 }
 
 /// The client's ACK completing the handshake `syn` (from source port `port`) opens: the
