@@ -572,81 +572,13 @@ pub fn connect_from(
     source: std::net::SocketAddr,
     destination: std::net::SocketAddr,
 ) -> std::io::Result<std::net::TcpStream> {
-    use std::{
-        io::Error,
-        net::SocketAddr,
-        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
-    };
-
-    fn sockaddr(address: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-        // SAFETY: all-zero is a valid sockaddr_storage.
-        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let length = match address {
-            SocketAddr::V4(v4) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: v4.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from(*v4.ip()).to_be(),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is larger than sockaddr_in and aligned for it.
-                unsafe { (&raw mut storage).cast::<libc::sockaddr_in>().write(sin) };
-                size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(v6) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: v6.port().to_be(),
-                    sin6_flowinfo: 0,
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: v6.ip().octets(),
-                    },
-                    sin6_scope_id: 0,
-                };
-                // SAFETY: as above, for sockaddr_in6.
-                unsafe { (&raw mut storage).cast::<libc::sockaddr_in6>().write(sin6) };
-                size_of::<libc::sockaddr_in6>()
-            }
-        };
-        (storage, length as libc::socklen_t)
-    }
-
-    let family = match source {
-        SocketAddr::V4(_) => libc::AF_INET,
-        SocketAddr::V6(_) => libc::AF_INET6,
-    };
-    // SAFETY: a plain socket call; the descriptor is owned from here on.
-    let fd = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor nobody else owns.
-    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    let (local, local_length) = sockaddr(source);
-    let (remote, remote_length) = sockaddr(destination);
-    // SAFETY: a valid socket, and option and address values of the sizes passed.
-    let failed = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_REUSEADDR,
-            (&raw const one).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        ) != 0
-            || libc::bind(socket.as_raw_fd(), (&raw const local).cast(), local_length) != 0
-            || libc::connect(
-                socket.as_raw_fd(),
-                (&raw const remote).cast(),
-                remote_length,
-            ) != 0
-    };
-    if failed {
-        return Err(Error::last_os_error());
-    }
-    Ok(std::net::TcpStream::from(socket))
+    use socket2::{Domain, Socket, Type};
+    // socket2 sets close-on-exec on the sockets it makes.
+    let socket = Socket::new(Domain::for_address(source), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&source.into())?;
+    socket.connect(&destination.into())?;
+    Ok(socket.into())
 }
 
 /// The next connection `listener` has within `timeout`, if any: waited for without blocking,

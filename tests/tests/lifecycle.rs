@@ -122,21 +122,9 @@ fn read_to_end(stream: &mut TcpStream) -> Vec<u8> {
 
 /// SO_LINGER with a zero timeout: close() sends RST instead of FIN.
 fn reset_on_close(stream: &TcpStream) {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: a valid socket and a linger struct of the size passed.
-    let status = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&raw const linger).cast(),
-            size_of::<libc::linger>() as u32,
-        )
-    };
-    assert_eq!(status, 0);
+    socket2::SockRef::from(stream)
+        .set_linger(Some(Duration::ZERO))
+        .expect("setting SO_LINGER");
 }
 
 #[test]
