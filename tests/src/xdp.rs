@@ -81,6 +81,24 @@ pub fn load_pass() -> aya::Ebpf {
     ebpf
 }
 
+/// The floor program `name` of the rig (`xdp_synack_floor` or `xdp_synack_floor_lookup`, see
+/// `tcpguard-ebpf/src/bin/xdp_synack_floor.rs`), loaded. Keep the returned object alive as long
+/// as the program is needed.
+pub fn load_floor(name: &str) -> aya::Ebpf {
+    let mut ebpf =
+        aya::Ebpf::load(tcpguard::ebpf::XDP_SYNACK_FLOOR_OBJECT).expect("the floor object");
+    floor(&mut ebpf, name).load().expect("loading a floor");
+    ebpf
+}
+
+/// The floor program `name` in an object [`load_floor`] returned.
+pub fn floor<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> &'a mut aya::programs::Xdp {
+    ebpf.program_mut(name)
+        .unwrap_or_else(|| panic!("the floor object has no {name}"))
+        .try_into()
+        .expect("an XDP program")
+}
+
 /// Runs the program once on `frame`, in the calling thread's network namespace.
 pub fn run(guard: &Guard, frame: &[u8]) -> Outcome {
     let mut out = vec![0u8; 4096];

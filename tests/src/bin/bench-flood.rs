@@ -32,11 +32,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    Ebpf,
-    maps::PerCpuArray,
-    programs::{Xdp, XdpMode},
-};
+use aya::{Ebpf, maps::PerCpuArray, programs::XdpMode};
 use tcpguard_tests::{
     generator::Sent,
     netns::Namespace,
@@ -45,6 +41,7 @@ use tcpguard_tests::{
         CLIENT, CLIENT_IF, Daemon, Flood, Rig, SERVER, SERVER_IF, SYN_FLOOD_SOURCES,
         kernel_counters,
     },
+    xdp,
 };
 
 const PORT: u16 = 8080;
@@ -457,15 +454,9 @@ fn answered(server: &Namespace, daemon: Option<&Daemon>, floor: Option<&Ebpf>) -
 /// A floor program attached to the server's veth in native mode, in the calling thread's
 /// namespace; detached when the returned object is dropped.
 fn attach_floor(name: &str) -> Ebpf {
-    let mut ebpf = Ebpf::load(tcpguard::ebpf::XDP_SYNACK_FLOOR_OBJECT).expect("floor object");
-    let program: &mut Xdp = ebpf
-        .program_mut(name)
-        .unwrap_or_else(|| panic!("the floor object has no {name}"))
-        .try_into()
-        .expect("an XDP program");
-    program.load().expect("loading the floor");
+    let mut ebpf = xdp::load_floor(name);
     let interface = std::ffi::CString::new(SERVER_IF).unwrap();
-    program
+    xdp::floor(&mut ebpf, name)
         .attach(interface.as_c_str(), XdpMode::Driver)
         .expect("attaching the floor to the server's veth");
     ebpf

@@ -190,8 +190,6 @@ fn cookie_rows(
 /// The floors' SYN → SYN-ACK: what answering a SYN costs with no cookie, with no lookup and with
 /// the kernel's socket lookup alone, timed as the SYN paths are.
 fn floor_rows(syn: &TcpFrame, single_baseline: f64) {
-    let mut object =
-        aya::Ebpf::load(tcpguard::ebpf::XDP_SYNACK_FLOOR_OBJECT).expect("the floor object");
     for (name, program) in [
         ("floor: SYN → SYN-ACK, no cookie", "xdp_synack_floor"),
         (
@@ -199,12 +197,8 @@ fn floor_rows(syn: &TcpFrame, single_baseline: f64) {
             "xdp_synack_floor_lookup",
         ),
     ] {
-        let program: &mut Xdp = object
-            .program_mut(program)
-            .unwrap_or_else(|| panic!("the floor object has no {program}"))
-            .try_into()
-            .expect("an XDP program");
-        program.load().expect("loading a floor");
+        let mut object = xdp::load_floor(program);
+        let program = xdp::floor(&mut object, program);
         let answered = program
             .test_run(TestRunOptions {
                 data_in: Some(&syn.bytes()),
