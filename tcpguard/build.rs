@@ -22,12 +22,13 @@ use anyhow::{Context as _, bail};
 
 const PACKAGE: &str = "tcpguard-ebpf";
 /// The binaries of tcpguard-ebpf that src/ebpf.rs includes.
-const PROGRAMS: [&str; 5] = [
+const PROGRAMS: [&str; 6] = [
     "tcpguard",
     "xdp-pass",
     "xdp-syn-flood",
     "xdp-cookie-ack",
     "xdp-synack-floor",
+    "xdp-pass-floor",
 ];
 const TOOLCHAIN: &str = "nightly";
 

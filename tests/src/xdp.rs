@@ -91,6 +91,16 @@ pub fn load_floor(name: &str) -> aya::Ebpf {
     ebpf
 }
 
+/// The floors of the pass paths (`tcpguard-ebpf/src/bin/xdp_pass_floor.rs`), loaded.
+pub fn load_pass_floor() -> aya::Ebpf {
+    let mut ebpf =
+        aya::Ebpf::load(tcpguard::ebpf::XDP_PASS_FLOOR_OBJECT).expect("the pass floor object");
+    for name in ["xdp_pass_unprotected", "xdp_pass_tracked"] {
+        floor(&mut ebpf, name).load().expect("loading a floor");
+    }
+    ebpf
+}
+
 /// The floor program `name` in an object [`load_floor`] returned.
 pub fn floor<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> &'a mut aya::programs::Xdp {
     ebpf.program_mut(name)

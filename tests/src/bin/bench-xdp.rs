@@ -2,7 +2,8 @@
 //! (BPF_PROG_TEST_RUN) against a program that only returns XDP_PASS, timed the same way in the
 //! same run. Prints ns per packet and the ratio to that baseline. The rig's two SYN-ACK floors
 //! (`tcpguard-ebpf/src/bin/xdp_synack_floor.rs`: a SYN-ACK with no cookie, with and without
-//! the kernel's socket lookup) are timed beside the SYN paths.
+//! the kernel's socket lookup) are timed beside the SYN paths, and the floors of the paths that
+//! pass a segment on (`tcpguard-ebpf/src/bin/xdp_pass_floor.rs`) beside those.
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -11,7 +12,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use tcpguard::Guard;
-use tcpguard_common::{Counter, cookie::CookieSecrets};
+use tcpguard_common::{Counter, FLOW_IPV4, Flow, FlowKey, cookie::CookieSecrets};
 use tcpguard_tests::{frame::*, netns::in_fresh_netns, xdp};
 
 const PORT: u16 = 8080;
@@ -132,6 +133,7 @@ fn main() {
         for (name, frame, counter) in paths {
             row(&guard, name, &frame, counter, repeated_baseline);
         }
+        pass_floor_rows(&valid_ack, repeated_baseline);
     });
 }
 
@@ -216,6 +218,63 @@ fn floor_rows(syn: &TcpFrame, single_baseline: f64) {
         println!(
             "| {name} (repeat 1) | - | {cost:.1} | {:.2} |",
             cost / single_baseline
+        );
+    }
+}
+
+/// The floors of the paths that pass a segment on, timed as those paths are: a fixed-offset
+/// dissection with the port lookup (for an unprotected segment) and with one flow-map lookup
+/// (for a tracked one). tcpguard's own dissection also takes VLAN tags, IPv4 options and IPv6
+/// extension headers and checks lengths, which these do not.
+fn pass_floor_rows(tracked: &TcpFrame, repeated_baseline: f64) {
+    let mut object = xdp::load_pass_floor();
+    let Ip::V4 {
+        source,
+        destination,
+        ..
+    } = tracked.ip
+    else {
+        panic!("the tracked segment is IPv4");
+    };
+    let mut key = FlowKey {
+        family: FLOW_IPV4,
+        client_port: tracked.source_port,
+        server_port: tracked.destination_port,
+        ..Default::default()
+    };
+    key.client_addr[..4].copy_from_slice(&source.octets());
+    key.server_addr[..4].copy_from_slice(&destination.octets());
+    let mut flows: aya::maps::HashMap<_, FlowKey, Flow> = object
+        .map_mut("FLOWS")
+        .expect("the floor's flow map")
+        .try_into()
+        .expect("a hash map");
+    flows.insert(&key, &Flow::default(), 0).expect("a flow");
+    for (name, program, frame) in [
+        (
+            "floor: untagged IPv4 parse, port lookup",
+            "xdp_pass_unprotected",
+            TcpFrame::syn_v4(PORT + 1).bytes(),
+        ),
+        (
+            "floor: untagged IPv4 parse, flow-map lookup",
+            "xdp_pass_tracked",
+            tracked.bytes(),
+        ),
+    ] {
+        let program = xdp::floor(&mut object, program);
+        let outcome = program
+            .test_run(TestRunOptions {
+                data_in: Some(&frame),
+                repeat: 1,
+                ..Default::default()
+            })
+            .expect("BPF_PROG_TEST_RUN");
+        assert_eq!(outcome.return_value, xdp::XDP_PASS, "{name}: passed");
+        let cost = repeated(program, &frame);
+        println!(
+            "| {name} | - | {cost:.1} | {:.2} |",
+            cost / repeated_baseline
         );
     }
 }

@@ -1,0 +1,111 @@
+//! Benchmark only: the floors of the two paths that pass a segment on, for `bench xdp`.
+//! `xdp_pass_unprotected` dissects an untagged IPv4 TCP frame at fixed offsets and looks its
+//! destination port up in an array, as tcpguard's protected-port check does;
+//! `xdp_pass_tracked` dissects it the same way and looks its 4-tuple up in an LRU hash map with
+//! tcpguard's flow key. Each passes the segment when the lookup says tcpguard would (an
+//! unprotected port, a tracked flow) and drops it otherwise, so the lookup decides the verdict.
+//! Nothing else: no VLAN tags, IPv4 options or IPv6, no length checks, no counters.
+
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    macros::{map, xdp},
+    maps::{Array, LruHashMap},
+    programs::XdpContext,
+};
+use tcpguard_common::{DEFAULT_FLOW_CAPACITY, FLOW_IPV4, Flow, FlowKey, PORT_COUNT, ProtectedPort};
+
+#[map]
+static PORTS: Array<ProtectedPort> = Array::with_max_entries(PORT_COUNT, 0);
+
+#[map]
+static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+const IP: usize = 14;
+const TCP: usize = IP + 20;
+
+#[xdp]
+pub fn xdp_pass_unprotected(ctx: XdpContext) -> u32 {
+    let Some(frame) = tcp_frame(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: inside the frame, checked by tcp_frame.
+    let port = unsafe { u16::from_be_bytes([*frame.add(TCP + 2), *frame.add(TCP + 3)]) };
+    if PORTS
+        .get(u32::from(port))
+        .is_some_and(|protected| protected.families != 0)
+    {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
+}
+
+#[xdp]
+pub fn xdp_pass_tracked(ctx: XdpContext) -> u32 {
+    let Some(frame) = tcp_frame(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: inside the frame, checked by tcp_frame.
+    let (client, server, client_port, server_port) = unsafe {
+        let at = |offset: usize| *frame.add(offset);
+        (
+            [at(IP + 12), at(IP + 13), at(IP + 14), at(IP + 15)],
+            [at(IP + 16), at(IP + 17), at(IP + 18), at(IP + 19)],
+            u16::from_be_bytes([at(TCP), at(TCP + 1)]).to_ne_bytes(),
+            u16::from_be_bytes([at(TCP + 2), at(TCP + 3)]).to_ne_bytes(),
+        )
+    };
+    // Built as the five words a FlowKey is made of, as tcpguard builds its own: an IPv4
+    // address in the first four bytes of its field, the ports in the machine's order.
+    let address = |a: [u8; 4]| u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]);
+    let words: [u64; 5] = [
+        address(client),
+        0,
+        address(server),
+        0,
+        u64::from_ne_bytes([
+            client_port[0],
+            client_port[1],
+            server_port[0],
+            server_port[1],
+            FLOW_IPV4,
+            0,
+            0,
+            0,
+        ]),
+    ];
+    // SAFETY: FlowKey is five 8-byte-aligned words (see tcpguard-common), as `words` is.
+    let key = unsafe { &*(&raw const words).cast::<FlowKey>() };
+    if FLOWS.get_ptr(key).is_none() {
+        return xdp_action::XDP_DROP;
+    }
+    xdp_action::XDP_PASS
+}
+
+/// The frame, when it is untagged IPv4 without options carrying TCP with a whole header.
+#[inline(always)]
+fn tcp_frame(ctx: &XdpContext) -> Option<*const u8> {
+    let (start, end) = (ctx.data(), ctx.data_end());
+    if start + TCP + 20 > end {
+        return None;
+    }
+    let frame = start as *const u8;
+    // SAFETY: every offset below is under TCP + 20, checked against data_end above.
+    let byte = |offset: usize| unsafe { *frame.add(offset) };
+    if byte(12) != 0x08 || byte(13) != 0x00 || byte(IP) != 0x45 || byte(IP + 9) != 6 {
+        return None;
+    }
+    Some(frame)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
