@@ -60,14 +60,19 @@ static SYN_COOKIE_CONFIG: Array<SynCookieConfig> = Array::with_max_entries(1, 0)
 #[map(name = "SYN_SCRATCH")]
 static SYN_SCRATCH: PerCpuArray<Segment> = PerCpuArray::with_max_entries(1, 0);
 
+// `#[xdp]` wraps each function below in the program's entry point; inlined there, the verdict
+// is the entry point's own body rather than a BPF-to-BPF call every packet pays for.
+
 /// Answers SYNs with the kernel's cookies (listener-mode helpers).
 #[xdp]
+#[inline(always)]
 pub fn tcpguard(ctx: XdpContext) -> u32 {
     verdict::<false>(&ctx)
 }
 
 /// Answers SYNs with tcpguard's own cookies; accepted ACKs go on to the TC ingress program.
 #[xdp]
+#[inline(always)]
 pub fn tcpguard_own(ctx: XdpContext) -> u32 {
     verdict::<true>(&ctx)
 }
