@@ -3,6 +3,8 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+use tcpguard_common::{FLOW_IPV4, FLOW_IPV6, FlowKey, HostAddress};
+
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
@@ -61,6 +63,34 @@ pub struct TcpFrame {
 }
 
 impl TcpFrame {
+    /// The segment's connection as tcpguard's data plane keys it, oriented client → server.
+    pub fn flow_key(&self) -> FlowKey {
+        let (client_addr, server_addr, family) = match &self.ip {
+            Ip::V4 {
+                source,
+                destination,
+                ..
+            } => (
+                HostAddress::v4(source.octets()).address,
+                HostAddress::v4(destination.octets()).address,
+                FLOW_IPV4,
+            ),
+            Ip::V6 {
+                source,
+                destination,
+                ..
+            } => (source.octets(), destination.octets(), FLOW_IPV6),
+        };
+        FlowKey {
+            client_addr,
+            server_addr,
+            client_port: self.source_port,
+            server_port: self.destination_port,
+            family,
+            _pad: [0; 3],
+        }
+    }
+
     /// A client's SYN to the server's `port` over IPv4, without options.
     pub fn syn_v4(port: u16) -> Self {
         Self {

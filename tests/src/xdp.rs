@@ -2,9 +2,9 @@
 
 use std::{collections::BTreeSet, process::Command};
 
-use aya::programs::{TestRun, TestRunOptions};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
 use tcpguard::{Counters, Guard};
-use tcpguard_common::InterfaceConfig;
+use tcpguard_common::{Flow, FlowKey, InterfaceConfig};
 
 use crate::{
     frame::{SERVER_MAC, SERVER_V4, SERVER_V6},
@@ -101,7 +101,18 @@ pub fn load_pass_floor() -> aya::Ebpf {
     ebpf
 }
 
-/// The floor program `name` in an object [`load_floor`] returned.
+/// Puts the flow `key` in the flow map of an object [`load_pass_floor`] returned, for
+/// `xdp_pass_tracked` to find.
+pub fn track_in_pass_floor(ebpf: &mut aya::Ebpf, key: &FlowKey) {
+    let mut flows: aya::maps::HashMap<_, FlowKey, Flow> = ebpf
+        .map_mut("FLOWS")
+        .expect("the floor's flow map")
+        .try_into()
+        .expect("a hash map");
+    flows.insert(key, &Flow::default(), 0).expect("a flow");
+}
+
+/// The floor program `name` in an object [`load_floor`] or [`load_pass_floor`] returned.
 pub fn floor<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> &'a mut aya::programs::Xdp {
     ebpf.program_mut(name)
         .unwrap_or_else(|| panic!("the floor object has no {name}"))
@@ -111,9 +122,13 @@ pub fn floor<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> &'a mut aya::programs::
 
 /// Runs the program once on `frame`, in the calling thread's network namespace.
 pub fn run(guard: &Guard, frame: &[u8]) -> Outcome {
+    run_program(guard.program(), frame)
+}
+
+/// Runs `program` once on `frame`, in the calling thread's network namespace.
+pub fn run_program(program: &Xdp, frame: &[u8]) -> Outcome {
     let mut out = vec![0u8; 4096];
-    let result = guard
-        .program()
+    let result = program
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),

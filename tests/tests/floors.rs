@@ -6,32 +6,16 @@
 
 use std::net::TcpListener;
 
-use aya::programs::{TestRun, TestRunOptions, Xdp};
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
-use tcpguard_common::{FAMILY_IPV4, FLOW_IPV4, Flow, FlowKey, ProtectedPort};
+use tcpguard_common::{FAMILY_IPV4, ProtectedPort};
 use tcpguard_tests::{
     frame::*,
     netns::in_fresh_netns,
-    xdp::{self, XDP_DROP, XDP_PASS, XDP_TX},
+    xdp::{self, XDP_DROP, XDP_PASS, XDP_TX, run_program},
 };
 
 const PORT: u16 = 8080;
 const NO_LISTENER_PORT: u16 = 9090;
-
-/// The program's verdict on `frame`, and the frame it leaves.
-fn run(program: &Xdp, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; 256];
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            repeat: 1,
-            ..Default::default()
-        })
-        .expect("BPF_PROG_TEST_RUN");
-    out.truncate(result.data_size_out as usize);
-    (result.return_value, out)
-}
 
 /// `answer` is the SYN-ACK to `syn`: addresses and ports swapped, SYN and ACK set, the SYN's
 /// sequence number acknowledged, both checksums right.
@@ -93,12 +77,12 @@ fn the_synack_floors_answer_syns_and_the_lookup_one_only_for_a_listener() {
         for name in ["xdp_synack_floor", "xdp_synack_floor_lookup"] {
             let mut object = xdp::load_floor(name);
             let program = xdp::floor(&mut object, name);
-            let (action, answer) = run(program, &syn.bytes());
-            assert_eq!(action, XDP_TX, "{name} answers a SYN for a listener");
-            assert_synack(&syn, &answer);
+            let answer = run_program(program, &syn.bytes());
+            assert_eq!(answer.action, XDP_TX, "{name} answers a SYN for a listener");
+            assert_synack(&syn, &answer.frame);
             let ack = syn.clone().with_flags(ACK);
             assert_eq!(
-                run(program, &ack.bytes()).0,
+                run_program(program, &ack.bytes()).action,
                 XDP_PASS,
                 "{name} passes an ACK"
             );
@@ -108,7 +92,7 @@ fn the_synack_floors_answer_syns_and_the_lookup_one_only_for_a_listener() {
                 XDP_PASS
             };
             assert_eq!(
-                run(program, &unanswered.bytes()).0,
+                run_program(program, &unanswered.bytes()).action,
                 expected,
                 "{name} on a SYN to a port with no listener"
             );
@@ -132,38 +116,33 @@ fn the_pass_floors_pass_what_their_lookup_finds() {
             .set(u32::from(PORT), &protected, 0)
             .expect("protecting 8080");
         let tracked = TcpFrame::syn_v4(PORT).with_flags(ACK);
-        let mut key = FlowKey {
-            family: FLOW_IPV4,
-            client_port: tracked.source_port,
-            server_port: tracked.destination_port,
-            ..Default::default()
-        };
-        key.client_addr[..4].copy_from_slice(&CLIENT_V4.octets());
-        key.server_addr[..4].copy_from_slice(&SERVER_V4.octets());
-        let mut flows: aya::maps::HashMap<_, FlowKey, Flow> = object
-            .map_mut("FLOWS")
-            .expect("the floor's flow map")
-            .try_into()
-            .expect("a hash map");
-        flows.insert(&key, &Flow::default(), 0).expect("a flow");
+        xdp::track_in_pass_floor(&mut object, &tracked.flow_key());
 
         let unprotected = xdp::floor(&mut object, "xdp_pass_unprotected");
         assert_eq!(
-            run(unprotected, &tracked.bytes()).0,
+            run_program(unprotected, &tracked.bytes()).action,
             XDP_DROP,
             "a protected port"
         );
         let other_port = TcpFrame::syn_v4(PORT + 1).with_flags(ACK);
         assert_eq!(
-            run(unprotected, &other_port.bytes()).0,
+            run_program(unprotected, &other_port.bytes()).action,
             XDP_PASS,
             "another port"
         );
 
         let flow = xdp::floor(&mut object, "xdp_pass_tracked");
-        assert_eq!(run(flow, &tracked.bytes()).0, XDP_PASS, "the tracked flow");
+        assert_eq!(
+            run_program(flow, &tracked.bytes()).action,
+            XDP_PASS,
+            "the tracked flow"
+        );
         let mut untracked = tracked.clone();
         untracked.source_port += 1;
-        assert_eq!(run(flow, &untracked.bytes()).0, XDP_DROP, "another 4-tuple");
+        assert_eq!(
+            run_program(flow, &untracked.bytes()).action,
+            XDP_DROP,
+            "another 4-tuple"
+        );
     });
 }

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr, TcpListener};
 use etherparse::{LinkExtHeader, NetHeaders, PacketHeaders, TcpOptionElement, TransportHeader};
 use tcpguard::Guard;
 use tcpguard_common::{
-    Counter, FLOW_IPV4, FLOW_IPV6, FlowKey, HostAddress, SynCookieConfig,
+    Counter, SynCookieConfig,
     cookie::{self, CookieOptions, CookieSecrets},
 };
 use tcpguard_tests::{
@@ -876,33 +876,6 @@ fn own_listener_and_guard() -> (TcpListener, Guard, SynCookieConfig) {
     (listener, guard, config)
 }
 
-fn flow_key(syn: &TcpFrame) -> FlowKey {
-    let (client_addr, server_addr, family) = match &syn.ip {
-        Ip::V4 {
-            source,
-            destination,
-            ..
-        } => (
-            HostAddress::v4(source.octets()).address,
-            HostAddress::v4(destination.octets()).address,
-            FLOW_IPV4,
-        ),
-        Ip::V6 {
-            source,
-            destination,
-            ..
-        } => (source.octets(), destination.octets(), FLOW_IPV6),
-    };
-    FlowKey {
-        client_addr,
-        server_addr,
-        client_port: syn.source_port,
-        server_port: syn.destination_port,
-        family,
-        _pad: [0; 3],
-    }
-}
-
 /// What an own-cookie SYN-ACK carried.
 #[derive(Debug, PartialEq)]
 struct OwnSynAck {
@@ -981,7 +954,7 @@ fn own_handshake(syn: TcpFrame, expected: CookieOptions, ece: bool) {
         let (_listener, guard, config) = own_listener_and_guard();
         let answer = assert_verdict(&guard, &syn.bytes(), XDP_TX, Counter::SynCookieSent);
         let seen = own_synack(&answer);
-        let key = flow_key(&syn);
+        let key = syn.flow_key();
         let offered = client_options(&syn.options);
         let v6 = matches!(syn.ip, Ip::V6 { .. });
         assert_eq!(

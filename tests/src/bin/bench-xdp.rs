@@ -12,7 +12,7 @@ use std::{
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use tcpguard::Guard;
-use tcpguard_common::{Counter, FLOW_IPV4, Flow, FlowKey, cookie::CookieSecrets};
+use tcpguard_common::{Counter, cookie::CookieSecrets};
 use tcpguard_tests::{frame::*, netns::in_fresh_netns, xdp};
 
 const PORT: u16 = 8080;
@@ -228,28 +228,7 @@ fn floor_rows(syn: &TcpFrame, single_baseline: f64) {
 /// extension headers and checks lengths, which these do not.
 fn pass_floor_rows(tracked: &TcpFrame, repeated_baseline: f64) {
     let mut object = xdp::load_pass_floor();
-    let Ip::V4 {
-        source,
-        destination,
-        ..
-    } = tracked.ip
-    else {
-        panic!("the tracked segment is IPv4");
-    };
-    let mut key = FlowKey {
-        family: FLOW_IPV4,
-        client_port: tracked.source_port,
-        server_port: tracked.destination_port,
-        ..Default::default()
-    };
-    key.client_addr[..4].copy_from_slice(&source.octets());
-    key.server_addr[..4].copy_from_slice(&destination.octets());
-    let mut flows: aya::maps::HashMap<_, FlowKey, Flow> = object
-        .map_mut("FLOWS")
-        .expect("the floor's flow map")
-        .try_into()
-        .expect("a hash map");
-    flows.insert(&key, &Flow::default(), 0).expect("a flow");
+    xdp::track_in_pass_floor(&mut object, &tracked.flow_key());
     for (name, program, frame) in [
         (
             "floor: untagged IPv4 parse, port lookup",
@@ -263,14 +242,8 @@ fn pass_floor_rows(tracked: &TcpFrame, repeated_baseline: f64) {
         ),
     ] {
         let program = xdp::floor(&mut object, program);
-        let outcome = program
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                repeat: 1,
-                ..Default::default()
-            })
-            .expect("BPF_PROG_TEST_RUN");
-        assert_eq!(outcome.return_value, xdp::XDP_PASS, "{name}: passed");
+        let outcome = xdp::run_program(program, &frame);
+        assert_eq!(outcome.action, xdp::XDP_PASS, "{name}: passed");
         let cost = repeated(program, &frame);
         println!(
             "| {name} | - | {cost:.1} | {:.2} |",
