@@ -1,8 +1,8 @@
 //! tcpguard's data plane.
 //!
-//! XDP, on ingress: dissect → protected? → validate → source policy → SYN, tracked flow, ACK
-//! (a FIN or data with it included), or RST. Every path ends in exactly one [`Counter`], and
-//! the counter's kind is the verdict.
+//! XDP, on ingress: protected port? (read first in a plain IPv4 frame) → dissect → protected? →
+//! validate → source policy → SYN, tracked flow, ACK (a FIN or data with it included), or RST.
+//! Every path ends in exactly one [`Counter`], and the counter's kind is the verdict.
 //!
 //! TC, on egress: the server's segments of tracked flows refresh them and report the ones that
 //! change a connection's state. It never changes a verdict.
@@ -91,7 +91,14 @@ fn verdict<const OWN: bool>(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
-    let segment = match parse::segment(ctx) {
+    // Most frames are plain IPv4: their port is read first, and traffic to other ports passes
+    // before the rest of the dissection.
+    let segment = match parse::plain_ipv4_port(ctx) {
+        Some(port) if !is_protected_port(port, FAMILY_IPV4) => return Counter::Unprotected,
+        Some(_) => parse::plain_ipv4_segment(ctx),
+        None => parse::segment(ctx),
+    };
+    let segment = match segment {
         Ok(segment) => segment,
         Err(counter) => return counter,
     };

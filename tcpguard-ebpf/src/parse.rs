@@ -1,6 +1,8 @@
 //! Dissection: Ethernet (up to two VLAN tags) → IPv4 or IPv6 (bounded extension-header walk) →
-//! TCP. Structural faults that the kernel would drop anyway are dropped here, whatever the port;
-//! anything that is not TCP passes.
+//! TCP. Structural faults that the kernel would drop anyway are dropped here, whatever the port,
+//! when they come before the port; anything that is not TCP passes. The common frame, untagged
+//! IPv4 without options, has its port read first ([`plain_ipv4_port`]), so that traffic to other
+//! ports passes after a few loads.
 
 use tcpguard_common::Counter;
 
@@ -117,6 +119,34 @@ pub fn segment(ctx: &impl Frame) -> Result<Segment, Counter> {
         ETH_P_IPV6 => ipv6(ctx, l3),
         _ => Err(Counter::NotIp),
     }
+}
+
+/// The destination port of the frame most traffic comes in, untagged IPv4 without options
+/// carrying TCP (not a later fragment), read at fixed offsets before anything else is checked;
+/// `None` for any other frame. Traffic to a port tcpguard does not protect passes on this alone,
+/// without the rest of the dissection: a fault it would have found (a length past the frame, a
+/// header cut short) is the kernel's to drop, as without tcpguard.
+#[inline(always)]
+pub fn plain_ipv4_port(ctx: &impl Frame) -> Option<u16> {
+    const L4: usize = ETH_HLEN + IPV4_MIN_HLEN;
+    let frame: [u8; L4 + 4] = read(ctx, 0)?;
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let version_and_ihl = frame[ETH_HLEN];
+    let fragment = u16::from_be_bytes([frame[ETH_HLEN + 6], frame[ETH_HLEN + 7]]);
+    if ethertype != ETH_P_IP
+        || version_and_ihl != 0x45
+        || frame[ETH_HLEN + 9] != IPPROTO_TCP
+        || fragment & IP_OFFSET != 0
+    {
+        return None;
+    }
+    Some(u16::from_be_bytes([frame[L4 + 2], frame[L4 + 3]]))
+}
+
+/// [`segment`] for a frame [`plain_ipv4_port`] read a port from.
+#[inline(always)]
+pub fn plain_ipv4_segment(ctx: &impl Frame) -> Result<Segment, Counter> {
+    ipv4(ctx, ETH_HLEN)
 }
 
 /// The innermost EtherType and the offset of the header it announces.

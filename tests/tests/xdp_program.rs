@@ -486,6 +486,72 @@ fn unprotected_traffic_passes_unchanged() {
     });
 }
 
+/// A plain IPv4 frame (untagged, no IP options) has its port read before anything else: to an
+/// unprotected port it passes as it is, faults and all, since the kernel judges those as without
+/// tcpguard; to a protected one it is dissected whole, and faults are dropped
+/// (`malformed_headers_are_dropped_with_their_reason`). Any other frame is dissected up to its
+/// port first, so a fault found on the way is dropped whatever the port.
+#[test]
+fn plain_ipv4_to_an_unprotected_port_passes_on_its_port_alone() {
+    in_fresh_netns(|| {
+        let (_listener, guard) = listener_and_guard();
+        let syn = TcpFrame::syn_v4(UNPROTECTED_PORT);
+        let good = syn.bytes();
+        let past_the_frame = (good.len() - 14 + 1) as u16;
+        let with_total_length = |frame: &[u8], total: u16| {
+            let mut frame = frame.to_vec();
+            frame[16..18].copy_from_slice(&total.to_be_bytes());
+            frame
+        };
+        let mut first_fragment = syn.clone();
+        first_fragment.more_fragments = true;
+        let passed = [
+            (
+                "total length past the frame",
+                with_total_length(&good, past_the_frame),
+            ),
+            ("total length below IHL", with_total_length(&good, 19)),
+            (
+                "frame cut inside the TCP header",
+                good[..14 + 20 + 4].to_vec(),
+            ),
+            ("first fragment", first_fragment.bytes()),
+        ];
+        for (what, frame) in passed {
+            let out = assert_verdict(&guard, &frame, XDP_PASS, Counter::Unprotected);
+            assert_eq!(out, frame, "{what}: passes byte for byte");
+        }
+
+        let mut later_fragment = syn.clone();
+        later_fragment.fragment_offset = 3;
+        assert_verdict(
+            &guard,
+            &later_fragment.bytes(),
+            XDP_PASS,
+            Counter::LaterFragment,
+        );
+        let mut with_options = syn.clone();
+        with_options.ip = Ip::V4 {
+            source: CLIENT_V4,
+            destination: SERVER_V4,
+            options: vec![1, 1, 1, 1],
+        };
+        assert_verdict(
+            &guard,
+            &with_options.bytes(),
+            XDP_PASS,
+            Counter::Unprotected,
+        );
+        let mut tagged = syn.clone();
+        tagged.vlans = vec![(TPID_8021Q, 100)];
+        let tagged = tagged.bytes();
+        assert_verdict(&guard, &tagged, XDP_PASS, Counter::Unprotected);
+        let mut tagged_fault = tagged.clone();
+        tagged_fault[20..22].copy_from_slice(&past_the_frame.to_be_bytes());
+        assert_verdict(&guard, &tagged_fault, XDP_DROP, Counter::BadIpTotalLength);
+    });
+}
+
 #[test]
 fn invalid_flag_combinations_are_dropped_with_their_reason() {
     in_fresh_netns(|| {
