@@ -107,8 +107,12 @@ pub mod maps {
     ];
 
     /// The maps of tcpguard's object that each load has to itself besides [`SCRATCH`]: the
-    /// log's ring (aya-log's) and its limits.
-    pub const UNPINNED: &[&str] = &[AYA_LOGS, RARE_LIMITS];
+    /// log's ring (aya-log's), its limits and the clock's per-CPU cache.
+    pub const UNPINNED: &[&str] = &[AYA_LOGS, RARE_LIMITS, CLOCK_CACHE];
+
+    /// `PerCpuArray` of one entry: the coarse clock as each CPU last read it, and the tick it
+    /// read it in (`tcpguard-ebpf/src/clock.rs`).
+    pub const CLOCK_CACHE: &str = "CLOCK_CACHE";
 
     /// The maps of the TC ingress object (`tcpguard-ebpf/c/reqsk.c`).
     pub const REQSK_OBJECT: &[&str] = &[REQSK_RESULTS, RARE_EVENTS, RARE_LIMITS];

@@ -4,10 +4,10 @@
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, macros::map, maps::Array};
-use tcpguard_common::{AttackConfig, AttackState, attack::WINDOW_NS};
+use aya_ebpf::{macros::map, maps::Array};
+use tcpguard_common::{AttackConfig, AttackState};
 
-use crate::rare;
+use crate::{clock, rare};
 
 #[map(name = "ATTACK_CONFIG")]
 static ATTACK_CONFIG: Array<AttackConfig> = Array::with_max_entries(1, 0);
@@ -31,8 +31,7 @@ pub fn syn_seen() -> Cookies {
     };
     // The coarse clock (the last tick's time) costs no clock-source read; 100-ms windows need
     // no better.
-    // SAFETY: no arguments, no side effects.
-    let window = unsafe { bpf_ktime_get_coarse_ns() } / WINDOW_NS;
+    let window = clock::coarse().attack_window;
     // SAFETY: the map's single value, shared by every CPU: the window roll is a plain
     // read-modify-write (see tcpguard_common::attack for what a race costs), the count an
     // atomic add.

@@ -4,7 +4,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, generated::bpf_ktime_get_coarse_ns},
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -15,6 +15,7 @@ use tcpguard_common::{
 };
 
 use crate::{
+    clock,
     frame::{Frame, read},
     parse::{Family, Segment},
     rare, zero,
@@ -280,8 +281,7 @@ fn refresh(flow: &mut Flow, key: &FlowKey, segment: &Segment, direction: Directi
     // The idle time needs no better than the coarse clock (the last tick's time, no clock
     // source read), and is written only when it moved on by LAST_SEEN_STEP_NS: a busy flow's
     // segments, on both CPUs of its two directions, do not all write its cache line.
-    // SAFETY: no arguments, no side effects.
-    let seen = unsafe { bpf_ktime_get_coarse_ns() };
+    let seen = clock::coarse().coarse_ns;
     if seen.wrapping_sub(flow.last_seen_ns) as i64 >= LAST_SEEN_STEP_NS {
         flow.last_seen_ns = seen;
     }

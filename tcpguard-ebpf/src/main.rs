@@ -13,6 +13,7 @@
 #![allow(internal_features)]
 
 mod attack;
+mod clock;
 mod flow;
 mod frame;
 mod host;

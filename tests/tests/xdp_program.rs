@@ -43,13 +43,17 @@ fn assert_verdict(guard: &Guard, frame: &[u8], action: u32, counter: Counter) ->
 }
 
 fn monotonic_ms() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC) / 1_000_000
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: now is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1000 + now.tv_nsec as u64 / 1_000_000
+    unsafe { libc::clock_gettime(clock, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// What a SYN-ACK said, for building the client's ACK.
@@ -283,6 +287,43 @@ fn handshake(syn: TcpFrame, expected_mss: u16) {
         assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::CookieAccepted);
         // From then on the flow is tracked: its segments pass without a cookie check.
         assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::TrackedFlow);
+    });
+}
+
+/// A tracked segment refreshes its flow's idle time with the kernel's coarse clock
+/// (CLOCK_MONOTONIC_COARSE), which the data plane reads once per tick and CPU: the time written
+/// lies between the clock read just before and just after the segment, and a segment more than
+/// the refresh step (100 ms) later writes a later one. The clock the data plane cached may be
+/// one tick older than the one read before it, when its read fell between the kernel's update
+/// of `jiffies` and its update of the clock; a tick is at most 10 ms (HZ=100).
+#[test]
+fn a_tracked_segment_refreshes_its_flow_with_the_coarse_clock() {
+    const TICK_NS: u64 = 10_000_000;
+    in_fresh_netns(|| {
+        let (_listener, mut guard) = listener_and_guard();
+        let config = tcpguard::sysctl::syn_cookie_config().unwrap();
+        let syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 1, 7));
+        let answer = assert_verdict(&guard, &syn.bytes(), XDP_TX, Counter::SynCookieSent);
+        let ack = ack_for(&syn, &assert_synack(&syn, &answer, &config, 1460));
+        assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::CookieAccepted);
+        let flows = guard.flows().unwrap();
+        let mut last = 0;
+        for round in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            let before = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+            assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::TrackedFlow);
+            let after = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
+            let seen = flows.get(&syn.flow_key()).expect("the flow").last_seen_ns;
+            assert!(
+                before.saturating_sub(TICK_NS) <= seen && seen <= after,
+                "round {round}: last seen {seen} ns, the coarse clock {before}..{after} ns"
+            );
+            assert!(
+                seen >= last + 100_000_000,
+                "round {round}: {seen} after {last}"
+            );
+            last = seen;
+        }
     });
 }
 
