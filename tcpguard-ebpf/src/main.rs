@@ -1,6 +1,6 @@
 //! tcpguard's data plane.
 //!
-//! XDP, on ingress: protected port? (read first in a plain IPv4 frame) → dissect → protected? →
+//! XDP, on ingress: protected port? (read first in a plain frame) → dissect → protected? →
 //! validate → source policy → SYN, tracked flow, ACK (a FIN or data with it included), or RST.
 //! Every path ends in exactly one [`Counter`], and the counter's kind is the verdict.
 //!
@@ -92,11 +92,13 @@ fn verdict<const OWN: bool>(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
-    // Most frames are plain IPv4: their port is read first, and traffic to other ports passes
-    // before the rest of the dissection.
-    let segment = match parse::plain_ipv4_port(ctx) {
-        Some(port) if !is_protected_port(port, FAMILY_IPV4) => return Counter::Unprotected,
-        Some(_) => parse::plain_ipv4_segment(ctx),
+    // Most frames are plain: their port is read first, and traffic to other ports passes before
+    // the rest of the dissection.
+    let segment = match parse::plain(ctx) {
+        Some(plain) if !is_protected_port(plain.dport, family_bit(plain.family)) => {
+            return Counter::Unprotected;
+        }
+        Some(plain) => parse::plain_segment(ctx, plain),
         None => parse::segment(ctx),
     };
     let segment = match segment {
@@ -162,11 +164,16 @@ fn is_tracked<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKe
 
 #[inline(always)]
 fn is_protected(segment: &Segment) -> bool {
-    let family = match segment.family {
+    is_protected_port(segment.dport, family_bit(segment.family))
+}
+
+/// `family` as a bit of [`ProtectedPort::families`].
+#[inline(always)]
+fn family_bit(family: Family) -> u8 {
+    match family {
         Family::V4 => FAMILY_IPV4,
         Family::V6 => FAMILY_IPV6,
-    };
-    is_protected_port(segment.dport, family)
+    }
 }
 
 #[inline(always)]

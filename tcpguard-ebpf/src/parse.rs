@@ -1,8 +1,8 @@
 //! Dissection: Ethernet (up to two VLAN tags) → IPv4 or IPv6 (bounded extension-header walk) →
 //! TCP. Structural faults that the kernel would drop anyway are dropped here, whatever the port,
-//! when they come before the port; anything that is not TCP passes. The common frame, untagged
-//! IPv4 without options, has its port read first ([`plain_ipv4_port`]), so that traffic to other
-//! ports passes after a few loads.
+//! when they come before the port; anything that is not TCP passes. The common frame (untagged,
+//! IPv4 without options or IPv6 without extension headers) has its port read first
+//! ([`plain`]), so that traffic to other ports passes after a few loads.
 
 use tcpguard_common::Counter;
 
@@ -121,32 +121,54 @@ pub fn segment(ctx: &impl Frame) -> Result<Segment, Counter> {
     }
 }
 
-/// The destination port of the frame most traffic comes in, untagged IPv4 without options
-/// carrying TCP (not a later fragment), read at fixed offsets before anything else is checked;
-/// `None` for any other frame. Traffic to a port tcpguard does not protect passes on this alone,
-/// without the rest of the dissection: a fault it would have found (a length past the frame, a
-/// header cut short) is the kernel's to drop, as without tcpguard.
-#[inline(always)]
-pub fn plain_ipv4_port(ctx: &impl Frame) -> Option<u16> {
-    const L4: usize = ETH_HLEN + IPV4_MIN_HLEN;
-    let frame: [u8; L4 + 4] = read(ctx, 0)?;
-    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
-    let version_and_ihl = frame[ETH_HLEN];
-    let fragment = u16::from_be_bytes([frame[ETH_HLEN + 6], frame[ETH_HLEN + 7]]);
-    if ethertype != ETH_P_IP
-        || version_and_ihl != 0x45
-        || frame[ETH_HLEN + 9] != IPPROTO_TCP
-        || fragment & IP_OFFSET != 0
-    {
-        return None;
-    }
-    Some(u16::from_be_bytes([frame[L4 + 2], frame[L4 + 3]]))
+/// An untagged frame whose TCP header directly follows a fixed-size IP header: IPv4 without
+/// options (not a later fragment), or IPv6 without extension headers. Most traffic comes in such
+/// frames.
+#[derive(Clone, Copy)]
+pub struct Plain {
+    pub family: Family,
+    pub dport: u16,
 }
 
-/// [`segment`] for a frame [`plain_ipv4_port`] read a port from.
+/// The frame as a [`Plain`] one, its destination port read at fixed offsets before anything else
+/// is checked; `None` for any other frame. Traffic to a port tcpguard does not protect passes on
+/// this alone, without the rest of the dissection: a fault it would have found (a length past
+/// the frame, a header cut short) is the kernel's to drop, as without tcpguard.
 #[inline(always)]
-pub fn plain_ipv4_segment(ctx: &impl Frame) -> Result<Segment, Counter> {
-    ipv4(ctx, ETH_HLEN)
+pub fn plain(ctx: &impl Frame) -> Option<Plain> {
+    const V4_L4: usize = ETH_HLEN + IPV4_MIN_HLEN;
+    const V6_L4: usize = ETH_HLEN + IPV6_HLEN;
+    // IPv4 first, the most common, in one read that covers its ports.
+    let frame: [u8; V4_L4 + 4] = read(ctx, 0)?;
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    if ethertype == ETH_P_IP {
+        let fragment = u16::from_be_bytes([frame[ETH_HLEN + 6], frame[ETH_HLEN + 7]]);
+        let plain = frame[ETH_HLEN] == 0x45
+            && frame[ETH_HLEN + 9] == IPPROTO_TCP
+            && fragment & IP_OFFSET == 0;
+        return plain.then(|| Plain {
+            family: Family::V4,
+            dport: u16::from_be_bytes([frame[V4_L4 + 2], frame[V4_L4 + 3]]),
+        });
+    }
+    if ethertype != ETH_P_IPV6 {
+        return None;
+    }
+    let frame: [u8; V6_L4 + 4] = read(ctx, 0)?;
+    let plain = frame[ETH_HLEN] >> 4 == 6 && frame[ETH_HLEN + 6] == IPPROTO_TCP;
+    plain.then(|| Plain {
+        family: Family::V6,
+        dport: u16::from_be_bytes([frame[V6_L4 + 2], frame[V6_L4 + 3]]),
+    })
+}
+
+/// [`segment`] for a frame [`plain`] read a port from.
+#[inline(always)]
+pub fn plain_segment(ctx: &impl Frame, plain: Plain) -> Result<Segment, Counter> {
+    match plain.family {
+        Family::V4 => ipv4(ctx, ETH_HLEN),
+        Family::V6 => ipv6(ctx, ETH_HLEN),
+    }
 }
 
 /// The innermost EtherType and the offset of the header it announces.

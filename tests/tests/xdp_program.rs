@@ -527,43 +527,56 @@ fn unprotected_traffic_passes_unchanged() {
     });
 }
 
-/// A plain IPv4 frame (untagged, no IP options) has its port read before anything else: to an
-/// unprotected port it passes as it is, faults and all, since the kernel judges those as without
-/// tcpguard; to a protected one it is dissected whole, and faults are dropped
-/// (`malformed_headers_are_dropped_with_their_reason`). Any other frame is dissected up to its
-/// port first, so a fault found on the way is dropped whatever the port.
+/// A plain frame (untagged; IPv4 without options, IPv6 without extension headers) has its port
+/// read before anything else: to an unprotected port it passes as it is, faults and all, since
+/// the kernel judges those as without tcpguard; to a protected one it is dissected whole, and
+/// faults are dropped (`malformed_headers_are_dropped_with_their_reason`). Any other frame is
+/// dissected up to its port first, so a fault found on the way is dropped whatever the port.
 #[test]
-fn plain_ipv4_to_an_unprotected_port_passes_on_its_port_alone() {
+fn a_plain_frame_to_an_unprotected_port_passes_on_its_port_alone() {
     in_fresh_netns(|| {
         let (_listener, guard) = listener_and_guard();
-        let syn = TcpFrame::syn_v4(UNPROTECTED_PORT);
-        let good = syn.bytes();
-        let past_the_frame = (good.len() - 14 + 1) as u16;
-        let with_total_length = |frame: &[u8], total: u16| {
-            let mut frame = frame.to_vec();
-            frame[16..18].copy_from_slice(&total.to_be_bytes());
+        let v4 = TcpFrame::syn_v4(UNPROTECTED_PORT);
+        let v6 = TcpFrame::syn_v6(UNPROTECTED_PORT);
+        // The IP length fields, and a value of each one past the end of the frame.
+        let v4_length = (16..18, (v4.bytes().len() - 14 + 1) as u16);
+        let v6_length = (18..20, (v6.bytes().len() - 54 + 1) as u16);
+        let with_length = |frame: &TcpFrame, (field, length): (std::ops::Range<usize>, u16)| {
+            let mut frame = frame.bytes();
+            frame[field].copy_from_slice(&length.to_be_bytes());
             frame
         };
-        let mut first_fragment = syn.clone();
+        let mut first_fragment = v4.clone();
         first_fragment.more_fragments = true;
         let passed = [
             (
-                "total length past the frame",
-                with_total_length(&good, past_the_frame),
+                "IPv4 total length past the frame",
+                with_length(&v4, v4_length.clone()),
             ),
-            ("total length below IHL", with_total_length(&good, 19)),
             (
-                "frame cut inside the TCP header",
-                good[..14 + 20 + 4].to_vec(),
+                "IPv4 total length below IHL",
+                with_length(&v4, (16..18, 19)),
             ),
-            ("first fragment", first_fragment.bytes()),
+            (
+                "IPv4 frame cut inside the TCP header",
+                v4.bytes()[..14 + 20 + 4].to_vec(),
+            ),
+            ("IPv4 first fragment", first_fragment.bytes()),
+            (
+                "IPv6 payload length past the frame",
+                with_length(&v6, v6_length.clone()),
+            ),
+            (
+                "IPv6 frame cut inside the TCP header",
+                v6.bytes()[..14 + 40 + 4].to_vec(),
+            ),
         ];
         for (what, frame) in passed {
             let out = assert_verdict(&guard, &frame, XDP_PASS, Counter::Unprotected);
             assert_eq!(out, frame, "{what}: passes byte for byte");
         }
 
-        let mut later_fragment = syn.clone();
+        let mut later_fragment = v4.clone();
         later_fragment.fragment_offset = 3;
         assert_verdict(
             &guard,
@@ -571,25 +584,30 @@ fn plain_ipv4_to_an_unprotected_port_passes_on_its_port_alone() {
             XDP_PASS,
             Counter::LaterFragment,
         );
-        let mut with_options = syn.clone();
+        // Not plain: dissected up to the port, whose faults on the way are dropped.
+        let mut with_options = v4.clone();
         with_options.ip = Ip::V4 {
             source: CLIENT_V4,
             destination: SERVER_V4,
             options: vec![1, 1, 1, 1],
         };
-        assert_verdict(
-            &guard,
-            &with_options.bytes(),
-            XDP_PASS,
-            Counter::Unprotected,
-        );
-        let mut tagged = syn.clone();
+        let mut tagged = v4.clone();
         tagged.vlans = vec![(TPID_8021Q, 100)];
-        let tagged = tagged.bytes();
-        assert_verdict(&guard, &tagged, XDP_PASS, Counter::Unprotected);
-        let mut tagged_fault = tagged.clone();
-        tagged_fault[20..22].copy_from_slice(&past_the_frame.to_be_bytes());
+        let mut extended = v6.clone();
+        extended.ip = Ip::V6 {
+            source: CLIENT_V6,
+            destination: SERVER_V6,
+            extensions: vec![(IPV6_DESTINATION, 0)],
+        };
+        for frame in [with_options, tagged.clone(), extended.clone()] {
+            assert_verdict(&guard, &frame.bytes(), XDP_PASS, Counter::Unprotected);
+        }
+        let mut tagged_fault = tagged.bytes();
+        tagged_fault[20..22].copy_from_slice(&v4_length.1.to_be_bytes());
         assert_verdict(&guard, &tagged_fault, XDP_DROP, Counter::BadIpTotalLength);
+        let mut extended_fault = extended.bytes();
+        extended_fault[18..20].copy_from_slice(&(v6_length.1 + 8).to_be_bytes());
+        assert_verdict(&guard, &extended_fault, XDP_DROP, Counter::BadIpTotalLength);
     });
 }
 

@@ -108,7 +108,7 @@ fn main() {
         // Track valid_ack's flow, for the tracked-flow row.
         let (first, _) = xdp::run_counted(&guard, &valid_ack.bytes());
         assert_eq!(first.action, xdp::XDP_PASS);
-        let paths: [(&str, Vec<u8>, Counter); 4] = [
+        let paths: [(&str, Vec<u8>, Counter); 5] = [
             (
                 "established, kernel socket lookup (untracked)",
                 established.bytes(),
@@ -122,6 +122,11 @@ fn main() {
             (
                 "unprotected",
                 TcpFrame::syn_v4(PORT + 1).bytes(),
+                Counter::Unprotected,
+            ),
+            (
+                "unprotected IPv6",
+                TcpFrame::syn_v6(PORT + 1).bytes(),
                 Counter::Unprotected,
             ),
             (
