@@ -15,6 +15,15 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
 const IPPROTO_TCP: u8 = 6;
+
+// Offsets of the header fields that both the plain-frame check and the dissection read.
+const ETH_TYPE: usize = 12;
+const IPV4_FRAGMENT: usize = 6;
+const IPV4_PROTOCOL: usize = 9;
+const IPV6_NEXT_HEADER: usize = 6;
+const TCP_DPORT: usize = 2;
+/// IPv4's first byte without options: version 4, IHL 5.
+const IPV4_PLAIN_FIRST_BYTE: u8 = 0x45;
 const IPV4_MIN_HLEN: usize = 20;
 pub const IPV6_HLEN: usize = 40;
 pub const TCP_MIN_HLEN: usize = 20;
@@ -140,26 +149,33 @@ pub fn plain(ctx: &impl Frame) -> Option<Plain> {
     const V6_L4: usize = ETH_HLEN + IPV6_HLEN;
     // IPv4 first, the most common, in one read that covers its ports.
     let frame: [u8; V4_L4 + 4] = read(ctx, 0)?;
-    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let ethertype = be16(&frame, ETH_TYPE);
     if ethertype == ETH_P_IP {
-        let fragment = u16::from_be_bytes([frame[ETH_HLEN + 6], frame[ETH_HLEN + 7]]);
-        let plain = frame[ETH_HLEN] == 0x45
-            && frame[ETH_HLEN + 9] == IPPROTO_TCP
+        let ip = ETH_HLEN;
+        let fragment = be16(&frame, ip + IPV4_FRAGMENT);
+        let plain = frame[ip] == IPV4_PLAIN_FIRST_BYTE
+            && frame[ip + IPV4_PROTOCOL] == IPPROTO_TCP
             && fragment & IP_OFFSET == 0;
         return plain.then(|| Plain {
             family: Family::V4,
-            dport: u16::from_be_bytes([frame[V4_L4 + 2], frame[V4_L4 + 3]]),
+            dport: be16(&frame, V4_L4 + TCP_DPORT),
         });
     }
     if ethertype != ETH_P_IPV6 {
         return None;
     }
     let frame: [u8; V6_L4 + 4] = read(ctx, 0)?;
-    let plain = frame[ETH_HLEN] >> 4 == 6 && frame[ETH_HLEN + 6] == IPPROTO_TCP;
+    let plain = frame[ETH_HLEN] >> 4 == 6 && frame[ETH_HLEN + IPV6_NEXT_HEADER] == IPPROTO_TCP;
     plain.then(|| Plain {
         family: Family::V6,
-        dport: u16::from_be_bytes([frame[V6_L4 + 2], frame[V6_L4 + 3]]),
+        dport: be16(&frame, V6_L4 + TCP_DPORT),
     })
+}
+
+/// The big-endian 16-bit field at `at` of header bytes already read.
+#[inline(always)]
+fn be16<const N: usize>(bytes: &[u8; N], at: usize) -> u16 {
+    u16::from_be_bytes([bytes[at], bytes[at + 1]])
 }
 
 /// [`segment`] for a frame [`plain`] read a port from.
@@ -174,7 +190,7 @@ pub fn plain_segment(ctx: &impl Frame, plain: Plain) -> Result<Segment, Counter>
 /// The innermost EtherType and the offset of the header it announces.
 #[inline(always)]
 fn ethernet(ctx: &impl Frame) -> Result<(u16, usize), Counter> {
-    let mut ethertype = be16_at(ctx, 12).ok_or(Counter::Truncated)?;
+    let mut ethertype = be16_at(ctx, ETH_TYPE).ok_or(Counter::Truncated)?;
     let mut l3 = ETH_HLEN;
     // Two tags at most: 802.1ad outer and 802.1Q inner (QinQ). Each is TPID + TCI, and the
     // EtherType that follows the tag is the next one to look at.
@@ -204,10 +220,10 @@ fn ipv4(ctx: &impl Frame, l3: usize) -> Result<Segment, Counter> {
     if total_len < header_len || l3 + total_len > len(ctx) {
         return Err(Counter::BadIpTotalLength);
     }
-    if header[9] != IPPROTO_TCP {
+    if header[IPV4_PROTOCOL] != IPPROTO_TCP {
         return Err(Counter::NotTcp);
     }
-    let fragment = u16::from_be_bytes([header[6], header[7]]);
+    let fragment = be16(&header, IPV4_FRAGMENT);
     if fragment & IP_OFFSET != 0 {
         return Err(Counter::LaterFragment);
     }
@@ -232,7 +248,7 @@ fn ipv6(ctx: &impl Frame, l3: usize) -> Result<Segment, Counter> {
     if end > len(ctx) {
         return Err(Counter::BadIpTotalLength);
     }
-    let mut next = header[6];
+    let mut next = header[IPV6_NEXT_HEADER];
     let mut l4 = l3 + IPV6_HLEN;
     let mut fragment = false;
     for _ in 0..MAX_IPV6_EXTENSION_HEADERS {
@@ -302,7 +318,7 @@ fn tcp(
             l4_len,
             fragment,
             sport: u16::from_be_bytes([ports[0], ports[1]]),
-            dport: u16::from_be_bytes([ports[2], ports[3]]),
+            dport: be16(&ports, TCP_DPORT),
             seq: 0,
             ack: 0,
             flags: 0,
@@ -316,7 +332,7 @@ fn tcp(
         return Err(Counter::Truncated);
     }
     let sport = u16::from_be_bytes([header[0], header[1]]);
-    let dport = u16::from_be_bytes([header[2], header[3]]);
+    let dport = be16(&header, TCP_DPORT);
     let seq = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
     let ack = u32::from_be_bytes([header[8], header[9], header[10], header[11]]);
     let data_offset = header[12] >> 4;
