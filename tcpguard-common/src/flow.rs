@@ -23,6 +23,51 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
+/// An IPv4 connection's key in its flow map ([`crate::maps::FLOWS_V4`]): [`FlowKey`] without
+/// the room for IPv6 addresses and the family. The kernel hashes a flow map's key on every
+/// lookup, and hashes these 12 bytes in one round where a whole FlowKey takes four, so the
+/// flows of each family are kept in a map of their own (IPv6 ones keyed by the whole FlowKey).
+#[repr(C, align(4))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKeyV4 {
+    pub client_addr: [u8; 4],
+    pub server_addr: [u8; 4],
+    pub client_port: u16,
+    pub server_port: u16,
+}
+
+impl FlowKey {
+    /// The key of this IPv4 connection in [`crate::maps::FLOWS_V4`]; meaningless for IPv6.
+    #[inline(always)]
+    pub fn v4(&self) -> FlowKeyV4 {
+        let address = |bytes: &[u8; 16]| [bytes[0], bytes[1], bytes[2], bytes[3]];
+        FlowKeyV4 {
+            client_addr: address(&self.client_addr),
+            server_addr: address(&self.server_addr),
+            client_port: self.client_port,
+            server_port: self.server_port,
+        }
+    }
+}
+
+impl From<FlowKeyV4> for FlowKey {
+    fn from(key: FlowKeyV4) -> Self {
+        let address = |bytes: [u8; 4]| {
+            let mut field = [0; 16];
+            field[..4].copy_from_slice(&bytes);
+            field
+        };
+        Self {
+            client_addr: address(key.client_addr),
+            server_addr: address(key.server_addr),
+            client_port: key.client_port,
+            server_port: key.server_port,
+            family: FLOW_IPV4,
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// What the data plane keeps per tracked connection: enough to refresh its idle timer and to
 /// report the segments that change its state without reporting the ones that do not (see
 /// [`crate::report`]).
@@ -177,6 +222,7 @@ impl FlowKey {
 mod pod {
     // SAFETY: all #[repr(C)], made of integers and byte arrays, padding spelled out as fields.
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowKeyV4 {}
     unsafe impl aya::Pod for super::Flow {}
     unsafe impl aya::Pod for super::LifecycleEvent {}
     unsafe impl aya::Pod for super::SourceKey {}
@@ -193,6 +239,7 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(core::mem::align_of::<FlowKey>(), 8);
+        assert_eq!(size_of::<FlowKeyV4>(), 12);
         assert_eq!(size_of::<SynTime>(), 8);
         assert_eq!(size_of::<Flow>(), 32);
         assert_eq!(size_of::<LifecycleEvent>(), 80);
@@ -235,6 +282,29 @@ mod tests {
         swapped.client_addr[0] = 2;
         swapped.server_addr[0] = 1;
         assert_ne!(key.hash(), swapped.hash());
+    }
+
+    #[test]
+    fn an_ipv4_key_and_its_flow_map_key_convert_both_ways() {
+        let key = FlowKey {
+            client_addr: [192, 0, 2, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            server_addr: [198, 51, 100, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            client_port: 40_000,
+            server_port: 443,
+            family: FLOW_IPV4,
+            _pad: [0; 3],
+        };
+        let v4 = key.v4();
+        assert_eq!(
+            v4,
+            FlowKeyV4 {
+                client_addr: [192, 0, 2, 7],
+                server_addr: [198, 51, 100, 1],
+                client_port: 40_000,
+                server_port: 443,
+            }
+        );
+        assert_eq!(FlowKey::from(v4), key);
     }
 
     #[test]

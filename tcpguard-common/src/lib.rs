@@ -27,7 +27,7 @@ pub use cookie_ack::{
 };
 pub use counter::{Counter, CounterKind};
 pub use flow::{
-    EVENT_RING_BYTES, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, Flow, FlowKey,
+    EVENT_RING_BYTES, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, Flow, FlowKey, FlowKeyV4,
     LifecycleEvent, SourceKey, SynTime,
 };
 pub use host::{HostAddress, HostFilter, InterfaceConfig, is_for_interface, is_martian};
@@ -49,8 +49,10 @@ pub mod maps {
     pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
     /// `Array<SynCookieConfig>` with a single entry.
     pub const SYN_COOKIE_CONFIG: &str = "SYN_COOKIE_CONFIG";
-    /// `LruHashMap<FlowKey, Flow>`: the tracked connections.
-    pub const FLOWS: &str = "FLOWS";
+    /// `LruHashMap<FlowKeyV4, Flow>`: the tracked IPv4 connections.
+    pub const FLOWS_V4: &str = "FLOWS_V4";
+    /// `LruHashMap<FlowKey, Flow>`: the tracked IPv6 connections.
+    pub const FLOWS_V6: &str = "FLOWS_V6";
     /// `Array<SynTime>`: when recent SYNs were answered with a cookie, by 4-tuple hash.
     pub const SYN_TIMES: &str = "SYN_TIMES";
     /// `RingBuf` of [`crate::LifecycleEvent`].
@@ -125,7 +127,8 @@ pub mod maps {
         PROTECTED_PORTS,
         SYN_COOKIE_CONFIG,
         POLICY,
-        FLOWS,
+        FLOWS_V4,
+        FLOWS_V6,
         SYN_TIMES,
         EVENTS,
         EVENT_STATS,
@@ -147,7 +150,8 @@ pub mod maps {
     ];
 }
 
-/// Capacity of [`maps::FLOWS`] unless the daemon sets another at load time.
+/// Capacity of each of [`maps::FLOWS_V4`] and [`maps::FLOWS_V6`] unless the daemon sets
+/// another at load time.
 pub const DEFAULT_FLOW_CAPACITY: u32 = 262_144;
 /// Slots in [`maps::SYN_TIMES`], a power of two. A flood of 80k SYNs/s overwrites a slot about
 /// once a second, far longer than a real client takes to answer.

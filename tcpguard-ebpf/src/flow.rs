@@ -1,7 +1,7 @@
 //! Tracked connections: the flow map, refreshed by every segment, and the lifecycle events that
 //! report the segments able to change a connection's state. Plain data produces no event.
 
-use core::mem::MaybeUninit;
+use core::{borrow::Borrow, mem::MaybeUninit};
 
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
@@ -11,7 +11,8 @@ use aya_ebpf::{
 pub use tcpguard_common::Direction;
 use tcpguard_common::{
     DEFAULT_FLOW_CAPACITY, EVENT_RING_BYTES, EVENTS_LOST, EVENTS_SENT, EventKind, FLOW_IPV4,
-    FLOW_IPV6, Flow, FlowKey, LifecycleEvent, SYN_TIMES_CAPACITY, SegmentHeader, SynTime,
+    FLOW_IPV6, Flow, FlowKey, FlowKeyV4, LifecycleEvent, SYN_TIMES_CAPACITY, SegmentHeader,
+    SynTime,
 };
 
 use crate::{
@@ -21,8 +22,13 @@ use crate::{
     rare, zero,
 };
 
-#[map(name = "FLOWS")]
-static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+// One map per family: see FlowKeyV4.
+#[map(name = "FLOWS_V4")]
+static FLOWS_V4: LruHashMap<FlowKeyV4, Flow> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+
+#[map(name = "FLOWS_V6")]
+static FLOWS_V6: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 
 /// A plain array rather than a hash map: the SYN path, which a flood drives, pays one store.
 #[map(name = "SYN_TIMES")]
@@ -163,7 +169,12 @@ pub fn start(
     flow.unacked = opened.unacked;
     flow.awaiting_socket = u8::from(socket == KernelSocket::Awaited);
     // A full LRU map evicts its least recently used entry, so this only fails on allocation.
-    if let Err(error) = FLOWS.insert(key, flow, 0) {
+    let inserted = if key.family == FLOW_IPV4 {
+        FLOWS_V4.insert(KeyV4::of(key), flow, 0)
+    } else {
+        FLOWS_V6.insert(key, flow, 0)
+    };
+    if let Err(error) = inserted {
         rare::flow_insert_failed(key, error.into());
     }
     let clock_ns = match clock {
@@ -204,8 +215,42 @@ pub fn syn_answered(key: &FlowKey, clock_ns: u64) {
 fn forget(key: &FlowKey) {
     // Looked up first: a flood's SYNs have no flow, and a lookup takes no lock where a delete
     // takes the bucket's.
-    if FLOWS.get_ptr(key).is_some() {
-        let _ = FLOWS.remove(key);
+    if lookup(key).is_none() {
+        return;
+    }
+    let _ = if key.family == FLOW_IPV4 {
+        FLOWS_V4.remove(KeyV4::of(key))
+    } else {
+        FLOWS_V6.remove(key)
+    };
+}
+
+/// The flow `key`, in its family's map.
+#[inline(always)]
+fn lookup(key: &FlowKey) -> Option<*mut Flow> {
+    if key.family == FLOW_IPV4 {
+        FLOWS_V4.get_ptr_mut(KeyV4::of(key))
+    } else {
+        FLOWS_V6.get_ptr_mut(key)
+    }
+}
+
+/// An IPv4 flow map key on the stack, 8-aligned: LLVM writes it as an 8-byte and a 4-byte
+/// store, and the verifier refuses an 8-byte stack access that is not 8-aligned.
+#[repr(C, align(8))]
+struct KeyV4(FlowKeyV4);
+
+impl KeyV4 {
+    #[inline(always)]
+    fn of(key: &FlowKey) -> Self {
+        Self(key.v4())
+    }
+}
+
+impl Borrow<FlowKeyV4> for KeyV4 {
+    #[inline(always)]
+    fn borrow(&self) -> &FlowKeyV4 {
+        &self.0
     }
 }
 
@@ -246,7 +291,7 @@ const LAST_SEEN_STEP_NS: i64 = 100_000_000;
 /// the segment ([`Flow::observe`] decides). `None` when the flow is not tracked.
 #[inline(always)]
 pub fn track(key: &FlowKey, segment: &Segment, direction: Direction) -> Option<()> {
-    let flow = FLOWS.get_ptr_mut(key)?;
+    let flow = lookup(key)?;
     // SAFETY: the value stays valid while this program runs; concurrent writers on other CPUs
     // can only make the idle time or a FIN record slightly stale, never unsafe.
     refresh(unsafe { &mut *flow }, key, segment, direction);
@@ -263,7 +308,7 @@ pub fn track_built(
     segment: &Segment,
     socket_built: impl FnOnce() -> bool,
 ) -> Option<()> {
-    let flow = FLOWS.get_ptr_mut(key)?;
+    let flow = lookup(key)?;
     // SAFETY: as in track.
     let flow = unsafe { &mut *flow };
     if flow.awaiting_socket != 0 {

@@ -332,7 +332,7 @@ mod tests {
     #[test]
     fn own_pins_are_tcpguards_names_only() {
         for name in [
-            "FLOWS",
+            "FLOWS_V4",
             "DENY_V4",
             "REQSK_RESULTS",
             "prog_tcpguard_own",

@@ -317,7 +317,7 @@ impl Daemon {
         let adopted = daemon.flows.entries();
         if !adopted.is_empty() {
             info!(
-                "adopting {} tracked connections from the flow map",
+                "adopting {} tracked connections from the flow maps",
                 adopted.len()
             );
         }
@@ -565,7 +565,7 @@ impl Daemon {
         }
         self.metrics.observe_table(
             &self.tracker.count_by_state(),
-            self.tracker.in_flow_map(),
+            self.tracker.in_flow_maps(),
             self.flows.capacity(),
             self.sources_full.len(),
         );

@@ -232,7 +232,7 @@ fn print_status(status: &control::Status) {
         println!("cookie ACKs handed to the kernel: {}", handovers.join(", "));
     }
     println!(
-        "connections: {} tracked, flow table holds {}",
+        "connections: {} tracked, flow maps hold {} per family",
         status.tracked_connections, status.flow_capacity
     );
     for (states, count) in &status.connections_by_state {

@@ -14,7 +14,7 @@ use crate::{
     guard::Counters,
     reqsk::ReqskResults,
     tcp_state::TcpState,
-    tracker::{Effect, Origin},
+    tracker::{Effect, InFlowMaps, Origin},
 };
 
 /// Every tcpguard series, registered in one registry.
@@ -27,7 +27,7 @@ pub struct Metrics {
     closed: IntCounterVec,
     duration: HistogramVec,
     handshake: Histogram,
-    flow_entries: IntGauge,
+    flow_entries: IntGaugeVec,
     flow_capacity: IntGauge,
     events: IntCounter,
     events_lost: IntCounter,
@@ -140,9 +140,12 @@ impl Metrics {
         );
         let flow_entries = register(
             &registry,
-            IntGauge::new(
-                "tcpguard_flow_table_entries",
-                "Entries of the data plane's flow map: tracked connections, less those whose entry is already gone (a client's TIME-WAIT after the server closed).",
+            IntGaugeVec::new(
+                Opts::new(
+                    "tcpguard_flow_table_entries",
+                    "Entries of the data plane's flow map of each family: tracked connections, less those whose entry is already gone (a client's TIME-WAIT after the server closed).",
+                ),
+                &["family"],
             )
             .expect("valid metric"),
         );
@@ -150,7 +153,7 @@ impl Metrics {
             &registry,
             IntGauge::new(
                 "tcpguard_flow_table_capacity",
-                "Connections the flow table holds before it evicts the least recently active.",
+                "Connections each family's flow map holds before it evicts the least recently active.",
             )
             .expect("valid metric"),
         );
@@ -346,7 +349,7 @@ impl Metrics {
     pub fn observe_table(
         &self,
         by_state: &HashMap<(TcpState, TcpState), usize>,
-        flow_entries: usize,
+        flow_entries: InFlowMaps,
         capacity: u32,
         sources_at_limit: usize,
     ) {
@@ -356,7 +359,11 @@ impl Metrics {
                 .with_label_values(&[client.label(), server.label()])
                 .set(count as i64);
         }
-        self.flow_entries.set(flow_entries as i64);
+        for (family, entries) in [("ipv4", flow_entries.ipv4), ("ipv6", flow_entries.ipv6)] {
+            self.flow_entries
+                .with_label_values(&[family])
+                .set(entries as i64);
+        }
         self.flow_capacity.set(i64::from(capacity));
         self.sources_at_limit.set(sources_at_limit as i64);
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 use tcpguard_common::{
-    Direction, EventKind, FlowKey, LifecycleEvent, SourceKey, UnknownValue,
+    Direction, EventKind, FLOW_IPV4, FlowKey, LifecycleEvent, SourceKey, UnknownValue,
     tcp_flags::{ACK, RST, SYN},
 };
 
@@ -87,6 +87,13 @@ pub struct Tracked {
     untracked: bool,
 }
 
+/// Connections in each family's flow map.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InFlowMaps {
+    pub ipv4: usize,
+    pub ipv6: usize,
+}
+
 /// The connection table.
 pub struct Tracker {
     connections: HashMap<FlowKey, Tracked>,
@@ -142,13 +149,19 @@ impl Tracker {
         self.connections.iter()
     }
 
-    /// Connections whose flow the data plane still tracks: all but those whose entry was
-    /// removed from the flow map before they left this table ([`Effect::Untracked`]).
-    pub fn in_flow_map(&self) -> usize {
-        self.connections
-            .values()
-            .filter(|tracked| !tracked.untracked)
-            .count()
+    /// Connections whose flow the data plane still tracks, IPv4 and IPv6 (each family has a
+    /// flow map of its own): all but those whose entry was removed from the flow map before
+    /// they left this table ([`Effect::Untracked`]).
+    pub fn in_flow_maps(&self) -> InFlowMaps {
+        let mut counts = InFlowMaps::default();
+        for (key, tracked) in &self.connections {
+            match (tracked.untracked, key.family) {
+                (true, _) => {}
+                (false, FLOW_IPV4) => counts.ipv4 += 1,
+                (false, _) => counts.ipv6 += 1,
+            }
+        }
+        counts
     }
 
     /// How many connections have each (client state, server state) pair.

@@ -76,7 +76,7 @@ pub fn frame(previous: &Status, current: &Status, seconds: f64) -> Vec<String> {
         current.cookies
     ));
     lines.push(format!(
-        "connections: {} tracked, flow table holds {}",
+        "connections: {} tracked, flow maps hold {} per family",
         current.tracked_connections, current.flow_capacity
     ));
     for (states, count) in &current.connections_by_state {
@@ -214,7 +214,7 @@ mod tests {
                 "  syn_cookie_sent                  2000.0        +4000",
                 "  lifecycle_events                    1.0           +2",
                 "attack: UNDER ATTACK, 2000 SYN/s to protected ports; cookies under-attack",
-                "connections: 1 tracked, flow table holds 1024",
+                "connections: 1 tracked, flow maps hold 1024 per family",
                 "         1  ESTABLISHED/ESTABLISHED",
             ]
         );

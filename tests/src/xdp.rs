@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use tcpguard::{Counters, Guard};
-use tcpguard_common::{Flow, FlowKey, InterfaceConfig};
+use tcpguard_common::{Flow, FlowKey, FlowKeyV4, InterfaceConfig};
 
 use crate::{
     frame::{SERVER_MAC, SERVER_V4, SERVER_V6},
@@ -101,15 +101,17 @@ pub fn load_pass_floor() -> aya::Ebpf {
     ebpf
 }
 
-/// Puts the flow `key` in the flow map of an object [`load_pass_floor`] returned, for
+/// Puts the IPv4 flow `key` in the flow map of an object [`load_pass_floor`] returned, for
 /// `xdp_pass_tracked` to find.
 pub fn track_in_pass_floor(ebpf: &mut aya::Ebpf, key: &FlowKey) {
-    let mut flows: aya::maps::HashMap<_, FlowKey, Flow> = ebpf
-        .map_mut("FLOWS")
+    let mut flows: aya::maps::HashMap<_, FlowKeyV4, Flow> = ebpf
+        .map_mut("FLOWS_V4")
         .expect("the floor's flow map")
         .try_into()
         .expect("a hash map");
-    flows.insert(key, &Flow::default(), 0).expect("a flow");
+    flows
+        .insert(&key.v4(), &Flow::default(), 0)
+        .expect("a flow");
 }
 
 /// The floor program `name` in an object [`load_floor`] or [`load_pass_floor`] returned.

@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
     time::Duration,
 };
@@ -21,7 +21,14 @@ struct Lab {
     rig: Rig,
     daemon: Daemon,
     listener: TcpListener,
+    /// The client's address, as connections are made to [`Lab::server`].
+    client: IpAddr,
+    server: IpAddr,
 }
+
+/// The addresses [`Lab::with_ipv6`] gives the rig's ends.
+const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 1);
+const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 2);
 
 impl Lab {
     /// TIME-WAIT lasts 2 s instead of 60 s, so that orderly closes finish within the test.
@@ -38,9 +45,40 @@ impl Lab {
         )
     }
 
+    /// As [`Lab::new`], with connections over IPv6: both ends have an address in fd00:201::/64
+    /// before the daemon starts, and the server listens on it.
+    fn with_ipv6() -> Self {
+        let rig = Rig::new();
+        for (namespace, interface, address) in [
+            (&rig.server, SERVER_IF, SERVER_V6),
+            (&rig.client, CLIENT_IF, CLIENT_V6),
+        ] {
+            let address = format!("{address}/64");
+            namespace.run(
+                "ip",
+                &["-6", "addr", "add", &address, "dev", interface, "nodad"],
+            );
+        }
+        Self::with_rig(
+            rig,
+            "stats_interval = 0\n[timeouts]\nmsl = 1\n",
+            &[],
+            (IpAddr::V6(CLIENT_V6), IpAddr::V6(SERVER_V6)),
+        )
+    }
+
     /// A daemon with the config file `config` and the extra arguments `args`.
     fn with(config: &str, args: &[&str]) -> Self {
-        let rig = Rig::new();
+        Self::with_rig(
+            Rig::new(),
+            config,
+            args,
+            (IpAddr::V4(CLIENT), IpAddr::V4(SERVER)),
+        )
+    }
+
+    /// As [`Lab::with`], on `rig`, with connections from `client` to `server`.
+    fn with_rig(rig: Rig, config: &str, args: &[&str], (client, server): (IpAddr, IpAddr)) -> Self {
         let path = std::env::temp_dir().join(format!("{}.toml", rig.server.name));
         std::fs::write(&path, config).unwrap();
         let port = PORT.to_string();
@@ -56,18 +94,21 @@ impl Lab {
         let daemon = Daemon::start(&rig.server, &all);
         let listener = rig
             .server
-            .within(|| TcpListener::bind(("0.0.0.0", PORT)).expect("binding the test server"));
+            .within(move || TcpListener::bind((server, PORT)).expect("binding the test server"));
         Self {
             rig,
             daemon,
             listener,
+            client,
+            server,
         }
     }
 
     /// A connection from the client namespace, and the server's end of it.
     fn connect(&self) -> (TcpStream, TcpStream) {
-        let client = self.rig.client.within(|| {
-            TcpStream::connect_timeout(&SocketAddr::from((SERVER, PORT)), Duration::from_secs(3))
+        let to = SocketAddr::new(self.server, PORT);
+        let client = self.rig.client.within(move || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(3))
                 .expect("connecting through tcpguard")
         });
         let (server, _) = self.listener.accept().expect("accepting");
@@ -81,7 +122,7 @@ impl Lab {
 
     /// The tracked flow whose client port is `port`, once `accept` says it is the one.
     fn flow_of(&self, port: u16, what: &str, accept: impl Fn(&str, &str) -> bool) -> Value {
-        let client = format!("10.201.0.2:{port}");
+        let client = SocketAddr::new(self.client, port).to_string();
         let mut last = Vec::new();
         for _ in 0..50 {
             last = flows(&self.daemon.paths);
@@ -101,10 +142,11 @@ impl Lab {
     }
 
     fn untracked(&self, port: u16, what: &str) {
+        let client = SocketAddr::new(self.client, port).to_string();
         wait_until(Duration::from_secs(10), what, || {
             let gone = !flows(&self.daemon.paths)
                 .iter()
-                .any(|flow| flow["client"].as_str() == Some(&format!("10.201.0.2:{port}")));
+                .any(|flow| flow["client"].as_str() == Some(&client));
             gone.then_some(())
         });
     }
@@ -262,7 +304,10 @@ fn lifecycles_end_where_tcp_says_and_are_counted() {
         ),
         3.0
     );
-    assert_eq!(sample(&samples, "tcpguard_flow_table_entries", ""), 0.0);
+    for family in ["ipv4", "ipv6"] {
+        let entries = format!("tcpguard_flow_table_entries{{family=\"{family}\"}}");
+        assert_eq!(samples.get(&entries), Some(&0.0), "{entries}");
+    }
     assert_eq!(
         sample(&samples, "tcpguard_lifecycle_events_lost_total", ""),
         0.0
@@ -671,13 +716,23 @@ fn a_reused_4_tuple_is_followed_on_the_allowed_path() {
     ));
 }
 
-/// The entries of the data plane's flow map, read from the daemon's pin.
-fn flow_map_entries(lab: &Lab) -> usize {
-    let pin = lab.daemon.paths.pin_dir.join(tcpguard_common::maps::FLOWS);
-    let data = aya::maps::MapData::from_pin(&pin).expect("opening the pinned flow map");
-    let map: aya::maps::HashMap<_, tcpguard_common::FlowKey, tcpguard_common::Flow> =
-        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).expect("a hash map");
-    map.keys().filter_map(Result::ok).count()
+/// The entries of the data plane's IPv4 and IPv6 flow maps, read from the daemon's pins.
+fn flow_map_entries(lab: &Lab) -> [usize; 2] {
+    use tcpguard_common::{Flow, FlowKey, FlowKeyV4, maps};
+    let data = |name: &str| {
+        let pin = lab.daemon.paths.pin_dir.join(name);
+        aya::maps::Map::LruHashMap(
+            aya::maps::MapData::from_pin(&pin).expect("opening a pinned flow map"),
+        )
+    };
+    let v4: aya::maps::HashMap<_, FlowKeyV4, Flow> =
+        aya::maps::HashMap::try_from(data(maps::FLOWS_V4)).expect("a hash map");
+    let v6: aya::maps::HashMap<_, FlowKey, Flow> =
+        aya::maps::HashMap::try_from(data(maps::FLOWS_V6)).expect("a hash map");
+    [
+        v4.keys().filter_map(Result::ok).count(),
+        v6.keys().filter_map(Result::ok).count(),
+    ]
 }
 
 /// `tcpguard_flow_table_entries` is what the flow map holds: a connection whose server end has
@@ -701,7 +756,11 @@ fn flow_table_entries_are_the_flow_maps() {
     lab.flow_of(client_port(&open_client), "the open connection", |c, s| {
         (c, s) == ("ESTABLISHED", "ESTABLISHED")
     });
-    assert_eq!(flow_map_entries(&lab), 1, "only the open connection's flow");
+    assert_eq!(
+        flow_map_entries(&lab),
+        [1, 0],
+        "only the open connection's flow, an IPv4 one"
+    );
     let samples = wait_until(Duration::from_secs(5), "metrics of both", || {
         let samples = scrape(&lab.rig.server);
         (sample(
@@ -719,11 +778,57 @@ fn flow_table_entries_are_the_flow_maps() {
         ),
         1.0
     );
+    let [v4, v6] = flow_map_entries(&lab);
     assert_eq!(
-        sample(&samples, "tcpguard_flow_table_entries", ""),
-        flow_map_entries(&lab) as f64
+        sample(&samples, "tcpguard_flow_table_entries", "family=\"ipv4\""),
+        v4 as f64
+    );
+    assert_eq!(
+        sample(&samples, "tcpguard_flow_table_entries", "family=\"ipv6\""),
+        v6 as f64
     );
     drop(client);
+}
+
+/// IPv6 connections have a flow map of their own: one is tracked there through its lifecycle,
+/// counted under its family, and leaves that map when its server end closes, as IPv4 ones leave
+/// theirs.
+#[test]
+fn an_ipv6_connection_is_followed_in_its_own_flow_map() {
+    let lab = Lab::with_ipv6();
+    let (mut client, mut server) = lab.connect();
+    let port = client_port(&client);
+    lab.flow_of(port, "an IPv6 connection", |c, s| {
+        (c, s) == ("ESTABLISHED", "ESTABLISHED")
+    });
+    assert_eq!(flow_map_entries(&lab), [0, 1], "in the IPv6 map alone");
+    wait_until(
+        Duration::from_secs(5),
+        "the IPv6 entry in the metrics",
+        || {
+            let samples = scrape(&lab.rig.server);
+            let entries = |family: &str| {
+                samples
+                    .get(&format!(
+                        "tcpguard_flow_table_entries{{family=\"{family}\"}}"
+                    ))
+                    .copied()
+            };
+            (entries("ipv4") == Some(0.0) && entries("ipv6") == Some(1.0)).then_some(())
+        },
+    );
+
+    client.write_all(b"hello").unwrap();
+    let mut hello = [0u8; 5];
+    server.read_exact(&mut hello).unwrap();
+    drop(client);
+    assert!(read_to_end(&mut server).is_empty());
+    drop(server);
+    lab.flow_of(port, "client TIME-WAIT after a client close", |c, s| {
+        (c, s) == ("TIME-WAIT", "CLOSED")
+    });
+    assert_eq!(flow_map_entries(&lab), [0, 0], "gone with the server's end");
+    lab.untracked(port, "TIME-WAIT to run out");
 }
 
 /// Drops the client's pure ACKs (TCP flags exactly ACK, in IPv4 without options) on their way

@@ -547,7 +547,7 @@ fn an_unprivileged_user_with_the_units_ambient_capabilities_protects() {
     assert_eq!(field("CapEff:"), "000000c000001000");
     assert_eq!(field("CapAmb:"), "000000c000001000");
     assert_eq!(status(&paths)["ports"], serde_json::json!([8080]));
-    let pinned = std::fs::metadata(paths.pin_dir.join("FLOWS")).unwrap();
+    let pinned = std::fs::metadata(paths.pin_dir.join("FLOWS_V4")).unwrap();
     assert_eq!(
         std::os::unix::fs::MetadataExt::uid(&pinned),
         65534,

@@ -89,7 +89,7 @@ fn detach_refuses_a_directory_that_is_not_on_a_bpf_filesystem() {
     let config = scratch.0.join("tcpguard.toml");
     std::fs::write(&config, "interface = \"eth0\"\n").unwrap();
     // Named like tcpguard's own pins, so that only the filesystem tells them apart.
-    std::fs::write(scratch.0.join("FLOWS"), "not a pin").unwrap();
+    std::fs::write(scratch.0.join("FLOWS_V4"), "not a pin").unwrap();
     let output = Command::new(tcpguard_binary())
         .args(["detach", "--pin-dir"])
         .arg(&scratch.0)
@@ -105,7 +105,7 @@ fn detach_refuses_a_directory_that_is_not_on_a_bpf_filesystem() {
         "{stderr}"
     );
     assert!(config.exists(), "the configuration is still there");
-    assert!(scratch.0.join("FLOWS").exists());
+    assert!(scratch.0.join("FLOWS_V4").exists());
 }
 
 #[test]

@@ -2,12 +2,14 @@
 //! `xdp_pass_unprotected` dissects an untagged IPv4 TCP frame at fixed offsets and looks its
 //! destination port up in an array, as tcpguard's protected-port check does;
 //! `xdp_pass_tracked` dissects it the same way and looks its 4-tuple up in an LRU hash map with
-//! tcpguard's flow key. Each passes the segment when the lookup says tcpguard would (an
+//! tcpguard's IPv4 flow key. Each passes the segment when the lookup says tcpguard would (an
 //! unprotected port, a tracked flow) and drops it otherwise, so the lookup decides the verdict.
 //! Nothing else: no VLAN tags, IPv4 options or IPv6, no length checks, no counters.
 
 #![no_std]
 #![no_main]
+
+use core::borrow::Borrow;
 
 use aya_ebpf::{
     bindings::xdp_action,
@@ -15,13 +17,14 @@ use aya_ebpf::{
     maps::{Array, LruHashMap},
     programs::XdpContext,
 };
-use tcpguard_common::{DEFAULT_FLOW_CAPACITY, FLOW_IPV4, Flow, FlowKey, PORT_COUNT, ProtectedPort};
+use tcpguard_common::{DEFAULT_FLOW_CAPACITY, Flow, FlowKeyV4, PORT_COUNT, ProtectedPort};
 
 #[map]
 static PORTS: Array<ProtectedPort> = Array::with_max_entries(PORT_COUNT, 0);
 
 #[map]
-static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
+static FLOWS_V4: LruHashMap<FlowKeyV4, Flow> =
+    LruHashMap::with_max_entries(DEFAULT_FLOW_CAPACITY, 0);
 
 const IP: usize = 14;
 const TCP: usize = IP + 20;
@@ -48,40 +51,31 @@ pub fn xdp_pass_tracked(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     // SAFETY: inside the frame, checked by tcp_frame.
-    let (client, server, client_port, server_port) = unsafe {
+    let key = unsafe {
         let at = |offset: usize| *frame.add(offset);
-        (
-            [at(IP + 12), at(IP + 13), at(IP + 14), at(IP + 15)],
-            [at(IP + 16), at(IP + 17), at(IP + 18), at(IP + 19)],
-            u16::from_be_bytes([at(TCP), at(TCP + 1)]).to_ne_bytes(),
-            u16::from_be_bytes([at(TCP + 2), at(TCP + 3)]).to_ne_bytes(),
-        )
+        Aligned(FlowKeyV4 {
+            client_addr: [at(IP + 12), at(IP + 13), at(IP + 14), at(IP + 15)],
+            server_addr: [at(IP + 16), at(IP + 17), at(IP + 18), at(IP + 19)],
+            client_port: u16::from_be_bytes([at(TCP), at(TCP + 1)]),
+            server_port: u16::from_be_bytes([at(TCP + 2), at(TCP + 3)]),
+        })
     };
-    // Built as the five words a FlowKey is made of, as tcpguard builds its own: an IPv4
-    // address in the first four bytes of its field, the ports in the machine's order.
-    let address = |a: [u8; 4]| u64::from_ne_bytes([a[0], a[1], a[2], a[3], 0, 0, 0, 0]);
-    let words: [u64; 5] = [
-        address(client),
-        0,
-        address(server),
-        0,
-        u64::from_ne_bytes([
-            client_port[0],
-            client_port[1],
-            server_port[0],
-            server_port[1],
-            FLOW_IPV4,
-            0,
-            0,
-            0,
-        ]),
-    ];
-    // SAFETY: FlowKey is five 8-byte-aligned words (see tcpguard-common), as `words` is.
-    let key = unsafe { &*(&raw const words).cast::<FlowKey>() };
-    if FLOWS.get_ptr(key).is_none() {
+    if FLOWS_V4.get_ptr(key).is_none() {
         return xdp_action::XDP_DROP;
     }
     xdp_action::XDP_PASS
+}
+
+/// The key on the stack, 8-aligned as tcpguard's: the verifier refuses an 8-byte stack access
+/// that is not.
+#[repr(C, align(8))]
+struct Aligned(FlowKeyV4);
+
+impl Borrow<FlowKeyV4> for Aligned {
+    #[inline(always)]
+    fn borrow(&self) -> &FlowKeyV4 {
+        &self.0
+    }
 }
 
 /// The frame, when it is untagged IPv4 without options carrying TCP with a whole header.

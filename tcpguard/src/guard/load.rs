@@ -27,7 +27,7 @@ use crate::{
 pub struct LoadOptions {
     /// Directory on a BPF filesystem for maps, programs and links; `None`: nothing pinned.
     pub pin_dir: Option<PathBuf>,
-    /// Entries in the flow map.
+    /// Entries in each family's flow map.
     pub flow_capacity: u32,
     /// Load the XDP program that answers with tcpguard's own cookies rather than the
     /// kernel's.
@@ -67,7 +67,8 @@ impl Guard {
     /// daemon) are reused, with their flows and counters; the others are pinned there.
     pub fn load_with(options: &LoadOptions) -> Result<Self, GuardError> {
         let mut loader = EbpfLoader::new();
-        loader.map_max_entries(maps::FLOWS, options.flow_capacity);
+        loader.map_max_entries(maps::FLOWS_V4, options.flow_capacity);
+        loader.map_max_entries(maps::FLOWS_V6, options.flow_capacity);
         let map_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 bpffs::prepare_pin_dir(dir)?;

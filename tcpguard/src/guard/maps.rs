@@ -8,9 +8,9 @@ use aya::maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, RingBuf
 use aya_log::EbpfLogger;
 use tcpguard_common::{
     AttackConfig, AttackState, Counter, DEFAULT_FLOW_CAPACITY, EVENTS_LOST, EVENTS_SENT,
-    FAMILY_IPV4, FAMILY_IPV6, Flow, FlowKey, HostAddress, HostFilter, InterfaceConfig,
-    POLICY_ALLOW, POLICY_DENY, POLICY_SLOT, POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SourceKey,
-    SynCookieConfig, cookie::CookieSecrets, maps,
+    FAMILY_IPV4, FAMILY_IPV6, FLOW_IPV4, Flow, FlowKey, FlowKeyV4, HostAddress, HostFilter,
+    InterfaceConfig, POLICY_ALLOW, POLICY_DENY, POLICY_SLOT, POLICY_SOURCE_LIMIT, Policy,
+    ProtectedPort, SourceKey, SynCookieConfig, cookie::CookieSecrets, maps,
 };
 
 use super::{Guard, GuardError};
@@ -277,15 +277,25 @@ impl Guard {
         })
     }
 
-    /// The flow map, for reading last-seen times and removing finished connections.
+    /// The flow maps, for reading last-seen times and removing finished connections.
     pub fn flows(&mut self) -> Result<FlowMap, GuardError> {
+        let (v4, capacity) = self.take_flow_map(maps::FLOWS_V4)?;
+        let (v6, _) = self.take_flow_map(maps::FLOWS_V6)?;
+        Ok(FlowMap { v4, v6, capacity })
+    }
+
+    /// The flow map `name`, taken out of the guard, and its capacity.
+    fn take_flow_map<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+    ) -> Result<(HashMap<MapData, K, Flow>, u32), GuardError> {
         let map = self
             .ebpf
-            .take_map(maps::FLOWS)
-            .ok_or(GuardError::MissingMap(maps::FLOWS))?;
+            .take_map(name)
+            .ok_or(GuardError::MissingMap(name))?;
         let capacity = map_capacity(&map);
-        let map = HashMap::try_from(map).map_err(map_error(maps::FLOWS))?;
-        Ok(FlowMap { map, capacity })
+        let map = HashMap::try_from(map).map_err(map_error(name))?;
+        Ok((map, capacity))
     }
 
     /// The value of `name`, a map of one entry (configuration or state the data plane keeps
@@ -331,26 +341,42 @@ impl Guard {
 }
 
 /// The tracked flows as the data plane keeps them.
+/// The data plane's tracked connections: one map per family, each of the same capacity.
 pub struct FlowMap {
-    map: HashMap<MapData, FlowKey, Flow>,
+    v4: HashMap<MapData, FlowKeyV4, Flow>,
+    v6: HashMap<MapData, FlowKey, Flow>,
     capacity: u32,
 }
 
 impl FlowMap {
     pub fn get(&self, key: &FlowKey) -> Option<Flow> {
-        self.map.get(key, 0).ok()
+        if key.family == FLOW_IPV4 {
+            self.v4.get(&key.v4(), 0).ok()
+        } else {
+            self.v6.get(key, 0).ok()
+        }
     }
 
     pub fn remove(&mut self, key: &FlowKey) {
         // Already gone (evicted by the LRU) is as good as removed.
-        let _ = self.map.remove(key);
+        let _ = if key.family == FLOW_IPV4 {
+            self.v4.remove(&key.v4())
+        } else {
+            self.v6.remove(key)
+        };
     }
 
-    /// Every flow in the map, for a daemon that adopts an earlier one's.
+    /// Every flow in the maps, for a daemon that adopts an earlier one's.
     pub fn entries(&self) -> Vec<(FlowKey, Flow)> {
-        self.map.iter().filter_map(Result::ok).collect()
+        let v4 = self
+            .v4
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, flow)| (FlowKey::from(key), flow));
+        v4.chain(self.v6.iter().filter_map(Result::ok)).collect()
     }
 
+    /// Connections each family's map holds before it evicts the least recently active.
     pub fn capacity(&self) -> u32 {
         self.capacity
     }
