@@ -50,6 +50,26 @@ impl FlowKey {
     }
 }
 
+impl FlowKey {
+    /// [`FlowKey::v4`] as the two words of an 8-aligned [`FlowKeyV4`] buffer (its last four
+    /// bytes zero), on a little-endian machine: BPF as tcpguard builds it (bpfel), and x86 and
+    /// arm64 hosts. Each address's first four bytes are the low half of its field's first
+    /// word. The data plane builds its IPv4 lookup key so, in two stores: field by field, LLVM
+    /// reads the server's address a byte at a time, which cost 3 ns per tracked segment.
+    #[inline(always)]
+    pub fn v4_words(&self) -> [u64; 2] {
+        let first_word = |field: &[u8; 16]| {
+            let (word, _) = field.split_at(8);
+            u64::from_le_bytes(word.try_into().unwrap_or_default())
+        };
+        let ports = u64::from(self.client_port) | u64::from(self.server_port) << 16;
+        [
+            first_word(&self.client_addr) & 0xffff_ffff | first_word(&self.server_addr) << 32,
+            ports,
+        ]
+    }
+}
+
 impl From<FlowKeyV4> for FlowKey {
     fn from(key: FlowKeyV4) -> Self {
         let address = |bytes: [u8; 4]| {
@@ -305,6 +325,30 @@ mod tests {
             }
         );
         assert_eq!(FlowKey::from(v4), key);
+    }
+
+    /// The words the data plane looks IPv4 flows up with are the bytes of [`FlowKey::v4`].
+    #[test]
+    fn an_ipv4_keys_words_are_its_flow_map_key() {
+        let mut key = FlowKey {
+            client_port: 0xa1b2,
+            server_port: 0x01bb,
+            family: FLOW_IPV4,
+            ..FlowKey::default()
+        };
+        key.client_addr[..4].copy_from_slice(&[192, 0, 2, 7]);
+        key.server_addr[..4].copy_from_slice(&[198, 51, 100, 200]);
+        let words = key.v4_words();
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&words[0].to_ne_bytes());
+        bytes[8..].copy_from_slice(&words[1].to_ne_bytes());
+        let v4 = key.v4();
+        let mut expected = [0u8; 16];
+        expected[..4].copy_from_slice(&v4.client_addr);
+        expected[4..8].copy_from_slice(&v4.server_addr);
+        expected[8..10].copy_from_slice(&v4.client_port.to_ne_bytes());
+        expected[10..12].copy_from_slice(&v4.server_port.to_ne_bytes());
+        assert_eq!(bytes, expected);
     }
 
     #[test]

@@ -235,22 +235,22 @@ fn lookup(key: &FlowKey) -> Option<*mut Flow> {
     }
 }
 
-/// An IPv4 flow map key on the stack, 8-aligned: LLVM writes it as an 8-byte and a 4-byte
-/// store, and the verifier refuses an 8-byte stack access that is not 8-aligned.
-#[repr(C, align(8))]
-struct KeyV4(FlowKeyV4);
+/// An IPv4 flow map key on the stack: [`FlowKey::v4_words`], 8-aligned as the verifier wants
+/// an 8-byte stack access.
+struct KeyV4([u64; 2]);
 
 impl KeyV4 {
     #[inline(always)]
     fn of(key: &FlowKey) -> Self {
-        Self(key.v4())
+        Self(key.v4_words())
     }
 }
 
 impl Borrow<FlowKeyV4> for KeyV4 {
     #[inline(always)]
     fn borrow(&self) -> &FlowKeyV4 {
-        &self.0
+        // SAFETY: the words are a FlowKeyV4's 12 bytes and 4 more, 8-aligned (see v4_words).
+        unsafe { &*self.0.as_ptr().cast::<FlowKeyV4>() }
     }
 }
 
