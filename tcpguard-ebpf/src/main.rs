@@ -140,18 +140,17 @@ fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
 
 /// A segment of a connection tcpguard tracks, refreshing it: the path of every data segment,
 /// so it is the short one. The connection's first segment passed the host checks that
-/// [`judge`] makes of the rest (its addresses); what may have changed since is checked again
-/// (the segment's flags, the deny list). A bare SYN is always judged as one.
+/// [`judge`] makes of the rest (its addresses) and the deny list; the segment's own flags are
+/// checked again. A change of the deny list reaches tracked connections through the daemon,
+/// which removes the flows of clients it denies (their segments are then judged, and dropped).
+/// A bare SYN is always judged as one.
 ///
 /// A connection opened by one of tcpguard's own cookies is tracked from the ACK that returned
 /// it, which the kernel may still drop; until a segment finds the socket the kernel built,
 /// each is judged as untracked, so that it returns the cookie and builds the socket instead.
 #[inline(always)]
 fn is_tracked<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> bool {
-    if segment.flags & (SYN | ACK) == SYN
-        || validate::segment(segment).is_err()
-        || policy::lists().denied(key)
-    {
+    if segment.flags & (SYN | ACK) == SYN || validate::segment(segment).is_err() {
         return false;
     }
     if OWN {

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fs,
+    net::IpAddr,
     os::unix::fs::{FileTypeExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, atomic::AtomicU64, atomic::Ordering},
@@ -35,6 +36,7 @@ use crate::{
     logging::{self, LevelSource},
     metrics::Metrics,
     notify::notify,
+    prefix::PrefixSet,
     reqsk::Reqsk,
     sysctl::{self, Outcome, TCP_SYNCOOKIES, TCP_TIMESTAMPS},
     tc,
@@ -220,6 +222,9 @@ struct Daemon {
     config: Config,
     guard: Option<Guard>,
     flows: FlowMap,
+    /// The deny list in force. The data plane checks it on untracked segments only; the daemon
+    /// removes the flows of denied clients, so that their segments are judged, and dropped.
+    denied: PrefixSet,
     tracker: Tracker,
     metrics: Metrics,
     started: Instant,
@@ -297,6 +302,7 @@ impl Daemon {
                 config.reload.max_connections_per_source,
             ),
             source,
+            denied: PrefixSet::new(&config.reload.policy.deny),
             config,
             guard: Some(guard),
             flows,
@@ -327,7 +333,31 @@ impl Daemon {
                 .adopt(key, flow.last_seen_ns, &mut daemon.effects);
         }
         daemon.apply_effects();
+        daemon.untrack_denied();
         daemon
+    }
+
+    /// Removes the flows of denied clients from the flow maps: the deny list changed, or a
+    /// daemon adopted an earlier one's flows. Their segments then take the untracked path,
+    /// which drops them (`denied_source`); their connections end in the table when idle.
+    fn untrack_denied(&mut self) {
+        if self.denied.is_empty() {
+            return;
+        }
+        let mut removed = 0;
+        for (key, _) in self.flows.entries() {
+            if self.is_denied(&key) {
+                self.flows.remove(&key);
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            info!("{removed} tracked connections of denied sources are cut");
+        }
+    }
+
+    fn is_denied(&self, key: &FlowKey) -> bool {
+        !self.denied.is_empty() && self.denied.contains(ip(key.family, key.client_addr))
     }
 
     fn guard(&mut self) -> &mut Guard {
@@ -500,6 +530,11 @@ impl Daemon {
                 // SAFETY: the record is a LifecycleEvent written by the data plane; the
                 // length was checked, and read_unaligned copes with any alignment.
                 let event = unsafe { item.as_ptr().cast::<LifecycleEvent>().read_unaligned() };
+                // A flow the data plane started under the deny list before a change that
+                // denies its client: the sweep at the change may have missed it.
+                if self.is_denied(&event.key) {
+                    self.flows.remove(&event.key);
+                }
                 if let Err(unknown) = self.tracker.on_event(&event, &mut self.effects) {
                     self.metrics.observe_unknown_event();
                     debug!("{unknown}");
@@ -640,6 +675,8 @@ impl Daemon {
             guard.set_ports(&old_ports)?;
             return Err(err.into());
         }
+        self.denied = PrefixSet::new(&new.reload.policy.deny);
+        self.untrack_denied();
         if !new.reload.policy.source_limit {
             self.sources_full.clear();
         }
@@ -859,11 +896,15 @@ pub(crate) fn endpoint(key: &FlowKey, client: bool) -> String {
     } else {
         (key.server_addr, key.server_port)
     };
-    if key.family == FLOW_IPV4 {
-        let v4 = std::net::Ipv4Addr::new(address[0], address[1], address[2], address[3]);
-        format!("{v4}:{port}")
+    std::net::SocketAddr::new(ip(key.family, address), port).to_string()
+}
+
+/// An address field of a [`FlowKey`] of `family`.
+fn ip(family: u8, address: [u8; 16]) -> IpAddr {
+    if family == FLOW_IPV4 {
+        IpAddr::from([address[0], address[1], address[2], address[3]])
     } else {
-        format!("[{}]:{port}", std::net::Ipv6Addr::from(address))
+        IpAddr::from(address)
     }
 }
 

@@ -1,7 +1,12 @@
 //! IPv4 and IPv6 prefixes as the allow and deny lists take them: `192.0.2.0/24`,
 //! `2001:db8::/32`, or a bare address for a single host.
 
-use std::{fmt, net::IpAddr, str::FromStr};
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    net::IpAddr,
+    str::FromStr,
+};
 
 use serde::{Deserialize, Deserializer};
 
@@ -97,6 +102,56 @@ impl<'de> Deserialize<'de> for Prefix {
     }
 }
 
+/// A list of prefixes, for asking of many addresses whether any prefix holds them: each
+/// address is masked to each prefix length the list has and looked up, rather than compared
+/// with every prefix.
+#[derive(Clone, Debug, Default)]
+pub struct PrefixSet {
+    /// By family (4 or 6) and prefix length, the networks, as the address's bits.
+    networks: BTreeMap<(u8, u8), HashSet<u128>>,
+}
+
+impl PrefixSet {
+    pub fn new(prefixes: &[Prefix]) -> Self {
+        let mut networks: BTreeMap<(u8, u8), HashSet<u128>> = BTreeMap::new();
+        for prefix in prefixes {
+            let (family, bits) = family_bits(prefix.address);
+            networks
+                .entry((family, prefix.length))
+                .or_default()
+                .insert(bits & mask(family, prefix.length));
+        }
+        Self { networks }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.networks.is_empty()
+    }
+
+    /// Whether a prefix of the list holds `address`.
+    pub fn contains(&self, address: IpAddr) -> bool {
+        let (family, bits) = family_bits(address);
+        self.networks
+            .range((family, 0)..=(family, u8::MAX))
+            .any(|(&(_, length), networks)| networks.contains(&(bits & mask(family, length))))
+    }
+}
+
+/// An address as its family and its bits (an IPv4 address in the low 32).
+fn family_bits(address: IpAddr) -> (u8, u128) {
+    match address {
+        IpAddr::V4(v4) => (4, u128::from(u32::from(v4))),
+        IpAddr::V6(v6) => (6, u128::from(v6)),
+    }
+}
+
+/// The mask of a prefix `length` bits long, in the bits [`family_bits`] gives.
+fn mask(family: u8, length: u8) -> u128 {
+    let width = if family == 4 { 32 } else { 128 };
+    let all = u128::MAX >> (128 - width);
+    all & !(all.checked_shr(u32::from(length)).unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +165,38 @@ mod tests {
         assert_eq!(host.length, 128);
         let all: Prefix = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("203.0.113.9".parse().unwrap()));
+    }
+
+    proptest::proptest! {
+        /// A set holds an address exactly when one of its prefixes does.
+        #[test]
+        fn a_set_holds_what_one_of_its_prefixes_holds(
+            networks in proptest::collection::vec((proptest::bool::ANY, proptest::num::u128::ANY, 0u8..=128), 0..8),
+            probes in proptest::collection::vec((proptest::bool::ANY, proptest::num::u128::ANY), 1..32),
+        ) {
+            let address = |v4: bool, bits: u128| -> IpAddr {
+                if v4 {
+                    IpAddr::V4((bits as u32).into())
+                } else {
+                    IpAddr::V6(bits.into())
+                }
+            };
+            let prefixes: Vec<Prefix> = networks
+                .iter()
+                .map(|&(v4, bits, length)| {
+                    let length = if v4 { length % 33 } else { length };
+                    let prefix = Prefix { address: address(v4, bits), length };
+                    Prefix { address: prefix.network(), length }
+                })
+                .collect();
+            let set = PrefixSet::new(&prefixes);
+            // Probes both at random and inside each prefix (the prefix's own network).
+            let inside = prefixes.iter().map(|prefix| prefix.address);
+            for probe in probes.iter().map(|&(v4, bits)| address(v4, bits)).chain(inside) {
+                let expected = prefixes.iter().any(|prefix| prefix.contains(probe));
+                proptest::prop_assert_eq!(set.contains(probe), expected, "{}", probe);
+            }
+        }
     }
 
     #[test]

@@ -831,6 +831,56 @@ fn an_ipv6_connection_is_followed_in_its_own_flow_map() {
     lab.untracked(port, "TIME-WAIT to run out");
 }
 
+/// A reload that denies a client cuts its tracked connections: the daemon removes their flows
+/// (the data plane checks the deny list on untracked segments only), and their next segments
+/// are judged, and dropped, as any other of a denied source.
+#[test]
+fn a_reload_that_denies_a_client_cuts_its_tracked_connections() {
+    let mut lab = Lab::new();
+    let (mut client, mut server) = lab.connect();
+    let port = client_port(&client);
+    lab.flow_of(port, "an established connection", |c, s| {
+        (c, s) == ("ESTABLISHED", "ESTABLISHED")
+    });
+    client.write_all(b"before").unwrap();
+    let mut before = [0u8; 6];
+    server.read_exact(&mut before).unwrap();
+    assert_eq!(flow_map_entries(&lab), [1, 0]);
+
+    let path = std::env::temp_dir().join(format!("{}.toml", lab.rig.server.name));
+    std::fs::write(
+        &path,
+        format!("stats_interval = 0\n[timeouts]\nmsl = 1\n[policy]\ndeny = [\"{CLIENT}\"]\n"),
+    )
+    .unwrap();
+    let denied = |lab: &Lab| status(&lab.daemon.paths)["packets"]["denied_source"].as_u64();
+    let denied_before = denied(&lab).unwrap_or(0);
+    lab.daemon.signal(libc::SIGHUP);
+    lab.daemon
+        .wait_for("configuration reloaded", Duration::from_secs(10));
+    assert_eq!(
+        flow_map_entries(&lab),
+        [0, 0],
+        "the denied client's flow is gone"
+    );
+
+    client.write_all(b"after").unwrap();
+    server
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let mut after = [0u8; 5];
+    let read = server.read(&mut after);
+    assert!(
+        read.as_ref()
+            .is_err_and(|err| err.kind() == std::io::ErrorKind::WouldBlock),
+        "the denied client's data does not arrive: {read:?}"
+    );
+    assert!(
+        denied(&lab).is_some_and(|now| now > denied_before),
+        "its segments were dropped as a denied source's"
+    );
+}
+
 /// Drops the client's pure ACKs (TCP flags exactly ACK, in IPv4 without options) on their way
 /// out of its namespace while this lives: a handshake's last ACK is lost, as a full ring or a
 /// lossy link loses it. This kernel has no `gact` action: the ACKs are redirected to a veth
