@@ -347,13 +347,19 @@ impl Daemon {
         let mut removed = 0;
         for (key, _) in self.flows.entries() {
             if self.is_denied(&key) {
-                self.flows.remove(&key);
+                self.untrack(&key);
                 removed += 1;
             }
         }
         if removed > 0 {
             info!("{removed} tracked connections of denied sources are cut");
         }
+    }
+
+    /// Removes the flow `key` from the flow maps; its connection stays in the table.
+    fn untrack(&mut self, key: &FlowKey) {
+        self.flows.remove(key);
+        self.tracker.untrack(key);
     }
 
     fn is_denied(&self, key: &FlowKey) -> bool {
@@ -530,14 +536,14 @@ impl Daemon {
                 // SAFETY: the record is a LifecycleEvent written by the data plane; the
                 // length was checked, and read_unaligned copes with any alignment.
                 let event = unsafe { item.as_ptr().cast::<LifecycleEvent>().read_unaligned() };
-                // A flow the data plane started under the deny list before a change that
-                // denies its client: the sweep at the change may have missed it.
-                if self.is_denied(&event.key) {
-                    self.flows.remove(&event.key);
-                }
                 if let Err(unknown) = self.tracker.on_event(&event, &mut self.effects) {
                     self.metrics.observe_unknown_event();
                     debug!("{unknown}");
+                }
+                // A flow the data plane started under the deny list before a change that
+                // denies its client: the sweep at the change may have missed it.
+                if self.is_denied(&event.key) {
+                    self.untrack(&event.key);
                 }
             }
             handled += 1;

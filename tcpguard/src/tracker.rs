@@ -251,6 +251,14 @@ impl Tracker {
         Ok(())
     }
 
+    /// Marks the connection `key` as no longer in the flow map, whose entry the daemon removed
+    /// (a client the deny list now denies); it stays in this table until it ends.
+    pub fn untrack(&mut self, key: &FlowKey) {
+        if let Some(tracked) = self.connections.get_mut(key) {
+            tracked.untracked = true;
+        }
+    }
+
     /// Applies the passing of time up to `now_ns`. `last_seen` gives the data plane's last
     /// sighting of a flow (plain data refreshes it without an event); a connection whose
     /// deadline has passed is only reaped if that is no later than what this table knows.
@@ -469,6 +477,21 @@ mod tests {
             }
         ));
         assert_eq!(tracker.len(), 1);
+    }
+
+    #[test]
+    fn an_untracked_connection_stays_in_the_table_and_leaves_the_flow_map_count() {
+        let mut tracker = Tracker::new(Timeouts::default(), 0);
+        let mut effects = Vec::new();
+        for port in [1000, 1001] {
+            tracker
+                .on_event(&cookie_ack(key(5, port), 10_000_000), &mut effects)
+                .unwrap();
+        }
+        assert_eq!(tracker.in_flow_maps(), InFlowMaps { ipv4: 2, ipv6: 0 });
+        tracker.untrack(&key(5, 1000));
+        assert_eq!(tracker.len(), 2);
+        assert_eq!(tracker.in_flow_maps(), InFlowMaps { ipv4: 1, ipv6: 0 });
     }
 
     #[test]

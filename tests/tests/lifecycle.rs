@@ -863,6 +863,15 @@ fn a_reload_that_denies_a_client_cuts_its_tracked_connections() {
         [0, 0],
         "the denied client's flow is gone"
     );
+    wait_until(
+        Duration::from_secs(5),
+        "the metric to follow the map",
+        || {
+            let samples = scrape(&lab.rig.server);
+            let entries = samples.get("tcpguard_flow_table_entries{family=\"ipv4\"}");
+            (entries == Some(&0.0)).then_some(())
+        },
+    );
 
     client.write_all(b"after").unwrap();
     server
