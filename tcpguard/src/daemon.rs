@@ -363,7 +363,7 @@ impl Daemon {
     }
 
     fn is_denied(&self, key: &FlowKey) -> bool {
-        !self.denied.is_empty() && self.denied.contains(ip(key.family, key.client_addr))
+        self.denied.contains(ip(key.family, key.client_addr))
     }
 
     fn guard(&mut self) -> &mut Guard {

@@ -3,6 +3,7 @@
 //! once they are over.
 
 use std::{
+    collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd as _,
@@ -26,6 +27,10 @@ struct Lab {
     server: IpAddr,
 }
 
+/// [`Lab::new`]'s configuration: TIME-WAIT lasts 2 s instead of 60 s, so that orderly closes
+/// finish within the test.
+const LAB_CONFIG: &str = "stats_interval = 0\n[timeouts]\nmsl = 1\n";
+
 /// The addresses [`Lab::with_ipv6`] gives the rig's ends.
 const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 1);
 const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 2);
@@ -33,8 +38,7 @@ const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 2);
 impl Lab {
     /// TIME-WAIT lasts 2 s instead of 60 s, so that orderly closes finish within the test.
     fn new() -> Self {
-        // TIME-WAIT lasts 2 s instead of 60 s, so that orderly closes finish within the test.
-        Self::with("stats_interval = 0\n[timeouts]\nmsl = 1\n", &[])
+        Self::with(LAB_CONFIG, &[])
     }
 
     /// As [`Lab::new`], with TIME-WAIT lasting 2 × `seconds`.
@@ -61,7 +65,7 @@ impl Lab {
         }
         Self::with_rig(
             rig,
-            "stats_interval = 0\n[timeouts]\nmsl = 1\n",
+            LAB_CONFIG,
             &[],
             (IpAddr::V6(CLIENT_V6), IpAddr::V6(SERVER_V6)),
         )
@@ -152,6 +156,30 @@ impl Lab {
     }
 }
 
+/// `tcpguard_flow_table_entries` of `family` (`ipv4`, `ipv6`) in scraped `samples`, if exported.
+fn flow_table_entries(samples: &BTreeMap<String, f64>, family: &str) -> Option<f64> {
+    samples
+        .get(&format!(
+            "tcpguard_flow_table_entries{{family=\"{family}\"}}"
+        ))
+        .copied()
+}
+
+/// The client closes first after sending a greeting: the client ends in TIME-WAIT, the server
+/// in CLOSED.
+fn client_close(lab: &Lab, mut client: TcpStream, mut server: TcpStream) {
+    let port = client_port(&client);
+    client.write_all(b"hello").unwrap();
+    let mut hello = [0u8; 5];
+    server.read_exact(&mut hello).unwrap();
+    drop(client);
+    assert!(read_to_end(&mut server).is_empty());
+    drop(server);
+    lab.flow_of(port, "client TIME-WAIT after a client close", |c, s| {
+        (c, s) == ("TIME-WAIT", "CLOSED")
+    });
+}
+
 fn client_port(stream: &TcpStream) -> u16 {
     stream.local_addr().unwrap().port()
 }
@@ -174,21 +202,13 @@ fn lifecycles_end_where_tcp_says_and_are_counted() {
     let lab = Lab::new();
 
     // Client closes first: the client ends in TIME-WAIT, the server in CLOSED.
-    let (mut client, mut server) = lab.connect();
+    let (client, server) = lab.connect();
     let first = client_port(&client);
     let flow = lab.flow_of(first, "a cookie connection", |c, s| {
         (c, s) == ("ESTABLISHED", "ESTABLISHED")
     });
     assert_eq!(flow["origin"], "cookie");
-    client.write_all(b"hello").unwrap();
-    let mut hello = [0u8; 5];
-    server.read_exact(&mut hello).unwrap();
-    drop(client);
-    assert!(read_to_end(&mut server).is_empty());
-    drop(server);
-    lab.flow_of(first, "client TIME-WAIT after a client close", |c, s| {
-        (c, s) == ("TIME-WAIT", "CLOSED")
-    });
+    client_close(&lab, client, server);
 
     // Server closes first: the server ends in TIME-WAIT.
     let (mut client, mut server) = lab.connect();
@@ -305,8 +325,7 @@ fn lifecycles_end_where_tcp_says_and_are_counted() {
         3.0
     );
     for family in ["ipv4", "ipv6"] {
-        let entries = format!("tcpguard_flow_table_entries{{family=\"{family}\"}}");
-        assert_eq!(samples.get(&entries), Some(&0.0), "{entries}");
+        assert_eq!(flow_table_entries(&samples, family), Some(0.0), "{family}");
     }
     assert_eq!(
         sample(&samples, "tcpguard_lifecycle_events_lost_total", ""),
@@ -796,7 +815,7 @@ fn flow_table_entries_are_the_flow_maps() {
 #[test]
 fn an_ipv6_connection_is_followed_in_its_own_flow_map() {
     let lab = Lab::with_ipv6();
-    let (mut client, mut server) = lab.connect();
+    let (client, server) = lab.connect();
     let port = client_port(&client);
     lab.flow_of(port, "an IPv6 connection", |c, s| {
         (c, s) == ("ESTABLISHED", "ESTABLISHED")
@@ -807,26 +826,12 @@ fn an_ipv6_connection_is_followed_in_its_own_flow_map() {
         "the IPv6 entry in the metrics",
         || {
             let samples = scrape(&lab.rig.server);
-            let entries = |family: &str| {
-                samples
-                    .get(&format!(
-                        "tcpguard_flow_table_entries{{family=\"{family}\"}}"
-                    ))
-                    .copied()
-            };
+            let entries = |family| flow_table_entries(&samples, family);
             (entries("ipv4") == Some(0.0) && entries("ipv6") == Some(1.0)).then_some(())
         },
     );
 
-    client.write_all(b"hello").unwrap();
-    let mut hello = [0u8; 5];
-    server.read_exact(&mut hello).unwrap();
-    drop(client);
-    assert!(read_to_end(&mut server).is_empty());
-    drop(server);
-    lab.flow_of(port, "client TIME-WAIT after a client close", |c, s| {
-        (c, s) == ("TIME-WAIT", "CLOSED")
-    });
+    client_close(&lab, client, server);
     assert_eq!(flow_map_entries(&lab), [0, 0], "gone with the server's end");
     lab.untracked(port, "TIME-WAIT to run out");
 }
@@ -850,7 +855,7 @@ fn a_reload_that_denies_a_client_cuts_its_tracked_connections() {
     let path = std::env::temp_dir().join(format!("{}.toml", lab.rig.server.name));
     std::fs::write(
         &path,
-        format!("stats_interval = 0\n[timeouts]\nmsl = 1\n[policy]\ndeny = [\"{CLIENT}\"]\n"),
+        format!("{LAB_CONFIG}[policy]\ndeny = [\"{CLIENT}\"]\n"),
     )
     .unwrap();
     let denied = |lab: &Lab| status(&lab.daemon.paths)["packets"]["denied_source"].as_u64();
@@ -868,8 +873,7 @@ fn a_reload_that_denies_a_client_cuts_its_tracked_connections() {
         "the metric to follow the map",
         || {
             let samples = scrape(&lab.rig.server);
-            let entries = samples.get("tcpguard_flow_table_entries{family=\"ipv4\"}");
-            (entries == Some(&0.0)).then_some(())
+            (flow_table_entries(&samples, "ipv4") == Some(0.0)).then_some(())
         },
     );
 
