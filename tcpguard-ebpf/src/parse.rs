@@ -182,7 +182,11 @@ fn be16<const N: usize>(bytes: &[u8; N], at: usize) -> u16 {
 #[inline(always)]
 pub fn plain_segment(ctx: &impl Frame, plain: Plain) -> Result<Segment, Counter> {
     match plain.family {
-        Family::V4 => ipv4(ctx, ETH_HLEN),
+        // plain saw version 4 and no options: the TCP header's offset is a constant.
+        Family::V4 => {
+            let header: [u8; IPV4_MIN_HLEN] = read(ctx, ETH_HLEN).ok_or(Counter::Truncated)?;
+            ipv4_datagram(ctx, ETH_HLEN, &header, IPV4_MIN_HLEN)
+        }
         Family::V6 => ipv6(ctx, ETH_HLEN),
     }
 }
@@ -215,6 +219,18 @@ fn ipv4(ctx: &impl Frame, l3: usize) -> Result<Segment, Counter> {
     if header_len < IPV4_MIN_HLEN {
         return Err(Counter::BadIpHeaderLength);
     }
+    ipv4_datagram(ctx, l3, &header, header_len)
+}
+
+/// The TCP segment in the IPv4 datagram at `l3`, whose fixed `header` (version checked) says
+/// it is `header_len` bytes long.
+#[inline(always)]
+fn ipv4_datagram(
+    ctx: &impl Frame,
+    l3: usize,
+    header: &[u8; IPV4_MIN_HLEN],
+    header_len: usize,
+) -> Result<Segment, Counter> {
     let total_len = usize::from(u16::from_be_bytes([header[2], header[3]]));
     // A frame may carry padding after the datagram, never less than the datagram.
     if total_len < header_len || l3 + total_len > len(ctx) {
@@ -223,7 +239,7 @@ fn ipv4(ctx: &impl Frame, l3: usize) -> Result<Segment, Counter> {
     if header[IPV4_PROTOCOL] != IPPROTO_TCP {
         return Err(Counter::NotTcp);
     }
-    let fragment = be16(&header, IPV4_FRAGMENT);
+    let fragment = be16(header, IPV4_FRAGMENT);
     if fragment & IP_OFFSET != 0 {
         return Err(Counter::LaterFragment);
     }
