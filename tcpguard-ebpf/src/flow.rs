@@ -287,14 +287,29 @@ fn syn_slot(key: &FlowKey) -> (u32, u16) {
 /// timeouts count in seconds.
 const LAST_SEEN_STEP_NS: i64 = 100_000_000;
 
-/// The tracked flow `key`, refreshed by `segment`, with an event when the state machine needs
+/// The flow of `segment`, looked up without building its whole [`FlowKey`] where it is IPv4:
+/// every tracked segment takes this path, and only an event needs the whole key.
+#[inline(always)]
+fn lookup_segment(ctx: &impl Frame, segment: &Segment, direction: Direction) -> Option<*mut Flow> {
+    match segment.family {
+        Family::V4 => {
+            let addresses = read::<8>(ctx, segment.l3 + 12)?;
+            let words =
+                FlowKeyV4::words_of_segment(addresses, segment.sport, segment.dport, direction);
+            FLOWS_V4.get_ptr_mut(KeyV4(words))
+        }
+        Family::V6 => FLOWS_V6.get_ptr_mut(key(ctx, segment, direction)?),
+    }
+}
+
+/// The tracked flow of `segment`, refreshed by it, with an event when the state machine needs
 /// the segment ([`Flow::observe`] decides). `None` when the flow is not tracked.
 #[inline(always)]
-pub fn track(key: &FlowKey, segment: &Segment, direction: Direction) -> Option<()> {
-    let flow = lookup(key)?;
+pub fn track(ctx: &impl Frame, segment: &Segment, direction: Direction) -> Option<()> {
+    let flow = lookup_segment(ctx, segment, direction)?;
     // SAFETY: the value stays valid while this program runs; concurrent writers on other CPUs
     // can only make the idle time or a FIN record slightly stale, never unsafe.
-    refresh(unsafe { &mut *flow }, key, segment, direction);
+    refresh(unsafe { &mut *flow }, ctx, segment, direction);
     Some(())
 }
 
@@ -304,11 +319,11 @@ pub fn track(key: &FlowKey, segment: &Segment, direction: Direction) -> Option<(
 /// untracked one (and returns the cookie again).
 #[inline(always)]
 pub fn track_built(
-    key: &FlowKey,
+    ctx: &impl Frame,
     segment: &Segment,
     socket_built: impl FnOnce() -> bool,
 ) -> Option<()> {
-    let flow = lookup(key)?;
+    let flow = lookup_segment(ctx, segment, Direction::FromClient)?;
     // SAFETY: as in track.
     let flow = unsafe { &mut *flow };
     if flow.awaiting_socket != 0 {
@@ -317,12 +332,12 @@ pub fn track_built(
         }
         flow.awaiting_socket = 0;
     }
-    refresh(flow, key, segment, Direction::FromClient);
+    refresh(flow, ctx, segment, Direction::FromClient);
     Some(())
 }
 
 #[inline(always)]
-fn refresh(flow: &mut Flow, key: &FlowKey, segment: &Segment, direction: Direction) {
+fn refresh(flow: &mut Flow, ctx: &impl Frame, segment: &Segment, direction: Direction) {
     // The idle time needs no better than the coarse clock (the last tick's time, no clock
     // source read), and is written only when it moved on by LAST_SEEN_STEP_NS: a busy flow's
     // segments, on both CPUs of its two directions, do not all write its cache line.
@@ -330,7 +345,9 @@ fn refresh(flow: &mut Flow, key: &FlowKey, segment: &Segment, direction: Directi
     if seen.wrapping_sub(flow.last_seen_ns) as i64 >= LAST_SEEN_STEP_NS {
         flow.last_seen_ns = seen;
     }
-    if let Some(receiver_ack) = flow.observe(direction, &header(segment)) {
+    if let Some(receiver_ack) = flow.observe(direction, &header(segment))
+        && let Some(key) = key(ctx, segment, direction)
+    {
         report(
             key,
             segment,

@@ -112,12 +112,12 @@ fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
     if let Err(counter) = host::frame_for_interface(ctx) {
         return counter;
     }
+    if is_tracked::<OWN>(ctx, &segment) {
+        return Counter::TrackedFlow;
+    }
     let Some(key) = flow::key(ctx, &segment, Direction::FromClient) else {
         return Counter::Truncated;
     };
-    if is_tracked::<OWN>(ctx, &segment, key) {
-        return Counter::TrackedFlow;
-    }
     if let Err(counter) = host::owns_destination(key) {
         return counter;
     }
@@ -149,16 +149,16 @@ fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
 /// it, which the kernel may still drop; until a segment finds the socket the kernel built,
 /// each is judged as untracked, so that it returns the cookie and builds the socket instead.
 #[inline(always)]
-fn is_tracked<const OWN: bool>(ctx: &XdpContext, segment: &Segment, key: &FlowKey) -> bool {
+fn is_tracked<const OWN: bool>(ctx: &XdpContext, segment: &Segment) -> bool {
     if segment.flags & (SYN | ACK) == SYN || validate::segment(segment).is_err() {
         return false;
     }
     if OWN {
         let socket_built =
             || Socket::lookup(ctx, segment).is_some_and(|socket| !socket.is_listener());
-        flow::track_built(key, segment, socket_built).is_some()
+        flow::track_built(ctx, segment, socket_built).is_some()
     } else {
-        flow::track(key, segment, Direction::FromClient).is_some()
+        flow::track(ctx, segment, Direction::FromClient).is_some()
     }
 }
 
@@ -200,7 +200,7 @@ fn handle_syn<const OWN: bool>(
 ) -> Counter {
     let cookies = attack::syn_seen();
     if policy.allowed(key) {
-        if flow::track(key, segment, Direction::FromClient).is_none() {
+        if flow::track(ctx, segment, Direction::FromClient).is_none() {
             flow::start(
                 key,
                 segment,
@@ -346,9 +346,7 @@ fn observe_egress(ctx: &TcContext) {
     if segment.fragment {
         return;
     }
-    if let Some(key) = flow::key(ctx, &segment, Direction::FromServer) {
-        let _ = flow::track(key, &segment, Direction::FromServer);
-    }
+    let _ = flow::track(ctx, &segment, Direction::FromServer);
 }
 
 #[inline(always)]

@@ -131,7 +131,7 @@ pub fn check_ack(
     }
     // A segment returning the cookie again (the kernel dropped the first) refreshes the flow
     // that one started.
-    if flow::track(key, segment, Direction::FromClient).is_none() {
+    if flow::track(ctx, segment, Direction::FromClient).is_none() {
         flow::start(
             key,
             segment,
