@@ -141,7 +141,11 @@ pub struct Flow {
     /// XDP passed it (a full accept queue, say); until then each client segment must return the
     /// cookie again, which the kernel accepts from any ACK, as it does its own cookies.
     pub awaiting_socket: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+    /// The low 32 bits of the kernel's tick count (`jiffies`) when `last_seen_ns` was last
+    /// written. A segment compares the tick count, one load, with this, and reads the clock
+    /// only when enough ticks have passed to write it again.
+    pub seen_tick: u32,
 }
 
 /// When a SYN was answered with a cookie, in the slot of [`crate::maps::SYN_TIMES`] its

@@ -29,11 +29,17 @@ pub struct Tick {
 #[map(name = "CLOCK_CACHE")]
 static CLOCK_CACHE: PerCpuArray<Tick> = PerCpuArray::with_max_entries(1, 0);
 
+/// The kernel's tick count, `jiffies`.
+#[inline(always)]
+pub fn jiffies() -> u64 {
+    // SAFETY: no arguments, no side effects.
+    unsafe { bpf_jiffies64() }
+}
+
 /// The coarse clock now.
 #[inline(always)]
 pub fn coarse() -> Tick {
-    // SAFETY: no arguments, no side effects.
-    let jiffies = unsafe { bpf_jiffies64() };
+    let jiffies = jiffies();
     let Some(cached) = CLOCK_CACHE.get_ptr_mut(0) else {
         return read(jiffies);
     };

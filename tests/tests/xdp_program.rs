@@ -293,7 +293,7 @@ fn handshake(syn: TcpFrame, expected_mss: u16) {
 /// A tracked segment refreshes its flow's idle time with the kernel's coarse clock
 /// (CLOCK_MONOTONIC_COARSE), which the data plane reads once per tick and CPU: the time written
 /// lies between the clock read just before and just after the segment, and a segment more than
-/// the refresh step (100 ms) later writes a later one. The clock the data plane cached may be
+/// the refresh step (25 ticks: 250 ms at the slowest tick, 100 Hz) later writes a later one. The clock the data plane cached may be
 /// one tick older than the one read before it, when its read fell between the kernel's update
 /// of `jiffies` and its update of the clock; a tick is at most 10 ms (HZ=100).
 #[test]
@@ -309,7 +309,7 @@ fn a_tracked_segment_refreshes_its_flow_with_the_coarse_clock() {
         let flows = guard.flows().unwrap();
         let mut last = 0;
         for round in 0..3 {
-            std::thread::sleep(std::time::Duration::from_millis(150));
+            std::thread::sleep(std::time::Duration::from_millis(300));
             let before = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
             assert_verdict(&guard, &ack.bytes(), XDP_PASS, Counter::TrackedFlow);
             let after = clock_ns(libc::CLOCK_MONOTONIC_COARSE);
