@@ -11,6 +11,13 @@ pub const FAMILY_IPV6: u8 = 1 << 1;
 pub struct ProtectedPort {
     /// Bitmask of [`FAMILY_IPV4`] and [`FAMILY_IPV6`]; zero means unprotected.
     pub families: u8,
+    pub _pad: u8,
+    /// A protected port's entry: the protected interface's own unicast MAC, which a frame must
+    /// be sent to (see [`crate::is_for_interface`]); all-zero until the daemon knows it, which
+    /// matches no frame. Kept here rather than in a map of its own so that the one lookup every
+    /// protected segment makes, of its port, answers the MAC check too. The entry is eight
+    /// bytes either way: an array map's entries are.
+    pub interface_mac: [u8; 6],
 }
 
 /// [`SynCookieConfig::window_scale`] value meaning "the kernel does not scale windows"

@@ -75,31 +75,20 @@ impl HostFilter {
     }
 }
 
-/// The protected interface as the data plane needs to know it; the single entry of
-/// [`crate::maps::INTERFACE`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct InterfaceConfig {
-    /// The interface's own unicast MAC. The kernel delivers to local sockets only frames sent
-    /// to it (`PACKET_HOST`); all-zero until the daemon writes it, which matches no frame.
-    pub mac: [u8; 6],
-    pub _pad: [u8; 2],
-}
-
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: #[repr(C)], integers only, padding spelled out.
     unsafe impl aya::Pod for super::HostAddress {}
-    unsafe impl aya::Pod for super::InterfaceConfig {}
     unsafe impl aya::Pod for super::HostFilter {}
 }
 
-/// Whether a frame sent to `destination` reaches the host's own stack: the interface's unicast
-/// MAC and nothing else (not broadcast, not multicast, not another host's MAC seen in
-/// promiscuous mode).
+/// Whether a frame sent to `destination` reaches the host's own stack, the interface's own
+/// MAC being `interface_mac`: the interface's unicast MAC and nothing else (not broadcast, not
+/// multicast, not another host's MAC seen in promiscuous mode). The kernel delivers to local
+/// sockets only frames sent to it (`PACKET_HOST`).
 #[inline(always)]
-pub fn is_for_interface(destination: [u8; 6], interface: &InterfaceConfig) -> bool {
-    destination == interface.mac && interface.mac != [0; 6] && interface.mac[0] & 1 == 0
+pub fn is_for_interface(destination: [u8; 6], interface_mac: &[u8; 6]) -> bool {
+    destination == *interface_mac && *interface_mac != [0; 6] && interface_mac[0] & 1 == 0
 }
 
 /// An address that can be neither end of a TCP connection on the wire, the way Linux judges
@@ -223,15 +212,12 @@ mod tests {
 
     #[test]
     fn only_the_interfaces_own_unicast_mac_is_for_it() {
-        let interface = InterfaceConfig {
-            mac: [0x02, 0, 0, 0, 0, 2],
-            _pad: [0; 2],
-        };
+        let interface = [0x02, 0, 0, 0, 0, 2];
         assert!(is_for_interface([0x02, 0, 0, 0, 0, 2], &interface));
         assert!(!is_for_interface([0x02, 0, 0, 0, 0, 3], &interface));
         assert!(!is_for_interface([0xff; 6], &interface));
         assert!(!is_for_interface([0x33, 0x33, 0, 0, 0, 1], &interface));
-        let unset = InterfaceConfig::default();
+        let unset = [0; 6];
         assert!(
             !is_for_interface([0; 6], &unset),
             "an unset MAC matches nothing"

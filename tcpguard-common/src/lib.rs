@@ -30,7 +30,7 @@ pub use flow::{
     EVENT_RING_BYTES, EVENTS_LOST, EVENTS_SENT, FLOW_IPV4, FLOW_IPV6, Flow, FlowKey, FlowKeyV4,
     LifecycleEvent, SourceKey, SynTime,
 };
-pub use host::{HostAddress, HostFilter, InterfaceConfig, is_for_interface, is_martian};
+pub use host::{HostAddress, HostFilter, is_for_interface, is_martian};
 pub use rare::{
     LogLimit, RARE_ERROR, RARE_EVENT_RING_BYTES, RARE_LOG_INTERVAL_NS, RARE_WARN, RareEvent,
     rare_event,
@@ -78,8 +78,6 @@ pub mod maps {
     pub const HOST_ADDRESSES: &str = "HOST_ADDRESSES";
     /// `Array<HostFilter>` with a single entry: which addresses [`HOST_ADDRESSES`] may hold.
     pub const HOST_ADDRESS_FILTER: &str = "HOST_ADDRESS_FILTER";
-    /// `Array<InterfaceConfig>` with a single entry.
-    pub const INTERFACE: &str = "INTERFACE";
     /// aya-log-ebpf's `RingBuf` of log records: the Rust programs' lines for the daemon's log,
     /// which aya-log's `EbpfLogger` reads. Not pinned: each daemon reads the ring of the
     /// programs it loaded.
@@ -143,7 +141,6 @@ pub mod maps {
         FULL_SOURCES,
         HOST_ADDRESSES,
         HOST_ADDRESS_FILTER,
-        INTERFACE,
         COOKIE_SECRETS,
         ATTACK_CONFIG,
         ATTACK,

@@ -7,14 +7,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray},
 };
 use tcpguard_common::{
-    Counter, FlowKey, HOST_ADDRESSES_CAPACITY, HostAddress, HostFilter, InterfaceConfig,
-    is_for_interface, is_martian,
+    Counter, FlowKey, HOST_ADDRESSES_CAPACITY, HostAddress, HostFilter, is_for_interface,
+    is_martian,
 };
 
 use crate::frame::{Frame, read};
-
-#[map(name = "INTERFACE")]
-static INTERFACE: Array<InterfaceConfig> = Array::with_max_entries(1, 0);
 
 #[map(name = "HOST_ADDRESSES")]
 static HOST_ADDRESSES: HashMap<HostAddress, u8> =
@@ -27,14 +24,15 @@ static HOST_ADDRESS_FILTER: Array<HostFilter> = Array::with_max_entries(1, 0);
 #[map(name = "HOST_KEY_SCRATCH")]
 static HOST_KEY_SCRATCH: PerCpuArray<HostAddress> = PerCpuArray::with_max_entries(1, 0);
 
-/// The frame was sent to the interface's own unicast MAC.
+/// The frame was sent to the interface's own unicast MAC, `interface_mac` (as a protected
+/// port's entry holds it).
 #[inline(always)]
-pub fn frame_for_interface(ctx: &impl Frame) -> Result<(), Counter> {
+pub fn frame_for_interface(ctx: &impl Frame, interface_mac: &[u8; 6]) -> Result<(), Counter> {
     let destination: [u8; 6] = read(ctx, 0).ok_or(Counter::Truncated)?;
-    match INTERFACE.get(0) {
-        Some(interface) if is_for_interface(destination, interface) => Ok(()),
-        _ => Err(Counter::OtherMac),
+    if !is_for_interface(destination, interface_mac) {
+        return Err(Counter::OtherMac);
     }
+    Ok(())
 }
 
 /// Neither end is martian, and the server end is one of the host's own addresses.

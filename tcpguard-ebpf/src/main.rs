@@ -94,22 +94,26 @@ fn verdict<const OWN: bool>(ctx: &XdpContext) -> u32 {
 fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
     // Most frames are plain: their port is read first, and traffic to other ports passes before
     // the rest of the dissection. Other frames are dissected to their port first. Either way
-    // the port is looked up once: a lookup is about 1 ns of the tracked path.
-    let segment = match parse::plain(ctx) {
-        Some(plain) if !is_protected_port(plain.dport, family_bit(plain.family)) => {
-            return Counter::Unprotected;
-        }
-        Some(plain) => parse::plain_segment(ctx, plain),
+    // the port is looked up once: a lookup is about 1 ns of the tracked path. Its entry holds
+    // the interface's MAC too.
+    let (segment, port) = match parse::plain(ctx) {
+        Some(plain) => match protected_port(plain.dport, plain.family) {
+            Some(port) => (parse::plain_segment(ctx, plain), port),
+            None => return Counter::Unprotected,
+        },
         None => match parse::segment(ctx) {
-            Ok(segment) if !is_protected(&segment) => return Counter::Unprotected,
-            other => other,
+            Ok(segment) => match protected_port(segment.dport, segment.family) {
+                Some(port) => (Ok(segment), port),
+                None => return Counter::Unprotected,
+            },
+            Err(counter) => return counter,
         },
     };
     let segment = match segment {
         Ok(segment) => segment,
         Err(counter) => return counter,
     };
-    if let Err(counter) = host::frame_for_interface(ctx) {
+    if let Err(counter) = host::frame_for_interface(ctx, &port.interface_mac) {
         return counter;
     }
     if is_tracked::<OWN>(ctx, &segment) {
@@ -162,25 +166,16 @@ fn is_tracked<const OWN: bool>(ctx: &XdpContext, segment: &Segment) -> bool {
     }
 }
 
+/// The entry of `port`, when it is protected for `family`.
 #[inline(always)]
-fn is_protected(segment: &Segment) -> bool {
-    is_protected_port(segment.dport, family_bit(segment.family))
-}
-
-/// `family` as a bit of [`ProtectedPort::families`].
-#[inline(always)]
-fn family_bit(family: Family) -> u8 {
-    match family {
+fn protected_port(port: u16, family: Family) -> Option<&'static ProtectedPort> {
+    let family = match family {
         Family::V4 => FAMILY_IPV4,
         Family::V6 => FAMILY_IPV6,
-    }
-}
-
-#[inline(always)]
-fn is_protected_port(port: u16, family: u8) -> bool {
+    };
     PROTECTED_PORTS
         .get(u32::from(port))
-        .is_some_and(|protected| protected.families & family != 0)
+        .filter(|protected| protected.families & family != 0)
 }
 
 /// A SYN: allow-listed sources go straight to the kernel and are tracked from here; sources at

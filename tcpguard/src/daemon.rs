@@ -126,6 +126,10 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         config.reload.cookie_secret_file.as_deref(),
         config.reload.cookie_key_rotation,
     )?;
+    // The MAC first: set_ports writes it into every protected port's entry, and a pinned map
+    // that still protects a port (a restart) must not lose it for a moment.
+    let (mac, owned) = crate::host::read(&config.restart.interface)?;
+    guard.set_interface_mac(mac)?;
     guard.set_ports(&config.reload.ports)?;
     guard.set_syn_cookie_config(cookie)?;
     guard.set_policy(&config.reload.policy)?;
@@ -134,8 +138,6 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
     }
     let when = cookies::when(config.restart.cookies, &choice)?;
     guard.set_attack_config(attack_config(&config, when.0))?;
-    let (interface, owned) = crate::host::read(&config.restart.interface)?;
-    guard.set_interface(interface)?;
     guard.set_host_addresses(&owned)?;
     info!(
         "answering SYNs to this host's own addresses only: {}",
@@ -503,9 +505,9 @@ impl Daemon {
         let interface = self.config.restart.interface.clone();
         let update = crate::host::read(&interface)
             .map_err(anyhow::Error::from)
-            .and_then(|(config, owned)| {
+            .and_then(|(mac, owned)| {
                 let guard = self.guard();
-                guard.set_interface(config)?;
+                guard.set_interface_mac(mac)?;
                 Ok(guard.set_host_addresses(&owned)?)
             });
         match update {

@@ -5,7 +5,7 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use nix::ifaddrs::getifaddrs;
-use tcpguard_common::{HostAddress, InterfaceConfig, is_martian};
+use tcpguard_common::{HostAddress, is_martian};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -17,10 +17,10 @@ pub enum HostError {
 
 /// The host as the data plane must know it, from one reading of the kernel's interfaces:
 /// `interface`'s MAC and the host's addresses (see [`addresses`]).
-pub fn read(interface: &str) -> Result<(InterfaceConfig, BTreeSet<HostAddress>), HostError> {
+pub fn read(interface: &str) -> Result<([u8; 6], BTreeSet<HostAddress>), HostError> {
     let (mac, owned) = scan(interface)?;
     let mac = mac.ok_or_else(|| HostError::NoMac(interface.to_owned()))?;
-    Ok((InterfaceConfig { mac, _pad: [0; 2] }, owned))
+    Ok((mac, owned))
 }
 
 /// The unicast addresses of every interface in this network namespace: Linux delivers a

@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, process::Command};
 
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use tcpguard::{Counters, Guard};
-use tcpguard_common::{Flow, FlowKey, FlowKeyV4, InterfaceConfig};
+use tcpguard_common::{Flow, FlowKey, FlowKeyV4};
 
 use crate::{
     frame::{SERVER_MAC, SERVER_V4, SERVER_V6},
@@ -39,10 +39,7 @@ pub fn load_for(ports: &[u16], own_cookies: bool) -> Guard {
     let mut guard =
         Guard::load(&ports, config, own_cookies).expect("loading tcpguard's XDP program");
     guard
-        .set_interface(InterfaceConfig {
-            mac: SERVER_MAC,
-            _pad: [0; 2],
-        })
+        .set_interface_mac(SERVER_MAC)
         .expect("writing the interface's MAC");
     let owned = tcpguard::host::addresses().expect("listing this namespace's addresses");
     guard

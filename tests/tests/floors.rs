@@ -111,6 +111,7 @@ fn the_pass_floors_pass_what_their_lookup_finds() {
             .expect("an array");
         let protected = ProtectedPort {
             families: FAMILY_IPV4,
+            ..ProtectedPort::default()
         };
         ports
             .set(u32::from(PORT), &protected, 0)

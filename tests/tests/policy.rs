@@ -122,7 +122,10 @@ fn a_change_of_ports_writes_only_the_ports_that_change() {
         let mut guard = xdp::load(&[PORT]);
         let mut beside = protected_ports(&guard);
         // A mark no write of tcpguard's makes, on a port that stays unprotected.
-        let mark = ProtectedPort { families: 0x80 };
+        let mark = ProtectedPort {
+            families: 0x80,
+            ..ProtectedPort::default()
+        };
         beside.set(9999, &mark, 0).unwrap();
         guard.set_ports(&BTreeSet::from([PORT, PORT + 1])).unwrap();
         assert_eq!(

@@ -327,6 +327,51 @@ fn a_tracked_segment_refreshes_its_flow_with_the_coarse_clock() {
     });
 }
 
+/// The interface's MAC lives in each protected port's entry: a new MAC reaches every port
+/// protected before the change, and the ports protected after it.
+#[test]
+fn a_new_interface_mac_reaches_every_protected_port() {
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x42];
+    in_fresh_netns(|| {
+        // No listener: a SYN that is judged finds none and goes to the kernel.
+        let mut guard = xdp::load(&[PORT, PORT + 1]);
+        let syn_to = |mac: [u8; 6], port: u16| {
+            let mut syn = TcpFrame::syn_v4(port);
+            syn.destination_mac = mac;
+            syn.bytes()
+        };
+        for port in [PORT, PORT + 1] {
+            assert_verdict(
+                &guard,
+                &syn_to(SERVER_MAC, port),
+                XDP_PASS,
+                Counter::NoListener,
+            );
+            assert_verdict(&guard, &syn_to(NEW_MAC, port), XDP_PASS, Counter::OtherMac);
+        }
+        guard
+            .set_interface_mac(NEW_MAC)
+            .expect("writing the new MAC");
+        guard
+            .set_ports(&[PORT, PORT + 1, PORT + 2].into())
+            .expect("protecting a third port");
+        for port in [PORT, PORT + 1, PORT + 2] {
+            assert_verdict(
+                &guard,
+                &syn_to(NEW_MAC, port),
+                XDP_PASS,
+                Counter::NoListener,
+            );
+            assert_verdict(
+                &guard,
+                &syn_to(SERVER_MAC, port),
+                XDP_PASS,
+                Counter::OtherMac,
+            );
+        }
+    });
+}
+
 #[test]
 fn ipv4_syn_with_linux_options() {
     handshake(

@@ -94,6 +94,7 @@ impl Guard {
             pin_dir: options.pin_dir.clone(),
             attachment: None,
             ports: None,
+            interface_mac: [0; 6],
         })
     }
 

@@ -9,12 +9,25 @@ use aya_log::EbpfLogger;
 use tcpguard_common::{
     AttackConfig, AttackState, Counter, DEFAULT_FLOW_CAPACITY, EVENTS_LOST, EVENTS_SENT,
     FAMILY_IPV4, FAMILY_IPV6, FLOW_IPV4, Flow, FlowKey, FlowKeyV4, HostAddress, HostFilter,
-    InterfaceConfig, POLICY_ALLOW, POLICY_DENY, POLICY_SLOT, POLICY_SOURCE_LIMIT, Policy,
-    ProtectedPort, SourceKey, SynCookieConfig, cookie::CookieSecrets, maps,
+    POLICY_ALLOW, POLICY_DENY, POLICY_SLOT, POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SourceKey,
+    SynCookieConfig, cookie::CookieSecrets, maps,
 };
 
 use super::{Guard, GuardError};
 use crate::{config::SourcePolicy, prefix::Prefix};
+
+/// A port's entry in [`maps::PROTECTED_PORTS`]: protected (`on`) for both families on the
+/// interface whose MAC is `interface_mac`, or not at all.
+fn port_entry(on: bool, interface_mac: [u8; 6]) -> ProtectedPort {
+    if !on {
+        return ProtectedPort::default();
+    }
+    ProtectedPort {
+        families: FAMILY_IPV4 | FAMILY_IPV6,
+        _pad: 0,
+        interface_mac,
+    }
+}
 
 /// Allow and deny lists written into the slot of tries not in force, with the
 /// [`Policy::lists`] byte that puts them in force ([`Guard::commit_policy`]).
@@ -25,7 +38,8 @@ pub struct PreparedPolicy {
 }
 
 impl Guard {
-    /// Protects exactly `ports`, for IPv4 and IPv6. Only the entries that change are written
+    /// Protects exactly `ports`, for IPv4 and IPv6, on the interface MAC last set
+    /// ([`Guard::set_interface_mac`]). Only the entries that change are written
     /// (all 65,536 the first time, since a pinned map may hold an earlier configuration's
     /// ports); when a write fails, the entries already written are put back, so the ports in
     /// force are the old ones.
@@ -35,10 +49,9 @@ impl Guard {
             None => (0..=u16::MAX).collect(),
         };
         let held = self.ports.take();
+        let interface_mac = self.interface_mac;
         let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;
-        let entry = |on: bool| ProtectedPort {
-            families: if on { FAMILY_IPV4 | FAMILY_IPV6 } else { 0 },
-        };
+        let entry = |on: bool| port_entry(on, interface_mac);
         for (done, &port) in changed.iter().enumerate() {
             let written = protected.set(u32::from(port), &entry(ports.contains(&port)), 0);
             if let Err(source) = written {
@@ -184,9 +197,28 @@ impl Guard {
         self.single(maps::ATTACK)
     }
 
-    /// Tells the data plane the protected interface's MAC.
-    pub fn set_interface(&mut self, config: InterfaceConfig) -> Result<(), GuardError> {
-        self.set_single(maps::INTERFACE, &config)
+    /// Tells the data plane the protected interface's MAC: each protected port's entry holds
+    /// it ([`ProtectedPort::interface_mac`]), and is written again when it changes. When a
+    /// write fails, the MAC is not taken as set, so the next call writes every entry again;
+    /// until then, frames to the new MAC on the ports not yet written pass untouched, as frames
+    /// for another host do.
+    pub fn set_interface_mac(&mut self, mac: [u8; 6]) -> Result<(), GuardError> {
+        if mac == self.interface_mac {
+            return Ok(());
+        }
+        // Before the first set_ports, which writes the MAC into every entry it protects.
+        let ports = self.ports.clone().unwrap_or_default();
+        let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;
+        for port in ports {
+            protected
+                .set(u32::from(port), &port_entry(true, mac), 0)
+                .map_err(|source| GuardError::Map {
+                    name: maps::PROTECTED_PORTS,
+                    source,
+                })?;
+        }
+        self.interface_mac = mac;
+        Ok(())
     }
 
     /// Makes the host-address map hold exactly `addresses`: new ones are added and gone ones

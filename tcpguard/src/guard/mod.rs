@@ -88,6 +88,8 @@ pub struct Guard {
     /// The ports written into [`maps::PROTECTED_PORTS`]; `None` before the first write (a
     /// pinned map may hold anything then).
     ports: Option<BTreeSet<u16>>,
+    /// The interface MAC the protected ports' entries hold ([`ProtectedPort::interface_mac`]).
+    interface_mac: [u8; 6],
 }
 
 /// The interface's index, if it exists in this network namespace.
