@@ -309,7 +309,24 @@ pub fn track(ctx: &impl Frame, segment: &Segment, direction: Direction) -> Optio
     let flow = lookup_segment(ctx, segment, direction)?;
     // SAFETY: the value stays valid while this program runs; concurrent writers on other CPUs
     // can only make the idle time or a FIN record slightly stale, never unsafe.
-    refresh(unsafe { &mut *flow }, ctx, segment, direction);
+    refresh(unsafe { &mut *flow }, segment, direction, || {
+        key(ctx, segment, direction)
+    });
+    Some(())
+}
+
+/// As [`track`], for a segment from the client whose whole key the caller built already: the
+/// SYN and cookie-ACK paths, which need it anyway.
+#[inline(always)]
+pub fn track_key(key: &FlowKey, segment: &Segment) -> Option<()> {
+    let flow = lookup(key)?;
+    // SAFETY: as in track.
+    refresh(
+        unsafe { &mut *flow },
+        segment,
+        Direction::FromClient,
+        || Some(key),
+    );
     Some(())
 }
 
@@ -332,12 +349,20 @@ pub fn track_built(
         }
         flow.awaiting_socket = 0;
     }
-    refresh(flow, ctx, segment, Direction::FromClient);
+    refresh(flow, segment, Direction::FromClient, || {
+        key(ctx, segment, Direction::FromClient)
+    });
     Some(())
 }
 
+/// `key` gives the flow's whole key, for an event.
 #[inline(always)]
-fn refresh(flow: &mut Flow, ctx: &impl Frame, segment: &Segment, direction: Direction) {
+fn refresh<'a>(
+    flow: &mut Flow,
+    segment: &Segment,
+    direction: Direction,
+    key: impl FnOnce() -> Option<&'a FlowKey>,
+) {
     // The idle time needs no better than the coarse clock (the last tick's time, no clock
     // source read), and is written only once LAST_SEEN_STEP_TICKS passed: a busy flow's
     // segments, on both CPUs of its two directions, do not all write its cache line.
@@ -347,7 +372,7 @@ fn refresh(flow: &mut Flow, ctx: &impl Frame, segment: &Segment, direction: Dire
         flow.last_seen_ns = clock::coarse().coarse_ns;
     }
     if let Some(receiver_ack) = flow.observe(direction, &header(segment))
-        && let Some(key) = key(ctx, segment, direction)
+        && let Some(key) = key()
     {
         report(
             key,

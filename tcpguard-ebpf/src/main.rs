@@ -195,7 +195,7 @@ fn handle_syn<const OWN: bool>(
 ) -> Counter {
     let cookies = attack::syn_seen();
     if policy.allowed(key) {
-        if flow::track(ctx, segment, Direction::FromClient).is_none() {
+        if flow::track_key(key, segment).is_none() {
             flow::start(
                 key,
                 segment,

@@ -21,7 +21,7 @@ use tcpguard_common::{
 };
 
 use crate::{
-    flow::{self, Direction, KernelSocket, SynClock},
+    flow::{self, KernelSocket, SynClock},
     parse::Segment,
     rare, syn, zero,
 };
@@ -131,7 +131,7 @@ pub fn check_ack(
     }
     // A segment returning the cookie again (the kernel dropped the first) refreshes the flow
     // that one started.
-    if flow::track(ctx, segment, Direction::FromClient).is_none() {
+    if flow::track_key(key, segment).is_none() {
         flow::start(
             key,
             segment,
