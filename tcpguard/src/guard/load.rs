@@ -9,10 +9,12 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
+    maps::MapData,
     programs::{SchedClassifier, Xdp},
 };
 use tcpguard_common::{
-    DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, maps, xdp_program,
+    DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, ProtectedPort, XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM,
+    maps, xdp_program,
 };
 
 use super::{Guard, GuardError};
@@ -21,6 +23,35 @@ use crate::{
     ebpf::TCPGUARD_OBJECT,
     tc::{self, TcMode},
 };
+
+/// Removes the protected ports pinned in `dir` when an earlier tcpguard made them with entries
+/// of another size (one byte, before the interface's MAC moved into them): aya refuses a pinned
+/// map of another layout (`IncompatiblePinnedMap`), and tcpguard would not start after an
+/// upgrade. Nothing is lost: the daemon writes every entry when it starts.
+fn remove_outgrown_ports(dir: &Path) -> Result<(), GuardError> {
+    let pin = dir.join(maps::PROTECTED_PORTS);
+    let Ok(size) = MapData::from_pin(&pin)
+        .and_then(|map| map.info())
+        .map(|info| info.value_size())
+    else {
+        return Ok(());
+    };
+    if size as usize == size_of::<ProtectedPort>() {
+        return Ok(());
+    }
+    bpffs::remove_pin(&pin).map_err(|source| GuardError::OutgrownPin {
+        path: pin.clone(),
+        size,
+        source,
+    })?;
+    log::warn!(
+        "{} pinned at {} had {size}-byte entries, this tcpguard keeps {}: replaced",
+        maps::PROTECTED_PORTS,
+        pin.display(),
+        size_of::<ProtectedPort>()
+    );
+    Ok(())
+}
 
 /// Where the programs are loaded from and kept.
 #[derive(Clone, Debug)]
@@ -72,6 +103,7 @@ impl Guard {
         let map_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 bpffs::prepare_pin_dir(dir)?;
+                remove_outgrown_ports(dir)?;
                 maps::ALL
                     .iter()
                     .map(|&name| (name, dir.join(name)))

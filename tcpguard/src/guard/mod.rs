@@ -76,6 +76,15 @@ pub enum GuardError {
     PinDir(#[from] bpffs::PinDirError),
     #[error("pinning under {dir}: {source}")]
     Pin { dir: PathBuf, source: io::Error },
+    #[error(
+        "removing {path}, pinned by an earlier tcpguard with {size}-byte entries where this one keeps {}, failed: {source}",
+        size_of::<tcpguard_common::ProtectedPort>()
+    )]
+    OutgrownPin {
+        path: PathBuf,
+        size: u32,
+        source: io::Error,
+    },
 }
 
 /// The programs loaded and configured, attached to at most one interface.
