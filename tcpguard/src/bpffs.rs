@@ -32,9 +32,15 @@ pub fn program_pin(name: &str) -> String {
     format!("{PROGRAM_PREFIX}{name}")
 }
 
+/// Maps that earlier versions of tcpguard pinned and this one no longer has: the flow map of
+/// both families before each had its own, and the interface's MAC before the protected ports'
+/// entries held it. Still tcpguard's pins, for `detach` to remove after an upgrade.
+const RETIRED_MAPS: [&str; 2] = ["FLOWS", "INTERFACE"];
+
 /// Whether `name` is one tcpguard pins under: a map, a program or a link of its own.
 pub fn is_own_pin(name: &str) -> bool {
     maps::ALL.contains(&name)
+        || RETIRED_MAPS.contains(&name)
         || name == maps::REQSK_RESULTS
         || name
             .strip_prefix(PROGRAM_PREFIX)
@@ -333,6 +339,8 @@ mod tests {
     fn own_pins_are_tcpguards_names_only() {
         for name in [
             "FLOWS_V4",
+            "FLOWS",
+            "INTERFACE",
             "DENY_V4",
             "REQSK_RESULTS",
             "prog_tcpguard_own",
