@@ -260,6 +260,24 @@ pub fn detach_pinned_link(path: &Path) -> io::Result<()> {
     fs::remove_file(path)
 }
 
+/// Removes the map pinned at `pin` when `outgrown` says an earlier tcpguard made it with another
+/// layout: aya refuses a pinned map whose layout differs from the object's
+/// (`IncompatiblePinnedMap`), and tcpguard would not start after an upgrade. Returns the removed
+/// map's description; `None` when nothing is pinned there or the map fits.
+pub fn remove_outgrown_map(
+    pin: &Path,
+    outgrown: impl FnOnce(&aya::maps::MapInfo) -> bool,
+) -> io::Result<Option<aya::maps::MapInfo>> {
+    let Ok(info) = aya::maps::MapData::from_pin(pin).and_then(|map| map.info()) else {
+        return Ok(None);
+    };
+    if !outgrown(&info) {
+        return Ok(None);
+    }
+    remove_pin(pin)?;
+    Ok(Some(info))
+}
+
 /// Removes tcpguard's own pins from `dir` (on a BPF filesystem), links first so that nothing
 /// stays attached, then the directory once it is empty. Anything else in it is left, and its
 /// names are returned; a directory that is not on a BPF filesystem is refused untouched. A

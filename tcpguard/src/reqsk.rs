@@ -143,20 +143,19 @@ impl ReqskResults {
 /// (`IncompatiblePinnedMap`), and tcpguard would not start after an upgrade. The counts start
 /// again from 0.
 fn remove_outgrown_results(pin: &Path) -> Result<(), ReqskError> {
-    let Ok(entries) = MapData::from_pin(pin)
-        .and_then(|map| map.info())
-        .map(|info| info.max_entries())
-    else {
-        return Ok(());
-    };
-    if entries == RESULT_COUNT {
-        return Ok(());
-    }
-    std::fs::remove_file(pin).map_err(|source| ReqskError::OutgrownPin {
+    let mut entries = 0;
+    let removed = bpffs::remove_outgrown_map(pin, |info| {
+        entries = info.max_entries();
+        entries != RESULT_COUNT
+    })
+    .map_err(|source| ReqskError::OutgrownPin {
         path: pin.to_owned(),
         entries,
         source,
     })?;
+    if removed.is_none() {
+        return Ok(());
+    }
     log::warn!(
         "{RESULTS_MAP} pinned at {} had {entries} outcome counters, this tcpguard keeps {RESULT_COUNT}: replaced, its counts start again from 0",
         pin.display()

@@ -9,7 +9,6 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::MapData,
     programs::{SchedClassifier, Xdp},
 };
 use tcpguard_common::{
@@ -30,20 +29,20 @@ use crate::{
 /// upgrade. Nothing is lost: the daemon writes every entry when it starts.
 fn remove_outgrown_ports(dir: &Path) -> Result<(), GuardError> {
     let pin = dir.join(maps::PROTECTED_PORTS);
-    let Ok(size) = MapData::from_pin(&pin)
-        .and_then(|map| map.info())
-        .map(|info| info.value_size())
-    else {
-        return Ok(());
-    };
-    if size as usize == size_of::<ProtectedPort>() {
-        return Ok(());
-    }
-    bpffs::remove_pin(&pin).map_err(|source| GuardError::OutgrownPin {
+    let entry = size_of::<ProtectedPort>();
+    let mut size = 0;
+    let removed = bpffs::remove_outgrown_map(&pin, |info| {
+        size = info.value_size();
+        size as usize != entry
+    })
+    .map_err(|source| GuardError::OutgrownPin {
         path: pin.clone(),
         size,
         source,
     })?;
+    if removed.is_none() {
+        return Ok(());
+    }
     log::warn!(
         "{} pinned at {} had {size}-byte entries, this tcpguard keeps {}: replaced",
         maps::PROTECTED_PORTS,
