@@ -93,7 +93,7 @@ fn main() {
         println!(
             "repeated paths: thread CPU time of a {REPEAT_LONG}-run call less a {REPEAT_SHORT}-run \
              one (least of {ROUNDS} each) over the runs between; \
-             kernel's figure: BPF_PROG_TEST_RUN's duration of the least long call, whole ns"
+             kernel's figure: the least BPF_PROG_TEST_RUN duration of the long calls, whole ns"
         );
         println!("| path | verdict | ns/packet | × baseline | kernel's figure |");
         println!("| --- | --- | --- | --- | --- |");
