@@ -9,7 +9,6 @@
 //! pass a segment on (`tcpguard-ebpf/src/bin/xdp_pass_floor.rs`) beside those.
 
 use std::{
-    cell::RefCell,
     net::{TcpListener, TcpStream},
     process::Command,
 };
@@ -59,7 +58,7 @@ fn main() {
         established.payload = vec![0x42; 64];
 
         let syn = TcpFrame::syn_v4(PORT).with_options(linux_syn_options(1460, 1, 7));
-        let baseline = Baseline::new(baseline, syn.bytes());
+        let mut baseline = Baseline::new(baseline, syn.bytes());
         println!("tcpguard XDP path costs, BPF_PROG_TEST_RUN on this machine");
         let verified = |guard: &Guard| {
             guard
@@ -104,7 +103,7 @@ fn main() {
         })
         .expect("writing cookie keys");
         for (mode, guard) in [("kernel's cookies", &guard), ("own cookies", &own)] {
-            cookie_rows(guard, &syn, mode, &baseline, 20_000);
+            cookie_rows(guard, &syn, mode, &mut baseline, 20_000);
         }
         drop(own);
         floor_rows(&syn, &baseline);
@@ -141,10 +140,10 @@ fn main() {
             ),
         ];
         for (name, frame, counter) in paths {
-            row(&guard, name, &frame, counter, &baseline);
+            row(&guard, name, &frame, counter, &mut baseline);
         }
-        pass_floor_rows(&valid_ack, &baseline);
-        let beside = baseline.beside.borrow();
+        pass_floor_rows(&valid_ack, &mut baseline);
+        let beside = &baseline.beside;
         let ns = beside.iter().map(|timing| timing.ns);
         let kernel = beside.iter().map(|timing| timing.kernel_ns);
         println!(
@@ -166,7 +165,7 @@ struct Baseline<'a> {
     /// ns of one call with repeat 1, mean of SINGLE_CALLS.
     single: f64,
     /// Its repeated timings, one for each repeated path it was timed beside.
-    beside: RefCell<Vec<Timing>>,
+    beside: Vec<Timing>,
 }
 
 /// What one run of a repeated path costs.
@@ -184,7 +183,7 @@ impl<'a> Baseline<'a> {
             program,
             frame,
             single,
-            beside: RefCell::new(Vec::new()),
+            beside: Vec::new(),
         }
     }
 
@@ -200,7 +199,7 @@ impl<'a> Baseline<'a> {
     /// count up to about a million), while its CPU time grows with the repeat count. Each
     /// call's least time over ROUNDS rounds is the one least disturbed by the rest of the
     /// machine.
-    fn time(&self, program: &Xdp, frame: &[u8]) -> (Timing, f64) {
+    fn time(&mut self, program: &Xdp, frame: &[u8]) -> (Timing, f64) {
         let mut path = Calls::default();
         let mut baseline = Calls::default();
         for _ in 0..ROUNDS {
@@ -208,7 +207,7 @@ impl<'a> Baseline<'a> {
             baseline.add(self.program, &self.frame);
         }
         let (path, baseline) = (path.timing(), baseline.timing());
-        self.beside.borrow_mut().push(baseline);
+        self.beside.push(baseline);
         (path, path.ns / baseline.ns)
     }
 }
@@ -278,7 +277,7 @@ fn thread_cpu_ns() -> f64 {
 /// The rows of the cookie paths in the configured mode: SYN → SYN-ACK, a valid cookie ACK on a
 /// fresh 4-tuple (it starts tracking, so each is timed once), and a bad one. Source ports from
 /// `base_port` on keep the modes' 4-tuples apart.
-fn cookie_rows(guard: &Guard, syn: &TcpFrame, mode: &str, baseline: &Baseline, base_port: u16) {
+fn cookie_rows(guard: &Guard, syn: &TcpFrame, mode: &str, baseline: &mut Baseline, base_port: u16) {
     let syn_cost = single(guard.program(), &syn.bytes());
     let (check, _) = xdp::run_counted(guard, &syn.bytes());
     assert_eq!(check.action, xdp::XDP_TX, "the SYN is answered");
@@ -357,7 +356,7 @@ fn floor_rows(syn: &TcpFrame, baseline: &Baseline) {
 /// dissection with the port lookup (for an unprotected segment) and with one flow-map lookup
 /// (for a tracked one). tcpguard's own dissection also takes VLAN tags, IPv4 options and IPv6
 /// extension headers and checks lengths, which these do not.
-fn pass_floor_rows(tracked: &TcpFrame, baseline: &Baseline) {
+fn pass_floor_rows(tracked: &TcpFrame, baseline: &mut Baseline) {
     let mut object = xdp::load_pass_floor();
     xdp::track_in_pass_floor(&mut object, &tracked.flow_key());
     for (name, program, frame) in [
@@ -400,7 +399,7 @@ fn cookie_ack(guard: &Guard, syn: &TcpFrame, port: u16) -> TcpFrame {
 }
 
 /// One repeated path: checks the counter it moves, then times it.
-fn row(guard: &Guard, name: &str, frame: &[u8], counter: Counter, baseline: &Baseline) {
+fn row(guard: &Guard, name: &str, frame: &[u8], counter: Counter, baseline: &mut Baseline) {
     let (outcome, moved) = xdp::run_counted(guard, frame);
     assert_eq!(
         moved.nonzero().map(|(c, _)| c).collect::<Vec<_>>(),
