@@ -5,7 +5,7 @@ pub const FAMILY_IPV4: u8 = 1 << 0;
 /// [`ProtectedPort::families`] bit: the port is protected for IPv6 destinations.
 pub const FAMILY_IPV6: u8 = 1 << 1;
 
-/// One entry of the protected-ports map; the entry's index is the TCP destination port.
+/// One entry of the [`PortTable`]; the entry's index is the TCP destination port.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ProtectedPort {
@@ -15,10 +15,27 @@ pub struct ProtectedPort {
     /// A protected port's entry: the protected interface's own unicast MAC, which a frame must
     /// be sent to (see [`crate::is_for_interface`]); all-zero until the daemon knows it, which
     /// matches no frame. Kept here rather than in a map of its own so that the one lookup every
-    /// protected segment makes, of its port, answers the MAC check too. The entry is eight
-    /// bytes either way: an array map's entries are.
+    /// protected segment makes, of its port, answers the MAC check too.
     pub interface_mac: [u8; 6],
 }
+
+impl ProtectedPort {
+    /// The entry of a port tcpguard does not protect.
+    pub const UNPROTECTED: Self = Self {
+        families: 0,
+        _pad: 0,
+        interface_mac: [0; 6],
+    };
+}
+
+/// The protected ports: one [`ProtectedPort`] per TCP port, indexed by the port (512 KiB).
+///
+/// The XDP program keeps it as global data, in a section of its own that the kernel holds as an
+/// array map of one entry ([`crate::maps::PROTECTED_PORTS`]), rather than as an array map of
+/// 65,536 entries: the lookup every frame makes is then a load at the table's address plus the
+/// port, with no key on the stack, no lookup and no bounds check, since a port cannot be past
+/// the end. The daemon writes the table whole, in one map update.
+pub type PortTable = [ProtectedPort; crate::PORT_COUNT as usize];
 
 /// [`SynCookieConfig::window_scale`] value meaning "the kernel does not scale windows"
 /// (`net.ipv4.tcp_window_scaling = 0`).

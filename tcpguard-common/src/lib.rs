@@ -18,7 +18,7 @@ pub mod tcp;
 pub use attack::{AttackConfig, AttackState};
 pub use config::{
     FAMILY_IPV4, FAMILY_IPV6, NO_WINDOW_SCALE, POLICY_ALLOW, POLICY_DENY, POLICY_SLOT,
-    POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SynCookieConfig,
+    POLICY_SOURCE_LIMIT, Policy, PortTable, ProtectedPort, SynCookieConfig,
 };
 pub use cookie::{COOKIE_PERIOD_S, CookieOptions, CookieReject, CookieSecrets, SynCookie};
 pub use cookie_ack::{
@@ -45,8 +45,11 @@ pub use report::{
 pub mod maps {
     /// `PerCpuArray<u64>` indexed by [`crate::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
-    /// `Array<ProtectedPort>` with one entry per TCP port (index = port number).
-    pub const PROTECTED_PORTS: &str = "PROTECTED_PORTS";
+    /// `Array<PortTable>` of one entry: the XDP program's global data of the same name, its
+    /// section `.bss.ports` (the section's name is the map's). Each load has its own, which
+    /// the daemon writes before it attaches the program; an earlier daemon's pin of this name
+    /// (an `Array<ProtectedPort>` then) is removed.
+    pub const PROTECTED_PORTS: &str = ".bss.ports";
     /// `Array<SynCookieConfig>` with a single entry.
     pub const SYN_COOKIE_CONFIG: &str = "SYN_COOKIE_CONFIG";
     /// `LruHashMap<FlowKeyV4, Flow>`: the tracked IPv4 connections.
@@ -107,8 +110,8 @@ pub mod maps {
     ];
 
     /// The maps of tcpguard's object that each load has to itself besides [`SCRATCH`]: the
-    /// log's ring (aya-log's), its limits and the clock's per-CPU cache.
-    pub const UNPINNED: &[&str] = &[AYA_LOGS, RARE_LIMITS, CLOCK_CACHE];
+    /// log's ring (aya-log's), its limits, the clock's per-CPU cache and the protected ports.
+    pub const UNPINNED: &[&str] = &[AYA_LOGS, RARE_LIMITS, CLOCK_CACHE, PROTECTED_PORTS];
 
     /// `PerCpuArray` of one entry: the coarse clock as each CPU last read it, and the tick it
     /// read it in (`tcpguard-ebpf/src/clock.rs`).
@@ -122,7 +125,6 @@ pub mod maps {
     /// and line texts.
     pub const ALL: &[&str] = &[
         COUNTERS,
-        PROTECTED_PORTS,
         SYN_COOKIE_CONFIG,
         POLICY,
         FLOWS_V4,
@@ -201,5 +203,5 @@ pub const PROGRAMS: &[&str] = &[
     REQSK_PROGRAM,
 ];
 
-/// Entries in [`maps::PROTECTED_PORTS`]: one per possible TCP port.
+/// Entries in the [`PortTable`]: one per possible TCP port.
 pub const PORT_COUNT: u32 = 65536;

@@ -1,3 +1,6 @@
 #![no_std]
-// The programs are binaries (src/main.rs, src/bin/); this library only lets the daemon name the
-// crate as a build dependency, so that cargo rebuilds the daemon when the programs change.
+// The programs are binaries (src/main.rs, src/bin/); this library lets the daemon name the crate
+// as a build dependency, so that cargo rebuilds the daemon when the programs change, and holds
+// what more than one of the programs declares.
+
+pub mod ports;

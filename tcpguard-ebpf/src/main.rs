@@ -34,10 +34,10 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use tcpguard_common::{
-    Counter, CounterKind, EventKind, FAMILY_IPV4, FAMILY_IPV6, FlowKey, PORT_COUNT, ProtectedPort,
-    SynCookieConfig,
+    Counter, CounterKind, EventKind, FAMILY_IPV4, FAMILY_IPV6, FlowKey, SynCookieConfig,
     tcp_flags::{ACK, RST, SYN},
 };
+use tcpguard_ebpf::ports::Ports;
 
 use crate::{
     attack::Cookies,
@@ -50,8 +50,10 @@ use crate::{
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
 
-#[map(name = "PROTECTED_PORTS")]
-static PROTECTED_PORTS: Array<ProtectedPort> = Array::with_max_entries(PORT_COUNT, 0);
+/// Global data, not a map: see [`tcpguard_common::PortTable`]. The section's name is the map's
+/// ([`tcpguard_common::maps::PROTECTED_PORTS`]).
+#[unsafe(link_section = ".bss.ports")]
+static PROTECTED_PORTS: Ports = Ports::new();
 
 #[map(name = "SYN_COOKIE_CONFIG")]
 static SYN_COOKIE_CONFIG: Array<SynCookieConfig> = Array::with_max_entries(1, 0);
@@ -94,16 +96,15 @@ fn verdict<const OWN: bool>(ctx: &XdpContext) -> u32 {
 fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
     // Most frames are plain: their port is read first, and traffic to other ports passes before
     // the rest of the dissection. Other frames are dissected to their port first. Either way
-    // the port is looked up once: a lookup is about 1 ns of the tracked path. Its entry holds
-    // the interface's MAC too.
-    let (segment, port) = match parse::plain(ctx) {
+    // the port's entry is read once; it holds the interface's MAC too.
+    let (segment, interface_mac) = match parse::plain(ctx) {
         Some(plain) => match protected_port(plain.dport, plain.family) {
-            Some(port) => (parse::plain_segment(ctx, plain), port),
+            Some(mac) => (parse::plain_segment(ctx, plain), mac),
             None => return Counter::Unprotected,
         },
         None => match parse::segment(ctx) {
             Ok(segment) => match protected_port(segment.dport, segment.family) {
-                Some(port) => (Ok(segment), port),
+                Some(mac) => (Ok(segment), mac),
                 None => return Counter::Unprotected,
             },
             Err(counter) => return counter,
@@ -113,7 +114,7 @@ fn judge<const OWN: bool>(ctx: &XdpContext) -> Counter {
         Ok(segment) => segment,
         Err(counter) => return counter,
     };
-    if let Err(counter) = host::frame_for_interface(ctx, &port.interface_mac) {
+    if let Err(counter) = host::frame_for_interface(ctx, &interface_mac) {
         return counter;
     }
     if is_tracked::<OWN>(ctx, &segment) {
@@ -166,16 +167,14 @@ fn is_tracked<const OWN: bool>(ctx: &XdpContext, segment: &Segment) -> bool {
     }
 }
 
-/// The entry of `port`, when it is protected for `family`.
+/// The MAC of the interface `port` is protected on, when it is protected for `family`.
 #[inline(always)]
-fn protected_port(port: u16, family: Family) -> Option<&'static ProtectedPort> {
+fn protected_port(port: u16, family: Family) -> Option<[u8; 6]> {
     let family = match family {
         Family::V4 => FAMILY_IPV4,
         Family::V6 => FAMILY_IPV6,
     };
-    PROTECTED_PORTS
-        .get(u32::from(port))
-        .filter(|protected| protected.families & family != 0)
+    (PROTECTED_PORTS.families(port) & family != 0).then(|| PROTECTED_PORTS.interface_mac(port))
 }
 
 /// A SYN: allow-listed sources go straight to the kernel and are tracked from here; sources at

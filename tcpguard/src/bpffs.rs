@@ -33,9 +33,11 @@ pub fn program_pin(name: &str) -> String {
 }
 
 /// Maps that earlier versions of tcpguard pinned and this one no longer has: the flow map of
-/// both families before each had its own, and the interface's MAC before the protected ports'
-/// entries held it. Still tcpguard's pins, for `detach` to remove after an upgrade.
-const RETIRED_MAPS: [&str; 2] = ["FLOWS", "INTERFACE"];
+/// both families before each had its own, the interface's MAC before the protected ports'
+/// entries held it, and the protected ports before they became global data each load has to
+/// itself ([`tcpguard_common::PortTable`]). Still tcpguard's pins: loading removes them, and so
+/// does `detach`.
+pub const RETIRED_MAPS: [&str; 3] = ["FLOWS", "INTERFACE", "PROTECTED_PORTS"];
 
 /// Whether `name` is one tcpguard pins under: a map, a program or a link of its own.
 pub fn is_own_pin(name: &str) -> bool {
@@ -359,6 +361,7 @@ mod tests {
             "FLOWS_V4",
             "FLOWS",
             "INTERFACE",
+            "PROTECTED_PORTS",
             "DENY_V4",
             "REQSK_RESULTS",
             "prog_tcpguard_own",

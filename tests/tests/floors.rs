@@ -7,7 +7,7 @@
 use std::net::TcpListener;
 
 use etherparse::{NetHeaders, PacketHeaders, TransportHeader};
-use tcpguard_common::{FAMILY_IPV4, ProtectedPort};
+use tcpguard_common::{FAMILY_IPV4, PORT_COUNT, PortTable, ProtectedPort, maps};
 use tcpguard_tests::{
     frame::*,
     netns::in_fresh_netns,
@@ -104,18 +104,20 @@ fn the_synack_floors_answer_syns_and_the_lookup_one_only_for_a_listener() {
 fn the_pass_floors_pass_what_their_lookup_finds() {
     in_fresh_netns(|| {
         let mut object = xdp::load_pass_floor();
-        let mut ports: aya::maps::Array<_, ProtectedPort> = object
-            .map_mut("PORTS")
-            .expect("the floor's port map")
+        let mut ports: aya::maps::Array<_, PortTable> = object
+            .map_mut(maps::PROTECTED_PORTS)
+            .expect("the floor's port table")
             .try_into()
-            .expect("an array");
-        let protected = ProtectedPort {
+            .expect("an array of one table");
+        let mut table: Box<PortTable> = vec![ProtectedPort::UNPROTECTED; PORT_COUNT as usize]
+            .into_boxed_slice()
+            .try_into()
+            .unwrap();
+        table[usize::from(PORT)] = ProtectedPort {
             families: FAMILY_IPV4,
             ..ProtectedPort::default()
         };
-        ports
-            .set(u32::from(PORT), &protected, 0)
-            .expect("protecting 8080");
+        ports.set(0, &*table, 0).expect("protecting 8080");
         let tracked = TcpFrame::syn_v4(PORT).with_flags(ACK);
         xdp::track_in_pass_floor(&mut object, &tracked.flow_key());
 

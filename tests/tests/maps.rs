@@ -8,15 +8,16 @@ use aya::Ebpf;
 use tcpguard::ebpf::{REQSK_OBJECT, TCPGUARD_OBJECT};
 use tcpguard_common::maps;
 
-/// The names of the maps loading `object` creates, each once. Data sections (`.rodata`,
-/// `.rodata.cst32`: aya-log's level and the log lines' constant parts), which aya also presents
-/// as maps, are not named by the programs and are left out.
+/// The names of the maps loading `object` creates, each once. Read-only data sections
+/// (`.rodata`, `.rodata.cst32`: aya-log's level and the log lines' constant parts), which aya
+/// also presents as maps, are not named by the programs and are left out; the port table's
+/// section (`.bss.ports`) is named, and listed.
 fn map_names(object: &[u8]) -> Vec<String> {
     let ebpf = Ebpf::load(object).expect("loading the object's maps");
     let mut names: Vec<String> = ebpf
         .maps()
         .map(|(name, _)| name.to_owned())
-        .filter(|name| !name.starts_with('.'))
+        .filter(|name| !name.starts_with(".rodata"))
         .collect();
     names.sort();
     names

@@ -16,7 +16,6 @@ use std::{
 
 use aya::maps::{Array, MapData};
 use tcpguard::{AttachMode, Guard, GuardError, guard::LoadOptions};
-use tcpguard_common::maps;
 use tcpguard_tests::{
     netns::Namespace,
     observe::{flows, sample, scrape, status, wait_until},
@@ -608,34 +607,29 @@ fn load_pinned(dir: &Path) -> Guard {
     .expect("loading tcpguard")
 }
 
-/// An upgrade over a pin directory whose protected ports an earlier tcpguard made with one-byte
-/// entries (before the interface's MAC moved into them) replaces them, where aya would refuse
-/// the map and tcpguard would not start.
+/// An upgrade over a pin directory where an earlier tcpguard pinned its protected ports (an
+/// array map of 65,536 entries, before they became global data each load has to itself)
+/// removes that pin, which nothing reads any more, and protects ports in the new table.
 #[test]
-fn protected_ports_pinned_with_one_byte_entries_are_replaced() {
+fn protected_ports_pinned_by_an_earlier_tcpguard_are_removed() {
     tcpguard_tests::rig::ensure_bpffs();
     let dir = PathBuf::from(format!(
-        "/sys/fs/bpf/tcpguard-outgrown-{}",
+        "/sys/fs/bpf/tcpguard-retired-{}",
         std::process::id()
     ));
     tcpguard::bpffs::remove_pins(&dir).expect("clearing a stale pin directory");
     let _pins = Pins(dir.clone());
     tcpguard::bpffs::prepare_pin_dir(&dir).expect("making the pin directory");
-    let pin = dir.join(maps::PROTECTED_PORTS);
-    let old: Array<MapData, u8> =
-        Array::create(u32::from(u16::MAX) + 1, 0).expect("a map of one-byte entries");
+    let pin = dir.join("PROTECTED_PORTS");
+    let old: Array<MapData, tcpguard_common::ProtectedPort> =
+        Array::create(u32::from(u16::MAX) + 1, 0).expect("a map of the earlier layout");
     old.pin(&pin).expect("pinning it");
-    let value_size = |pin: &Path| MapData::from_pin(pin).unwrap().info().unwrap().value_size();
-    assert_eq!(value_size(&pin), 1);
+    assert!(pin.exists());
     let mut guard = load_pinned(&dir);
-    assert_eq!(
-        value_size(&pin) as usize,
-        size_of::<tcpguard_common::ProtectedPort>(),
-        "the pin now holds this tcpguard's map"
-    );
+    assert!(!pin.exists(), "the earlier protected ports' pin is removed");
     guard
         .set_ports(&[PORT].into())
-        .expect("protecting a port in the new map");
+        .expect("protecting a port in the new table");
 }
 
 /// Where pinned links are attached is the kernel's answer, whatever their pins' names say: the

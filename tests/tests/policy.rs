@@ -1,15 +1,17 @@
 //! Changing what the data plane enforces without a moment of neither: allow and deny lists
 //! are written beside the ones in force and switched to in one write, a list that does not
-//! fit leaves the ones in force as they were, and a change of ports writes only the ports
-//! that change. Run by the kernel (BPF_PROG_TEST_RUN) in a namespace each test makes.
+//! fit leaves the ones in force as they were, and a change of ports is one write of the whole
+//! port table. Run by the kernel (BPF_PROG_TEST_RUN) in a namespace each test makes.
 
 use std::{collections::BTreeSet, net::TcpListener};
 
 use aya::maps::{Array, MapData};
 use tcpguard::{Guard, config::SourcePolicy, prefix::Prefix};
-use tcpguard_common::{Counter, POLICY_CAPACITY, ProtectedPort, maps};
+use tcpguard_common::{
+    Counter, FAMILY_IPV4, FAMILY_IPV6, POLICY_CAPACITY, PortTable, ProtectedPort, maps,
+};
 use tcpguard_tests::{
-    frame::{CLIENT_V4, TcpFrame},
+    frame::{CLIENT_V4, SERVER_MAC, TcpFrame},
     netns::in_fresh_netns,
     xdp::{self, XDP_DROP, XDP_PASS, XDP_TX},
 };
@@ -95,8 +97,9 @@ fn a_list_that_does_not_fit_leaves_the_lists_in_force() {
     });
 }
 
-/// The guard's PROTECTED_PORTS, opened beside it through the program's map ids.
-fn protected_ports(guard: &Guard) -> Array<MapData, ProtectedPort> {
+/// The guard's port table as the kernel holds it, read beside the guard through the program's
+/// map ids.
+fn port_table(guard: &Guard) -> Box<PortTable> {
     let ids = guard
         .program()
         .info()
@@ -111,32 +114,47 @@ fn protected_ports(guard: &Guard) -> Array<MapData, ProtectedPort> {
             map.info()
                 .is_ok_and(|info| info.name_as_str() == Some(maps::PROTECTED_PORTS))
         })
-        .expect("the program uses PROTECTED_PORTS");
-    Array::try_from(aya::maps::Map::Array(map)).unwrap()
+        .expect("the program uses its port table");
+    let table: Array<MapData, PortTable> = Array::try_from(aya::maps::Map::Array(map)).unwrap();
+    // The table is 512 KiB, read by value: on a thread with room for it.
+    std::thread::Builder::new()
+        .stack_size(16 << 20)
+        .spawn(move || Box::new(table.get(&0, 0).expect("the table's one entry")))
+        .unwrap()
+        .join()
+        .unwrap()
 }
 
+/// Each change of ports leaves exactly the new ports protected, on the interface's MAC, in the
+/// table the program reads; a port taken out passes as unprotected.
 #[test]
-fn a_change_of_ports_writes_only_the_ports_that_change() {
+fn a_change_of_ports_leaves_exactly_the_new_ports_protected() {
     in_fresh_netns(|| {
         let _listener = TcpListener::bind(("0.0.0.0", PORT)).unwrap();
         let mut guard = xdp::load(&[PORT]);
-        let mut beside = protected_ports(&guard);
-        // A mark no write of tcpguard's makes, on a port that stays unprotected.
-        let mark = ProtectedPort {
-            families: 0x80,
-            ..ProtectedPort::default()
-        };
-        beside.set(9999, &mark, 0).unwrap();
-        guard.set_ports(&BTreeSet::from([PORT, PORT + 1])).unwrap();
-        assert_eq!(
-            beside.get(&9999, 0).unwrap(),
-            mark,
-            "a port that did not change was not written"
-        );
-        let protected = |port: u32| beside.get(&port, 0).unwrap().families != 0;
-        assert!(protected(u32::from(PORT)) && protected(u32::from(PORT + 1)));
-        guard.set_ports(&BTreeSet::from([PORT + 1])).unwrap();
-        assert!(!protected(u32::from(PORT)) && protected(u32::from(PORT + 1)));
+        for ports in [
+            BTreeSet::from([PORT, PORT + 1, 9999]),
+            BTreeSet::from([PORT + 1]),
+        ] {
+            guard.set_ports(&ports).unwrap();
+            let table = port_table(&guard);
+            let protected: Vec<(u16, ProtectedPort)> = (0..=u16::MAX)
+                .map(|port| (port, table[usize::from(port)]))
+                .filter(|&(_, entry)| entry != ProtectedPort::UNPROTECTED)
+                .collect();
+            let expected: Vec<(u16, ProtectedPort)> = ports
+                .iter()
+                .map(|&port| {
+                    let entry = ProtectedPort {
+                        families: FAMILY_IPV4 | FAMILY_IPV6,
+                        _pad: 0,
+                        interface_mac: SERVER_MAC,
+                    };
+                    (port, entry)
+                })
+                .collect();
+            assert_eq!(protected, expected, "the table after protecting {ports:?}");
+        }
         assert_eq!(
             syn_verdict(&guard, PORT),
             (XDP_PASS, vec![(Counter::Unprotected, 1)])

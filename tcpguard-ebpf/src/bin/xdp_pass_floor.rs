@@ -1,6 +1,7 @@
 //! Benchmark only: the floors of the two paths that pass a segment on, for `bench xdp`.
-//! `xdp_pass_unprotected` dissects an untagged IPv4 TCP frame at fixed offsets and looks its
-//! destination port up in an array, as tcpguard's protected-port check does;
+//! `xdp_pass_unprotected` dissects an untagged IPv4 TCP frame at fixed offsets and reads its
+//! destination port's entry in a global-data port table, as tcpguard's protected-port check
+//! does;
 //! `xdp_pass_tracked` dissects it the same way and looks its 4-tuple up in an LRU hash map with
 //! tcpguard's IPv4 flow key. Each passes the segment when the lookup says tcpguard would (an
 //! unprotected port, a tracked flow) and drops it otherwise, so the lookup decides the verdict.
@@ -14,13 +15,14 @@ use core::borrow::Borrow;
 use aya_ebpf::{
     bindings::xdp_action,
     macros::{map, xdp},
-    maps::{Array, LruHashMap},
+    maps::LruHashMap,
     programs::XdpContext,
 };
-use tcpguard_common::{DEFAULT_FLOW_CAPACITY, Flow, FlowKeyV4, PORT_COUNT, ProtectedPort};
+use tcpguard_common::{DEFAULT_FLOW_CAPACITY, Flow, FlowKeyV4};
+use tcpguard_ebpf::ports::Ports;
 
-#[map]
-static PORTS: Array<ProtectedPort> = Array::with_max_entries(PORT_COUNT, 0);
+#[unsafe(link_section = ".bss.ports")]
+static PORTS: Ports = Ports::new();
 
 #[map]
 static FLOWS_V4: LruHashMap<FlowKeyV4, Flow> =
@@ -36,10 +38,7 @@ pub fn xdp_pass_unprotected(ctx: XdpContext) -> u32 {
     };
     // SAFETY: inside the frame, checked by tcp_frame.
     let port = unsafe { u16::from_be_bytes([*frame.add(TCP + 2), *frame.add(TCP + 3)]) };
-    if PORTS
-        .get(u32::from(port))
-        .is_some_and(|protected| protected.families != 0)
-    {
+    if PORTS.families(port) != 0 {
         return xdp_action::XDP_DROP;
     }
     xdp_action::XDP_PASS

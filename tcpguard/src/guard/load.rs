@@ -3,6 +3,7 @@
 //! lines.
 
 use std::{
+    collections::BTreeSet,
     io,
     path::{Path, PathBuf},
 };
@@ -12,8 +13,7 @@ use aya::{
     programs::{SchedClassifier, Xdp},
 };
 use tcpguard_common::{
-    DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, ProtectedPort, XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM,
-    maps, xdp_program,
+    DEFAULT_FLOW_CAPACITY, EGRESS_PROGRAM, XDP_OWN_COOKIES_PROGRAM, XDP_PROGRAM, maps, xdp_program,
 };
 
 use super::{Guard, GuardError};
@@ -23,32 +23,24 @@ use crate::{
     tc::{self, TcMode},
 };
 
-/// Removes the protected ports pinned in `dir` when an earlier tcpguard made them with entries
-/// of another size (one byte, before the interface's MAC moved into them): aya refuses a pinned
-/// map of another layout (`IncompatiblePinnedMap`), and tcpguard would not start after an
-/// upgrade. Nothing is lost: the daemon writes every entry when it starts.
-fn remove_outgrown_ports(dir: &Path) -> Result<(), GuardError> {
-    let pin = dir.join(maps::PROTECTED_PORTS);
-    let entry = size_of::<ProtectedPort>();
-    let mut size = 0;
-    let removed = bpffs::remove_outgrown_map(&pin, |info| {
-        size = info.value_size();
-        size as usize != entry
-    })
-    .map_err(|source| GuardError::OutgrownPin {
-        path: pin.clone(),
-        size,
-        source,
-    })?;
-    if removed.is_none() {
-        return Ok(());
+/// Removes from `dir` the pins of maps an earlier tcpguard had and this one does not
+/// ([`bpffs::RETIRED_MAPS`]), among them the protected ports of the versions that kept them in
+/// an array map of 65,536 entries: nothing reads them any more.
+fn remove_retired_pins(dir: &Path) -> Result<(), GuardError> {
+    for name in bpffs::RETIRED_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        bpffs::remove_pin(&path).map_err(|source| GuardError::RetiredPin {
+            path: path.clone(),
+            source,
+        })?;
+        log::info!(
+            "removed {}: a map an earlier tcpguard pinned and this one no longer has",
+            path.display()
+        );
     }
-    log::warn!(
-        "{} pinned at {} had {size}-byte entries, this tcpguard keeps {}: replaced",
-        maps::PROTECTED_PORTS,
-        pin.display(),
-        size_of::<ProtectedPort>()
-    );
     Ok(())
 }
 
@@ -80,7 +72,7 @@ impl Guard {
     /// need.
     #[cfg(feature = "testing")]
     pub fn load(
-        ports: &std::collections::BTreeSet<u16>,
+        ports: &BTreeSet<u16>,
         config: tcpguard_common::SynCookieConfig,
         own_cookies: bool,
     ) -> Result<Self, GuardError> {
@@ -102,7 +94,7 @@ impl Guard {
         let map_paths: Vec<(&str, PathBuf)> = match &options.pin_dir {
             Some(dir) => {
                 bpffs::prepare_pin_dir(dir)?;
-                remove_outgrown_ports(dir)?;
+                remove_retired_pins(dir)?;
                 maps::ALL
                     .iter()
                     .map(|&name| (name, dir.join(name)))
@@ -124,7 +116,7 @@ impl Guard {
             xdp: xdp_name,
             pin_dir: options.pin_dir.clone(),
             attachment: None,
-            ports: None,
+            ports: BTreeSet::new(),
             interface_mac: [0; 6],
         })
     }

@@ -9,24 +9,28 @@ use aya_log::EbpfLogger;
 use tcpguard_common::{
     AttackConfig, AttackState, Counter, DEFAULT_FLOW_CAPACITY, EVENTS_LOST, EVENTS_SENT,
     FAMILY_IPV4, FAMILY_IPV6, FLOW_IPV4, Flow, FlowKey, FlowKeyV4, HostAddress, HostFilter,
-    POLICY_ALLOW, POLICY_DENY, POLICY_SLOT, POLICY_SOURCE_LIMIT, Policy, ProtectedPort, SourceKey,
-    SynCookieConfig, cookie::CookieSecrets, maps,
+    POLICY_ALLOW, POLICY_DENY, POLICY_SLOT, POLICY_SOURCE_LIMIT, PORT_COUNT, Policy, PortTable,
+    ProtectedPort, SourceKey, SynCookieConfig, cookie::CookieSecrets, maps,
 };
 
 use super::{Guard, GuardError};
 use crate::{config::SourcePolicy, prefix::Prefix};
 
-/// A port's entry in [`maps::PROTECTED_PORTS`]: protected (`on`) for both families on the
-/// interface whose MAC is `interface_mac`, or not at all.
-fn port_entry(on: bool, interface_mac: [u8; 6]) -> ProtectedPort {
-    if !on {
-        return ProtectedPort::default();
+/// The protected-port table that protects exactly `ports`, for both families, on the interface
+/// whose MAC is `interface_mac`.
+fn port_table(ports: &BTreeSet<u16>, interface_mac: [u8; 6]) -> Box<PortTable> {
+    let mut table: Box<PortTable> = vec![ProtectedPort::UNPROTECTED; PORT_COUNT as usize]
+        .into_boxed_slice()
+        .try_into()
+        .expect("PORT_COUNT entries");
+    for &port in ports {
+        table[usize::from(port)] = ProtectedPort {
+            families: FAMILY_IPV4 | FAMILY_IPV6,
+            _pad: 0,
+            interface_mac,
+        };
     }
-    ProtectedPort {
-        families: FAMILY_IPV4 | FAMILY_IPV6,
-        _pad: 0,
-        interface_mac,
-    }
+    table
 }
 
 /// Allow and deny lists written into the slot of tries not in force, with the
@@ -39,40 +43,23 @@ pub struct PreparedPolicy {
 
 impl Guard {
     /// Protects exactly `ports`, for IPv4 and IPv6, on the interface MAC last set
-    /// ([`Guard::set_interface_mac`]). Only the entries that change are written
-    /// (all 65,536 the first time, since a pinned map may hold an earlier configuration's
-    /// ports); when a write fails, the entries already written are put back, so the ports in
-    /// force are the old ones.
+    /// ([`Guard::set_interface_mac`]). The table is written whole, in one map update of
+    /// 512 KiB: it takes effect entirely or, when the write fails, not at all.
     pub fn set_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), GuardError> {
-        let changed: Vec<u16> = match &self.ports {
-            Some(held) => held.symmetric_difference(ports).copied().collect(),
-            None => (0..=u16::MAX).collect(),
-        };
-        let held = self.ports.take();
-        let interface_mac = self.interface_mac;
-        let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;
-        let entry = |on: bool| port_entry(on, interface_mac);
-        for (done, &port) in changed.iter().enumerate() {
-            let written = protected.set(u32::from(port), &entry(ports.contains(&port)), 0);
-            if let Err(source) = written {
-                // Put back what was written; the set in force is then `held` again (unknown,
-                // and written whole next time, if there was none or the undo fails too).
-                let undone = held.as_ref().is_some_and(|held| {
-                    changed[..done].iter().all(|&port| {
-                        protected
-                            .set(u32::from(port), &entry(held.contains(&port)), 0)
-                            .is_ok()
-                    })
-                });
-                self.ports = held.filter(|_| undone);
-                return Err(GuardError::Map {
-                    name: maps::PROTECTED_PORTS,
-                    source,
-                });
-            }
-        }
-        self.ports = Some(ports.clone());
+        self.write_port_table(ports, self.interface_mac)?;
+        self.ports = ports.clone();
         Ok(())
+    }
+
+    fn write_port_table(
+        &mut self,
+        ports: &BTreeSet<u16>,
+        interface_mac: [u8; 6],
+    ) -> Result<(), GuardError> {
+        let table = port_table(ports, interface_mac);
+        let mut map: Array<_, PortTable> = self.map_mut(maps::PROTECTED_PORTS)?;
+        map.set(0, &*table, 0)
+            .map_err(map_error(maps::PROTECTED_PORTS))
     }
 
     pub fn set_syn_cookie_config(&mut self, config: SynCookieConfig) -> Result<(), GuardError> {
@@ -198,25 +185,15 @@ impl Guard {
     }
 
     /// Tells the data plane the protected interface's MAC: each protected port's entry holds
-    /// it ([`ProtectedPort::interface_mac`]), and is written again when it changes. When a
-    /// write fails, the MAC is not taken as set, so the next call writes every entry again;
-    /// until then, frames to the new MAC on the ports not yet written pass untouched, as frames
-    /// for another host do.
+    /// it ([`ProtectedPort::interface_mac`]), and the table is written again when it changes.
+    /// When the write fails, the MAC is not taken as set, and the next call writes it again;
+    /// until then, frames to the new MAC pass untouched, as frames for another host do.
     pub fn set_interface_mac(&mut self, mac: [u8; 6]) -> Result<(), GuardError> {
         if mac == self.interface_mac {
             return Ok(());
         }
-        // Before the first set_ports, which writes the MAC into every entry it protects.
-        let ports = self.ports.clone().unwrap_or_default();
-        let mut protected: Array<_, ProtectedPort> = self.map_mut(maps::PROTECTED_PORTS)?;
-        for port in ports {
-            protected
-                .set(u32::from(port), &port_entry(true, mac), 0)
-                .map_err(|source| GuardError::Map {
-                    name: maps::PROTECTED_PORTS,
-                    source,
-                })?;
-        }
+        let ports = self.ports.clone();
+        self.write_port_table(&ports, mac)?;
         self.interface_mac = mac;
         Ok(())
     }

@@ -77,14 +77,9 @@ pub enum GuardError {
     #[error("pinning under {dir}: {source}")]
     Pin { dir: PathBuf, source: io::Error },
     #[error(
-        "removing {path}, pinned by an earlier tcpguard with {size}-byte entries where this one keeps {}, failed: {source}",
-        size_of::<tcpguard_common::ProtectedPort>()
+        "removing {path}, a map an earlier tcpguard pinned and this one no longer has, failed: {source}"
     )]
-    OutgrownPin {
-        path: PathBuf,
-        size: u32,
-        source: io::Error,
-    },
+    RetiredPin { path: PathBuf, source: io::Error },
 }
 
 /// The programs loaded and configured, attached to at most one interface.
@@ -94,9 +89,9 @@ pub struct Guard {
     xdp: &'static str,
     pin_dir: Option<PathBuf>,
     attachment: Option<Attachment>,
-    /// The ports written into [`maps::PROTECTED_PORTS`]; `None` before the first write (a
-    /// pinned map may hold anything then).
-    ports: Option<BTreeSet<u16>>,
+    /// The ports written into [`maps::PROTECTED_PORTS`], which each load has to itself and
+    /// starts with none protected.
+    ports: BTreeSet<u16>,
     /// The interface MAC the protected ports' entries hold ([`ProtectedPort::interface_mac`]).
     interface_mac: [u8; 6],
 }
