@@ -33,8 +33,8 @@ impl ProtectedPort {
 /// The XDP program keeps it as global data, in a section of its own that the kernel holds as an
 /// array map of one entry ([`crate::maps::PROTECTED_PORTS`]), rather than as an array map of
 /// 65,536 entries: the lookup every frame makes is then a load at the table's address plus the
-/// port, with no key on the stack, no lookup and no bounds check, since a port cannot be past
-/// the end. The daemon writes the table whole, in one map update.
+/// port, with no key on the stack and no lookup; a port cannot be past the end, which a 16-bit
+/// mask shows the verifier. The daemon writes the table whole, in one map update.
 pub type PortTable = [ProtectedPort; crate::PORT_COUNT as usize];
 
 /// [`SynCookieConfig::window_scale`] value meaning "the kernel does not scale windows"

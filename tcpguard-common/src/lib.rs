@@ -47,8 +47,9 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// `Array<PortTable>` of one entry: the XDP program's global data of the same name, its
     /// section `.bss.ports` (the section's name is the map's). Each load has its own, which
-    /// the daemon writes before it attaches the program; an earlier daemon's pin of this name
-    /// (an `Array<ProtectedPort>` then) is removed.
+    /// the daemon writes before it attaches the program, and it is never pinned: aya writes a
+    /// `.bss` section's zeros into its map at every load, a pinned one included. The
+    /// `PROTECTED_PORTS` pin of earlier versions (an `Array<ProtectedPort>`) is removed.
     pub const PROTECTED_PORTS: &str = ".bss.ports";
     /// `Array<SynCookieConfig>` with a single entry.
     pub const SYN_COOKIE_CONFIG: &str = "SYN_COOKIE_CONFIG";

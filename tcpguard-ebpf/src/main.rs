@@ -1,7 +1,7 @@
 //! tcpguard's data plane.
 //!
-//! XDP, on ingress: dissect and protected port? (in a plain frame the port is read and looked up
-//! first, in any other after the dissection; once either way) → validate → source policy → SYN, tracked flow, ACK (a FIN or data with it included), or RST.
+//! XDP, on ingress: dissect and protected port? (in a plain frame the port is read and its entry
+//! in the port table with it first, in any other after the dissection; once either way) → validate → source policy → SYN, tracked flow, ACK (a FIN or data with it included), or RST.
 //! Every path ends in exactly one [`Counter`], and the counter's kind is the verdict.
 //!
 //! TC, on egress: the server's segments of tracked flows refresh them and report the ones that

@@ -50,7 +50,30 @@ impl Ports {
     /// `port`'s entry: a u16 cannot index past the table's 65,536 entries.
     #[inline(always)]
     fn entry(&self, port: u16) -> *const ProtectedPort {
-        // SAFETY: port < PORT_COUNT, the table's length.
-        unsafe { self.0.get().cast::<ProtectedPort>().add(usize::from(port)) }
+        // SAFETY: index(port) < PORT_COUNT, the table's length.
+        unsafe { self.0.get().cast::<ProtectedPort>().add(index(port)) }
     }
+}
+
+/// `port` as an index whose bound the verifier sees. The port comes out of a byte swap, and
+/// verifiers before Linux 6.19 know nothing of a swap's result: Debian 12's 6.1 and 13's 6.12
+/// refuse the read as possibly past the table. Masked to 16 bits, it is bounded; the mask is
+/// one instruction LLVM cannot see through, since it knows a u16 needs none and would drop it.
+#[inline(always)]
+fn index(port: u16) -> usize {
+    #[cfg(target_arch = "bpf")]
+    {
+        let mut index = u64::from(port);
+        // SAFETY: one ALU instruction on a register.
+        unsafe {
+            core::arch::asm!(
+                "{0} &= 0xffff",
+                inout(reg) index,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        index as usize
+    }
+    #[cfg(not(target_arch = "bpf"))]
+    usize::from(port)
 }

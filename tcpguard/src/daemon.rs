@@ -126,8 +126,8 @@ pub fn run(source: ConfigSource) -> anyhow::Result<()> {
         config.reload.cookie_secret_file.as_deref(),
         config.reload.cookie_key_rotation,
     )?;
-    // The MAC first: set_ports writes it into every protected port's entry. Both are written
-    // into this load's own port table, before the program is attached.
+    // Both go into this load's own port table before the program is attached; the MAC
+    // first, so that set_ports writes it into every protected port's entry.
     let (mac, owned) = crate::host::read(&config.restart.interface)?;
     guard.set_interface_mac(mac)?;
     guard.set_ports(&config.reload.ports)?;

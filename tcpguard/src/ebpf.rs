@@ -35,7 +35,7 @@ pub static XDP_SYNACK_FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-synack-floor"));
 
 /// Benchmark only (`tcpguard-ebpf/src/bin/xdp_pass_floor.rs`): the floors of the paths that
-/// pass a segment on, a parse with a port lookup and a parse with one flow-map lookup.
+/// pass a segment on, a parse with a read of the port table and a parse with one flow-map lookup.
 #[cfg(feature = "testing")]
 pub static XDP_PASS_FLOOR_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-pass-floor"));

@@ -16,6 +16,7 @@ use std::{
 
 use aya::maps::{Array, MapData};
 use tcpguard::{AttachMode, Guard, GuardError, guard::LoadOptions};
+use tcpguard_common::maps;
 use tcpguard_tests::{
     netns::Namespace,
     observe::{flows, sample, scrape, status, wait_until},
@@ -187,6 +188,11 @@ fn reload_applies_policy_and_a_bad_file_keeps_the_running_config() {
     assert!(line.contains("unknown field `colour`"), "{line}");
     assert_eq!(status(&daemon.paths)["ports"], serde_json::json!([8080]));
     assert!(connect(&rig.client, Duration::from_secs(3)).is_ok());
+    // Its close over before the client is denied: a final ACK the deny list drops would leave
+    // the server in LAST-ACK, in the kernel and in `flows`, past the wait below.
+    wait_until(Duration::from_secs(10), "the connection's close", || {
+        (status(&daemon.paths)["tracked_connections"] == 0).then_some(())
+    });
 
     // Deny the client: its packets die in XDP.
     std::fs::write(
@@ -627,6 +633,10 @@ fn protected_ports_pinned_by_an_earlier_tcpguard_are_removed() {
     assert!(pin.exists());
     let mut guard = load_pinned(&dir);
     assert!(!pin.exists(), "the earlier protected ports' pin is removed");
+    assert!(
+        !dir.join(maps::PROTECTED_PORTS).exists(),
+        "the port table is never pinned: aya would zero a pinned one at every load"
+    );
     guard
         .set_ports(&[PORT].into())
         .expect("protecting a port in the new table");

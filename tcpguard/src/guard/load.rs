@@ -85,8 +85,10 @@ impl Guard {
         Ok(guard)
     }
 
-    /// Loads the programs. With a pin directory, maps already pinned there (by an earlier
-    /// daemon) are reused, with their flows and counters; the others are pinned there.
+    /// Loads the programs. With a pin directory, the maps of [`maps::ALL`] already pinned
+    /// there (by an earlier daemon) are reused, with their flows and counters, and the others
+    /// of that list are pinned there; pins of maps this tcpguard no longer has are removed.
+    /// The port table, the log's ring and the scratch maps are each load's own.
     pub fn load_with(options: &LoadOptions) -> Result<Self, GuardError> {
         let mut loader = EbpfLoader::new();
         loader.map_max_entries(maps::FLOWS_V4, options.flow_capacity);
