@@ -55,10 +55,12 @@ impl Ports {
     }
 }
 
-/// `port` as an index whose bound the verifier sees. The port comes out of a byte swap, and
-/// verifiers before Linux 6.19 know nothing of a swap's result: Debian 12's 6.1 and 13's 6.12
-/// refuse the read as possibly past the table. Masked to 16 bits, it is bounded; the mask is
-/// one instruction LLVM cannot see through, since it knows a u16 needs none and would drop it.
+/// `port` as an index whose bound the verifier sees. The port comes out of a byte swap, whose
+/// result a verifier that does not track a swap's bits takes as unbounded: without the mask,
+/// Debian 12's 6.1 and 13's 6.12 refuse both programs ("math between map_value pointer and
+/// register with unbounded min value is not allowed", in the VM test), where 6.18.44 takes
+/// them. Masked to 16 bits, it is bounded; the mask is one instruction LLVM cannot see
+/// through, since it knows a u16 needs none and would drop it.
 #[inline(always)]
 fn index(port: u16) -> usize {
     #[cfg(target_arch = "bpf")]
